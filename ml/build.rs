@@ -1,0 +1,46 @@
+//! Link flags for binaries that load libtorch.
+//!
+//! * rpath to PyTorch's `lib` dir, so the worker starts without LD_LIBRARY_PATH;
+//! * `torch_cuda` forced in with `--no-as-needed`: nothing references its
+//!   symbols directly, so the default `--as-needed` drops it and tch then
+//!   silently reports no CUDA device.
+//!
+//! Emitted with `rustc-link-arg`, which reaches only this package's own
+//! linked targets (the worker, its tests, examples and benches): every one of
+//! them loads libtorch. The torch-free `recflow` runner is another package and
+//! stays unaffected; global RUSTFLAGS would also reach proc-macro crates.
+use std::path::PathBuf;
+use std::process::Command;
+
+fn torch_lib_dir() -> Option<PathBuf> {
+    if let Ok(dir) = std::env::var("LIBTORCH") {
+        return Some(PathBuf::from(dir).join("lib"));
+    }
+    let python = std::env::var("RECFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python)
+        .args(["-c", "import torch,os;print(os.path.dirname(torch.__file__))"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let root = String::from_utf8(out.stdout).ok()?;
+    Some(PathBuf::from(root.trim()).join("lib"))
+}
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=RECFLOW_PYTHON");
+    let Some(lib) = torch_lib_dir() else {
+        println!("cargo:warning=could not locate PyTorch's lib dir; run scripts/setup.sh");
+        return;
+    };
+    let lib = lib.display().to_string();
+    let mut args = vec![format!("-Wl,-rpath,{lib}"), format!("-L{lib}")];
+    if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+        args.extend(["-Wl,--no-as-needed".into(), "-ltorch_cuda".into(), "-Wl,--as-needed".into()]);
+    }
+    for a in &args {
+        println!("cargo:rustc-link-arg={a}");
+    }
+}

@@ -1,0 +1,12 @@
+//! # recflow-ml
+//!
+//! The libtorch half of recflow: the LLM engine ([`llm`]), RL math ([`rl`]),
+//! training stages ([`train`]) and the worker's full stage registry
+//! ([`builtin_registry`]). Only the `recflow-worker` binary links this crate.
+
+/// Every built-in stage kind: the torch-free ones from `recflow` plus the
+/// libtorch ones from this crate. A custom worker adds its own:
+/// `recflow::worker::main(recflow_ml::builtin_registry().with::<MyStage>())`.
+pub fn builtin_registry() -> recflow::stages::Registry {
+    recflow::stages::Registry::new()
+}

@@ -1,0 +1,2 @@
+//! Data: Arrow schemas of the pinned tables, raw-format readers, Parquet IO.
+pub mod schema;

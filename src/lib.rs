@@ -1,0 +1,22 @@
+//! # recflow
+//!
+//! Declarative, cached pipelines for reasoning-enhanced recommenders
+//! (RecZero / RecOne, arXiv 2510.23077). This crate is the torch-free half:
+//! the runner, the stage contract, data, teacher and report stages. The
+//! libtorch half (LLM engine, training, evaluation, the `recflow-worker`
+//! binary) is the `recflow-ml` crate in `ml/`.
+//!
+//! Core concepts and where they live:
+//! * **Pipeline** — YAML spec → resolved stages → DAG: [`pipeline`].
+//! * **Stage** — one kind of work with a config, inputs and outputs; the
+//!   contract is [`stages::Stage`], metadata [`stages::StageDef`].
+//! * **Key** — sha256 over everything that determines a stage's outputs: [`cache`].
+//! * **Store** — content-addressed objects and run records under `cache/`: [`cache`].
+//! * **Lock** — the observed hashes next to the pipeline file: [`lock`].
+//! * **Exec-stage protocol** — how the runner starts a worker: [`worker`].
+//! * **Answer grammar and reward** — shared by teacher, GRPO and eval: [`answer`].
+pub mod answer;
+pub mod data;
+pub mod stages;
+pub mod util;
+pub mod worker;

@@ -1,0 +1,19 @@
+//! Metadata of every built-in stage kind, available to the torch-free runner.
+//!
+//! Each kind's `StageDef` lives in its own file under `src/stages/`; add it
+//! here when it lands. Custom kinds come from a worker's `describe --json`.
+use super::StageMeta;
+
+/// All built-in stage kinds, sorted by kind name.
+pub fn builtin() -> Vec<StageMeta> {
+    let mut v: Vec<StageMeta> = vec![
+        // one line per kind: StageMeta::of::<super::KIND_MODULE::Def>(),
+    ];
+    v.sort_by_key(|m| m.kind);
+    v
+}
+
+/// Metadata of one built-in kind.
+pub fn find(kind: &str) -> Option<StageMeta> {
+    builtin().into_iter().find(|m| m.kind == kind)
+}
