@@ -8,5 +8,6 @@
 /// libtorch ones from this crate. A custom worker adds its own:
 /// `recflow::worker::main(recflow_ml::builtin_registry().with::<MyStage>())`.
 pub fn builtin_registry() -> recflow::stages::Registry {
-    recflow::stages::Registry::new()
+    recflow::stages::builtin_registry()
+    // one line per libtorch kind: .with_run::<recflow::stages::sft::Sft>(train::sft::run)
 }

@@ -20,6 +20,13 @@ use serde::{Deserialize, Serialize};
 
 pub mod meta;
 
+/// Every built-in stage kind whose run is torch-free. `recflow_ml::builtin_registry()`
+/// adds the libtorch kinds on top; a custom worker adds its own.
+pub fn builtin_registry() -> Registry {
+    Registry::new()
+    // one line per torch-free kind: .with::<ingest::Ingest>()
+}
+
 /// Flat map of scalar metrics a stage reports (written to `metrics.json` in
 /// the output dir and summarised into the lock file).
 pub type Metrics = BTreeMap<String, serde_json::Value>;
