@@ -174,3 +174,94 @@ fn custom_worker_describes_and_runs_stages() {
     assert_eq!(o.status.code(), Some(2), "an unknown input of a custom kind is bad input");
     assert!(String::from_utf8_lossy(&o.stderr).contains("has no input `txet`"), "names the input");
 }
+
+#[test]
+fn ctrl_c_records_nothing_and_keeps_the_work_dir() {
+    let p = Proj::new();
+    let marker = "92.5432";
+    p.write("p.yaml", &slow_pipeline(marker));
+    let mut child = p.cmd(&["run", "p.yaml", "-q"]).spawn().unwrap();
+    assert!(wait_for(Duration::from_secs(20), || step_of(&p) >= 1), "the slow stage starts");
+    // SAFETY: signals the runner we started (what Ctrl-C delivers).
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(130), "an interrupted run exits 130");
+    assert!(wait_for(Duration::from_secs(10), || pids_with(marker).is_empty()), "Ctrl-C stops the stage's processes");
+    assert!(!p.path("slow.txt").exists(), "the interrupted stage recorded no output");
+    let lock = p.read("p.lock");
+    assert!(lock.contains("\"first\"") && !lock.contains("\"slow\""), "only completed stages are in the lock: {lock}");
+    assert!(step_of(&p) >= 1, "the work dir (checkpoint) is kept for resume");
+}
+
+#[test]
+fn only_from_and_force_select_stages() {
+    let p = Proj::new();
+    p.write(
+        "p.yaml",
+        r#"
+stages:
+  a:
+    cmd: "echo x >> .count_a; echo a > a.txt"
+    outs: [a.txt]
+  b:
+    cmd: "echo x >> .count_b; cat a.txt > b.txt"
+    deps: [a.txt]
+    outs: [b.txt]
+  c:
+    cmd: "echo x >> .count_c; cat b.txt > c.txt"
+    deps: [b.txt]
+    outs: [c.txt]
+"#,
+    );
+    let o = p.run(&["run", "p.yaml", "-q", "--only", "b"]);
+    assert_eq!(o.status.code(), Some(1), "--only a stage whose upstream was never built fails");
+    assert_eq!(p.count("b"), 0, "and does not run it");
+    p.ok(&["run", "p.yaml", "-q"]);
+    p.ok(&["run", "p.yaml", "-q", "--force", "b"]);
+    assert_eq!([p.count("a"), p.count("b"), p.count("c")], [1, 2, 1], "--force reruns one stage; same output keeps c cached");
+    p.ok(&["run", "p.yaml", "-q", "--from", "b"]);
+    assert_eq!([p.count("a"), p.count("b"), p.count("c")], [1, 3, 2], "--from reruns the stage and its descendants");
+    p.ok(&["run", "p.yaml", "-q", "--only", "c", "--force", "c"]);
+    assert_eq!([p.count("a"), p.count("b"), p.count("c")], [1, 3, 3], "--only runs just the selection");
+}
+
+#[test]
+fn stage_defaults_files_and_extends() {
+    let bin = std::path::Path::new(BIN);
+    let worker = bin.parent().unwrap().join("examples/custom_worker");
+    assert!(worker.is_file(), "the custom_worker example must be built first (`cargo build --example custom_worker`)");
+    let p = Proj::new();
+    p.write("stages/scale_lines.yaml", "factor: 2\nlog_every: 1\n");
+    p.write("stages/triple.yaml", "extends: scale_lines.yaml\nfactor: 3\n");
+    p.write("text.txt", "z\n");
+    let yaml = format!(
+        r#"
+worker: {}
+stages:
+  two:
+    uses: scale_lines
+    inputs: {{text: text.txt}}
+  three:
+    uses: scale_lines
+    extends: stages/triple.yaml
+    inputs: {{text: text.txt}}
+  own:
+    uses: scale_lines
+    inputs: {{text: text.txt}}
+    with: {{factor: 1}}
+"#,
+        worker.display()
+    );
+    p.write("p.yaml", &yaml);
+    p.ok(&["run", "p.yaml", "-q"]);
+    let out = |s: &str| std::fs::read_to_string(p.path(&format!("runs/p/{s}/scaled.txt"))).unwrap_or_default().lines().count();
+    assert_eq!(out("two"), 2, "stages/KIND.yaml defaults apply automatically");
+    assert_eq!(out("three"), 3, "`extends:` picks another defaults file, which may extend the kind's");
+    assert_eq!(out("own"), 1, "`with:` wins over defaults");
+    p.write("p.yaml", &yaml.replace("with: {factor: 1}", "with: {factor: 0}"));
+    let o = p.run(&["run", "p.yaml"]);
+    // A custom kind's config is checked by its worker (the runner only has
+    // its described structure): the stage fails and shows the kind's message.
+    assert_eq!(o.status.code(), Some(1), "a config the custom kind rejects fails the stage");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("`factor` must be between 1 and 1000"), "the kind's own message is shown");
+}
