@@ -73,6 +73,20 @@ fn cycles_are_named() {
 }
 
 #[test]
+fn matrix_clash_with_inherited_key() {
+    bad(
+        "stages:\n  a:\n    matrix: {s: [1, 2]}\n    cmd: \"echo > a_${matrix.s}.txt\"\n    outs: {o: \"a_${matrix.s}.txt\"}\n  b:\n    matrix: {s: [3]}\n    cmd: \"cat ${a.o}\"\n",
+        "7:14",
+        "clashes with the matrix `s` inherited from `a`",
+    );
+    bad(
+        "stages:\n  a:\n    matrix: {s: [x, x]}\n    cmd: echo\n",
+        "3:14",
+        "give the same stage name",
+    );
+}
+
+#[test]
 fn missing_input_and_syntax() {
     bad("stages:\n  a:\n    cmd: cat missing.txt\n    deps: [missing.txt]\n", "4:12", "does not exist");
     bad("stages:\n  a: [1, 2\n", "", "invalid YAML");

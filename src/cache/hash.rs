@@ -86,7 +86,10 @@ pub fn walk_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
             let name = e.file_name().to_string_lossy().into_owned();
             let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
             let ft = e.file_type()?;
-            if ft.is_dir() {
+            // Symlinked directories (e.g. model folders assembled from a
+            // download cache) count as the directories they point to.
+            let is_dir = ft.is_dir() || (ft.is_symlink() && std::fs::metadata(e.path()).map(|m| m.is_dir()).unwrap_or(false));
+            if is_dir {
                 stack.push((rel, e.path()));
             } else {
                 out.push((rel, e.path()));
@@ -121,6 +124,17 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
             "sha256(\"abc\") from FIPS 180-2"
         );
+    }
+
+    #[test]
+    fn walk_follows_symlinked_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("real")).unwrap();
+        std::fs::write(d.path().join("real/w.bin"), b"w").unwrap();
+        std::fs::create_dir_all(d.path().join("model")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("real"), d.path().join("model/sub")).unwrap();
+        let files: Vec<String> = walk_files(&d.path().join("model")).unwrap().into_iter().map(|x| x.0).collect();
+        assert_eq!(files, vec!["sub/w.bin".to_string()], "a symlinked directory is walked like a directory");
     }
 
     #[test]
