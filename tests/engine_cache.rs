@@ -293,3 +293,24 @@ stages:
     let out = p.ok(&["gc", "--keep-days", "0"]);
     assert!(out.contains("removed 0 run records"), "gc keeps what the lock references: {out}");
 }
+
+#[test]
+fn gc_removes_what_no_lock_references() {
+    let p = Proj::new();
+    p.write("in.txt", "hello\n");
+    p.write("p.yaml", CHAIN);
+    p.ok(&["run", "p.yaml", "-q"]);
+    p.ok(&["run", "p.yaml", "-q", "--set", "params.k=2"]);
+    let out = p.ok(&["gc", "--keep-days", "30"]);
+    assert!(out.contains("removed 0 run records"), "recent records are kept: {out}");
+    p.write("cache/responses/r.json", "{}");
+    let out = p.ok(&["gc", "--keep-days", "0"]);
+    assert!(out.contains("removed 2 run records"), "records of b and c for k=1 are no longer referenced: {out}");
+    assert!(p.path("cache/responses/r.json").exists(), "the teacher response cache survives gc");
+    p.ok(&["status", "p.yaml", "--check", "--set", "params.k=2"]);
+    p.ok(&["run", "p.yaml", "-q", "--set", "params.k=2"]);
+    assert_eq!(counts(&p), [1, 2, 2, 1], "what the lock references is still reused after gc");
+    p.ok(&["cache", "verify"]);
+    p.ok(&["gc", "--keep-days", "0", "--responses"]);
+    assert!(!p.path("cache/responses").exists(), "--responses removes the response cache");
+}
