@@ -54,7 +54,7 @@ fn kill_runner_then_resume_and_no_orphans() {
     let p = Proj::new();
     let marker = "91.2345";
     p.write("p.yaml", &slow_pipeline(marker));
-    let mut child = p.cmd(&["run", "p.yaml", "-q"]).spawn().unwrap();
+    let mut child = p.cmd(&["run", "p.yaml", "-q"]).stderr(std::process::Stdio::null()).spawn().unwrap();
     assert!(wait_for(Duration::from_secs(20), || step_of(&p) >= 2), "the slow stage makes progress");
     // SAFETY: signals the runner we started.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
@@ -73,7 +73,7 @@ fn kill_runner_then_resume_and_no_orphans() {
     assert!(std::fs::read_dir(p.path("cache/work")).map(|r| r.count()).unwrap_or(0) == 0, "work dir removed after success");
 
     // Now kill the stage's own process: the stage fails, then resumes.
-    let mut child = p.cmd(&["run", "p.yaml", "-q", "--set", "params.v=2"]).spawn().unwrap();
+    let mut child = p.cmd(&["run", "p.yaml", "-q", "--set", "params.v=2"]).stderr(std::process::Stdio::null()).spawn().unwrap();
     assert!(wait_for(Duration::from_secs(20), || step_of(&p) >= 2 && stage_pid(&p).is_some()), "second attempt progresses");
     let pid = stage_pid(&p).unwrap();
     // SAFETY: signals the stage shell our runner started.
@@ -103,8 +103,8 @@ stages:
     outs: [b.txt]
 "#,
     );
-    let c1 = p.cmd(&["run", "p.yaml", "-q"]).spawn().unwrap();
-    let c2 = p.cmd(&["run", "p.yaml", "-q"]).spawn().unwrap();
+    let c1 = p.cmd(&["run", "p.yaml", "-q"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let c2 = p.cmd(&["run", "p.yaml", "-q"]).stderr(std::process::Stdio::null()).spawn().unwrap();
     let o1 = c1.wait_with_output().unwrap();
     let o2 = c2.wait_with_output().unwrap();
     assert!(o1.status.success() && o2.status.success(), "both concurrent runs succeed: {:?} {:?}", o1, o2);
@@ -180,7 +180,7 @@ fn ctrl_c_records_nothing_and_keeps_the_work_dir() {
     let p = Proj::new();
     let marker = "92.5432";
     p.write("p.yaml", &slow_pipeline(marker));
-    let mut child = p.cmd(&["run", "p.yaml", "-q"]).spawn().unwrap();
+    let mut child = p.cmd(&["run", "p.yaml", "-q"]).stderr(std::process::Stdio::null()).spawn().unwrap();
     assert!(wait_for(Duration::from_secs(20), || step_of(&p) >= 1), "the slow stage starts");
     // SAFETY: signals the runner we started (what Ctrl-C delivers).
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
