@@ -265,3 +265,26 @@ stages:
     assert_eq!(o.status.code(), Some(1), "a config the custom kind rejects fails the stage");
     assert!(String::from_utf8_lossy(&o.stderr).contains("`factor` must be between 1 and 1000"), "the kind's own message is shown");
 }
+
+#[test]
+fn two_pipelines_in_two_projects_share_one_store_via_recflow_cache() {
+    let store = tempfile::tempdir().unwrap();
+    let counter = store.path().join("runs.count");
+    let (p1, p2) = (Proj::new(), Proj::new());
+    let yaml = format!(
+        "stages:\n  slow:\n    cmd: \"echo x >> {}; sleep 0.5; echo same > out.txt\"\n    outs: [out.txt]\n",
+        counter.display()
+    );
+    p1.write("one.yaml", &yaml);
+    p2.write("two.yaml", &yaml);
+    let spawn = |p: &Proj, f: &str| {
+        p.cmd(&["run", f, "-q"]).env("RECFLOW_CACHE", store.path()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+    };
+    let (c1, c2) = (spawn(&p1, "one.yaml"), spawn(&p2, "two.yaml"));
+    let (o1, o2) = (c1.wait_with_output().unwrap(), c2.wait_with_output().unwrap());
+    assert!(o1.status.success() && o2.status.success(), "both runs succeed: {o1:?} {o2:?}");
+    let n = std::fs::read_to_string(&counter).unwrap_or_default().lines().count();
+    assert_eq!(n, 1, "the shared key ran once; the other pipeline waited and reused it");
+    assert_eq!((p1.read("out.txt"), p2.read("out.txt")), ("same\n".into(), "same\n".into()), "both workspaces get the output");
+    assert!(!p1.path("cache").exists(), "RECFLOW_CACHE moves the store out of the project");
+}
