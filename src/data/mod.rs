@@ -12,9 +12,15 @@
 //! * [`history`] — for (user, item, t): the evidence strictly earlier than t
 //!   (used by [`prompts`] and by the `cf` teacher).
 //! * [`prompts`] — Think-before-Recommendation samples (RecZero, arXiv 2510.23077).
+pub mod filter;
 pub mod history;
+pub mod ingest;
 pub mod io;
+pub mod prompts;
+pub mod raw;
 pub mod schema;
+pub mod split;
+pub mod synthetic;
 
 use serde::{Deserialize, Serialize};
 
