@@ -80,22 +80,43 @@ mod tests {
     use super::*;
 
     fn r(u: &str, i: &str) -> Interaction {
-        Interaction { user_id: u.into(), item_id: i.into(), rating: 3.0, timestamp: 0, review_title: None, review_text: None }
+        Interaction {
+            user_id: u.into(),
+            item_id: i.into(),
+            rating: 3.0,
+            timestamp: 0,
+            review_title: None,
+            review_text: None,
+        }
     }
 
     #[test]
     fn kcore_iterates_to_a_fixed_point() {
         // u1,u2 rate a,b (a 2-core); u3 rates a and c; c has one rating →
         // removing (u3,c) leaves u3 with one rating → (u3,a) goes in round 2.
-        let rows = vec![r("u1", "a"), r("u1", "b"), r("u2", "a"), r("u2", "b"), r("u3", "a"), r("u3", "c")];
+        let rows = vec![
+            r("u1", "a"),
+            r("u1", "b"),
+            r("u2", "a"),
+            r("u2", "b"),
+            r("u3", "a"),
+            r("u3", "c"),
+        ];
         let (kept, st) = kcore(rows, 2, 2);
         assert_eq!(kept.len(), 4, "only the u1/u2 × a/b core survives");
-        assert!(st.rounds >= 3, "needs more than one pass plus a confirming pass: {st:?}");
+        assert!(
+            st.rounds >= 3,
+            "needs more than one pass plus a confirming pass: {st:?}"
+        );
         let (again, st2) = kcore(kept.clone(), 2, 2);
         assert_eq!(again, kept, "the result is a fixed point");
         assert_eq!(st2.rounds, 1);
         let (none, st3) = kcore(kept, 3, 3);
         assert!(none.is_empty());
-        assert_eq!(st3.removed_by_user_threshold + st3.removed_by_item_threshold, 4, "every removal is attributed");
+        assert_eq!(
+            st3.removed_by_user_threshold + st3.removed_by_item_threshold,
+            4,
+            "every removal is attributed"
+        );
     }
 }

@@ -106,7 +106,13 @@ impl HistoryIndex {
             s += r as f64;
             global_prefix.push(s);
         }
-        HistoryIndex { rows, by_user, by_item, global_ts: g.into_iter().map(|x| x.0).collect(), global_prefix }
+        HistoryIndex {
+            rows,
+            by_user,
+            by_item,
+            global_ts: g.into_iter().map(|x| x.0).collect(),
+            global_prefix,
+        }
     }
 
     /// Index over the union of several interaction tables (e.g. train, valid, test).
@@ -163,7 +169,10 @@ impl HistoryIndex {
             if k > 0 {
                 ev.user_mean = Some(s.prefix[k] / k as f64);
             }
-            ev.user_history = s.rows[k.saturating_sub(max_user)..k].iter().map(|&i| &self.rows[i as usize]).collect();
+            ev.user_history = s.rows[k.saturating_sub(max_user)..k]
+                .iter()
+                .map(|&i| &self.rows[i as usize])
+                .collect();
             for &i in &s.rows[..k] {
                 let r = &self.rows[i as usize];
                 if r.item_id == item {
@@ -197,7 +206,14 @@ mod tests {
     use super::*;
 
     fn r(u: &str, i: &str, rating: f32, t: i64) -> Interaction {
-        Interaction { user_id: u.into(), item_id: i.into(), rating, timestamp: t, review_title: None, review_text: None }
+        Interaction {
+            user_id: u.into(),
+            item_id: i.into(),
+            rating,
+            timestamp: t,
+            review_title: None,
+            review_text: None,
+        }
     }
 
     #[test]
@@ -215,15 +231,31 @@ mod tests {
         let ev = idx.evidence("u", "t", 30, 10, 10);
         assert_eq!(ev.user_count, 2, "only interactions before t=30 count");
         assert_eq!(ev.user_mean, Some(1.5), "user mean over earlier ratings only");
-        assert_eq!(ev.user_history.iter().map(|x| x.item_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            ev.user_history.iter().map(|x| x.item_id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         assert_eq!(ev.item_count, 2, "item evidence: v and w, not x (tie) nor u");
         assert_eq!(ev.item_mean, Some(3.0));
-        assert!(ev.item_history.iter().all(|x| x.timestamp < 30), "no same-time or later evidence");
+        assert!(
+            ev.item_history.iter().all(|x| x.timestamp < 30),
+            "no same-time or later evidence"
+        );
         let ev = idx.evidence("u", "t", 30, 1, 1);
-        assert_eq!(ev.user_history[0].item_id, "b", "max_user keeps the most recent entries");
-        assert_eq!(ev.item_history[0].user_id, "w", "max_item keeps the most recent entries");
+        assert_eq!(
+            ev.user_history[0].item_id, "b",
+            "max_user keeps the most recent entries"
+        );
+        assert_eq!(
+            ev.item_history[0].user_id, "w",
+            "max_item keeps the most recent entries"
+        );
         assert_eq!(ev.user_count, 2, "counts and means stay over all earlier entries");
-        assert_eq!(idx.global_mean_before(11), Some(1.5), "global mean over ratings before t");
+        assert_eq!(
+            idx.global_mean_before(11),
+            Some(1.5),
+            "global mean over ratings before t"
+        );
         assert_eq!(idx.global_mean_before(5), None);
     }
 

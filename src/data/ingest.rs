@@ -199,8 +199,19 @@ struct Drops<'a> {
 
 impl<'a> Drops<'a> {
     fn new(path: &'a Path, role: &str, on_error: OnError) -> Self {
-        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        Drops { report: FileReport { file, role: role.into(), ..Default::default() }, on_error, path }
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Drops {
+            report: FileReport {
+                file,
+                role: role.into(),
+                ..Default::default()
+            },
+            on_error,
+            path,
+        }
     }
 
     fn add(&mut self, line: u64, reason: &str, msg: &str) -> Result<(), IngestError> {
@@ -223,7 +234,10 @@ impl<'a> Drops<'a> {
 
     fn cut(&mut self, reader: &RecordReader) -> Result<(), IngestError> {
         if let Some((after_line, error)) = reader.truncated.clone() {
-            self.report.truncated = Some(Cut { after_line, error: error.clone() });
+            self.report.truncated = Some(Cut {
+                after_line,
+                error: error.clone(),
+            });
             self.add(
                 after_line + 1,
                 "truncated_input",
@@ -242,7 +256,13 @@ impl<'a> Drops<'a> {
             let reasons: Vec<String> = r
                 .drops
                 .iter()
-                .map(|(k, v)| format!("{k}: {} (first: {})", v.count, v.examples.first().map(String::as_str).unwrap_or("")))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}: {} (first: {})",
+                        v.count,
+                        v.examples.first().map(String::as_str).unwrap_or("")
+                    )
+                })
                 .collect();
             return Err(IngestError::Bad(format!(
                 "{}: {} of {} records ({:.2}%) are bad, above max_bad_fraction = {max}; reasons: {}. \
@@ -274,9 +294,15 @@ pub struct Parsed<'a> {
 fn req_str<'a>(v: Option<Val<'a>>, name: &str) -> Result<Cow<'a, str>, Bad> {
     match v {
         Some(Val::Str(s)) if !s.trim().is_empty() => Ok(s),
-        Some(Val::Str(_)) | Some(Val::Null) | None => Err((leak_reason("missing", name), format!("field `{name}` is missing or empty"))),
+        Some(Val::Str(_)) | Some(Val::Null) | None => Err((
+            leak_reason("missing", name),
+            format!("field `{name}` is missing or empty"),
+        )),
         Some(Val::Num(n)) if n.fract() == 0.0 && n.abs() < 1e15 => Ok(Cow::Owned(format!("{}", n as i64))),
-        Some(other) => Err((leak_reason("mistyped", name), format!("field `{name}` is {}, expected a string", other.type_name()))),
+        Some(other) => Err((
+            leak_reason("mistyped", name),
+            format!("field `{name}` is {}, expected a string", other.type_name()),
+        )),
     }
 }
 
@@ -291,7 +317,10 @@ fn req_num(v: Option<Val<'_>>, name: &str) -> Result<f64, Bad> {
     match v {
         Some(Val::Num(n)) => Ok(n),
         Some(Val::Null) | None => Err((leak_reason("missing", name), format!("field `{name}` is missing"))),
-        Some(other) => Err((leak_reason("mistyped", name), format!("field `{name}` is {}, expected a number", other.type_name()))),
+        Some(other) => Err((
+            leak_reason("mistyped", name),
+            format!("field `{name}` is {}, expected a number", other.type_name()),
+        )),
     }
 }
 
@@ -301,7 +330,10 @@ fn leak_reason(kind: &str, field: &str) -> &'static str {
     use std::sync::{Mutex, OnceLock};
     static CODES: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
     let key = format!("{kind}_{field}");
-    let mut m = CODES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut m = CODES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(s) = m.get(&key) {
         return s;
     }
@@ -324,8 +356,18 @@ pub fn parse_review(format: Format, bytes: &[u8], rmin: f32, rmax: f32) -> Resul
     match bytes.trim_ascii_start().first() {
         Some(b'{') => {}
         _ => {
-            let bad = if std::str::from_utf8(bytes).is_err() { "invalid_encoding" } else { "not_an_object" };
-            return Err((bad, format!("not a JSON object: `{}`", String::from_utf8_lossy(&bytes[..bytes.len().min(60)]))));
+            let bad = if std::str::from_utf8(bytes).is_err() {
+                "invalid_encoding"
+            } else {
+                "not_an_object"
+            };
+            return Err((
+                bad,
+                format!(
+                    "not a JSON object: `{}`",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(60)])
+                ),
+            ));
         }
     }
     let mut f: ReviewFields = match serde_json::from_slice(bytes) {
@@ -342,11 +384,18 @@ pub fn parse_review(format: Format, bytes: &[u8], rmin: f32, rmax: f32) -> Resul
             let ts = match f.unix_review_time.take() {
                 Some(Val::Num(n)) => Ok(n.floor() as i64),
                 Some(Val::Null) | None => match f.review_time.take() {
-                    Some(Val::Str(s)) => parse_review_time(&s)
-                        .ok_or(("bad_timestamp", format!("reviewTime `{s}` is not `MM DD, YYYY`"))),
-                    _ => Err((leak_reason("missing", "unixReviewTime"), "fields `unixReviewTime` and `reviewTime` are missing".into())),
+                    Some(Val::Str(s)) => {
+                        parse_review_time(&s).ok_or(("bad_timestamp", format!("reviewTime `{s}` is not `MM DD, YYYY`")))
+                    }
+                    _ => Err((
+                        leak_reason("missing", "unixReviewTime"),
+                        "fields `unixReviewTime` and `reviewTime` are missing".into(),
+                    )),
                 },
-                Some(o) => Err((leak_reason("mistyped", "unixReviewTime"), format!("field `unixReviewTime` is {}, expected a number", o.type_name()))),
+                Some(o) => Err((
+                    leak_reason("mistyped", "unixReviewTime"),
+                    format!("field `unixReviewTime` is {}, expected a number", o.type_name()),
+                )),
             };
             (
                 req_str(f.reviewer_id.take(), "reviewerID"),
@@ -363,39 +412,92 @@ pub fn parse_review(format: Format, bytes: &[u8], rmin: f32, rmax: f32) -> Resul
                 v => req_str(v, "parent_asin"),
             };
             let ts = req_num(f.timestamp.take(), "timestamp").map(|ms| (ms / 1000.0).floor() as i64);
-            (req_str(f.user_id.take(), "user_id"), item, req_num(f.rating.take(), "rating"), opt_text(f.title.take()), opt_text(f.text.take()), ts)
+            (
+                req_str(f.user_id.take(), "user_id"),
+                item,
+                req_num(f.rating.take(), "rating"),
+                opt_text(f.title.take()),
+                opt_text(f.text.take()),
+                ts,
+            )
         }
         Format::Yelp => {
             let ts = match f.date.take() {
-                Some(Val::Str(s)) => parse_datetime(&s).ok_or(("bad_timestamp", format!("date `{s}` is not `YYYY-MM-DD HH:MM:SS`"))),
+                Some(Val::Str(s)) => {
+                    parse_datetime(&s).ok_or(("bad_timestamp", format!("date `{s}` is not `YYYY-MM-DD HH:MM:SS`")))
+                }
                 Some(Val::Null) | None => Err((leak_reason("missing", "date"), "field `date` is missing".to_string())),
-                Some(o) => Err((leak_reason("mistyped", "date"), format!("field `date` is {}, expected a string", o.type_name()))),
+                Some(o) => Err((
+                    leak_reason("mistyped", "date"),
+                    format!("field `date` is {}, expected a string", o.type_name()),
+                )),
             };
-            (req_str(f.user_id.take(), "user_id"), req_str(f.business_id.take(), "business_id"), req_num(f.stars.take(), "stars"), None, opt_text(f.text.take()), ts)
+            (
+                req_str(f.user_id.take(), "user_id"),
+                req_str(f.business_id.take(), "business_id"),
+                req_num(f.stars.take(), "stars"),
+                None,
+                opt_text(f.text.take()),
+                ts,
+            )
         }
         Format::Movielens | Format::Synthetic => return Err(("malformed", "not a JSON format".into())),
     };
     let (user, item, rating, timestamp) = (user?, item?, rating?, ts?);
     if !rating.is_finite() || (rating as f32) < rmin || (rating as f32) > rmax {
-        return Err(("rating_out_of_range", format!("rating {rating} outside [{rmin}, {rmax}]")));
+        return Err((
+            "rating_out_of_range",
+            format!("rating {rating} outside [{rmin}, {rmax}]"),
+        ));
     }
-    Ok(Parsed { user, item, rating: rating as f32, timestamp, title, text })
+    Ok(Parsed {
+        user,
+        item,
+        rating: rating as f32,
+        timestamp,
+        title,
+        text,
+    })
 }
 
 /// Parses one MovieLens rating line (100K: tab/space separated; 1M: `::`).
 pub fn parse_movielens_rating(bytes: &[u8]) -> Result<Parsed<'_>, Bad> {
     let s = std::str::from_utf8(bytes).map_err(|e| ("invalid_encoding", format!("not valid UTF-8: {e}")))?;
-    let parts: Vec<&str> = if s.contains("::") { s.split("::").collect() } else { s.split_whitespace().collect() };
+    let parts: Vec<&str> = if s.contains("::") {
+        s.split("::").collect()
+    } else {
+        s.split_whitespace().collect()
+    };
     if parts.len() != 4 {
-        return Err(("malformed", format!("expected 4 fields (user, item, rating, timestamp), got {}: `{s}`", parts.len())));
+        return Err((
+            "malformed",
+            format!(
+                "expected 4 fields (user, item, rating, timestamp), got {}: `{s}`",
+                parts.len()
+            ),
+        ));
     }
-    let rating: f32 = parts[2].trim().parse().map_err(|_| (leak_reason("mistyped", "rating"), format!("rating `{}` is not a number", parts[2])))?;
-    let timestamp: i64 =
-        parts[3].trim().parse().map_err(|_| ("bad_timestamp", format!("timestamp `{}` is not an integer", parts[3])))?;
+    let rating: f32 = parts[2].trim().parse().map_err(|_| {
+        (
+            leak_reason("mistyped", "rating"),
+            format!("rating `{}` is not a number", parts[2]),
+        )
+    })?;
+    let timestamp: i64 = parts[3]
+        .trim()
+        .parse()
+        .map_err(|_| ("bad_timestamp", format!("timestamp `{}` is not an integer", parts[3])))?;
     if parts[0].trim().is_empty() || parts[1].trim().is_empty() {
         return Err((leak_reason("missing", "id"), "empty user or item id".into()));
     }
-    Ok(Parsed { user: Cow::Borrowed(parts[0].trim()), item: Cow::Borrowed(parts[1].trim()), rating, timestamp, title: None, text: None })
+    Ok(Parsed {
+        user: Cow::Borrowed(parts[0].trim()),
+        item: Cow::Borrowed(parts[1].trim()),
+        rating,
+        timestamp,
+        title: None,
+        text: None,
+    })
 }
 
 // ------------------------------------------------------------------ builders
@@ -487,11 +589,16 @@ pub fn ingest(
     if opts.format == Format::Synthetic {
         return ingest_synthetic(opts, interactions_out, items_out);
     }
-    let reviews = opts
-        .reviews
-        .as_deref()
-        .ok_or_else(|| IngestError::Config(format!("format `{}` needs `reviews:` (the review file)", opts.format.name())))?;
-    let mut report = Report { format: opts.format.name().into(), ..Default::default() };
+    let reviews = opts.reviews.as_deref().ok_or_else(|| {
+        IngestError::Config(format!(
+            "format `{}` needs `reviews:` (the review file)",
+            opts.format.name()
+        ))
+    })?;
+    let mut report = Report {
+        format: opts.format.name().into(),
+        ..Default::default()
+    };
 
     // ---- pass 1: parse, stage, count
     let mut reader = if opts.format == Format::Movielens {
@@ -499,7 +606,10 @@ pub fn ingest(
     } else {
         RecordReader::open(reviews, false)
     }
-    .map_err(|source| IngestError::Open { path: reviews.to_path_buf(), source })?;
+    .map_err(|source| IngestError::Open {
+        path: reviews.to_path_buf(),
+        source,
+    })?;
     let mut drops = Drops::new(reviews, "reviews", opts.on_error);
     let mut pairs: HashMap<u128, PairState> = HashMap::new();
     let mut users: HashSet<u64> = HashSet::new();
@@ -523,7 +633,10 @@ pub fn ingest(
         let parsed = if opts.format == Format::Movielens {
             parse_movielens_rating(&buf).and_then(|p| {
                 if !p.rating.is_finite() || p.rating < opts.rating_min || p.rating > opts.rating_max {
-                    Err(("rating_out_of_range", format!("rating {} outside [{}, {}]", p.rating, opts.rating_min, opts.rating_max)))
+                    Err((
+                        "rating_out_of_range",
+                        format!("rating {} outside [{}, {}]", p.rating, opts.rating_min, opts.rating_max),
+                    ))
                 } else {
                     Ok(p)
                 }
@@ -550,7 +663,11 @@ pub fn ingest(
         if !items.contains(p.item.as_ref()) {
             items.insert(p.item.as_ref().into());
         }
-        let st = pairs.entry(pair_hash(&p.user, &p.item)).or_insert(PairState { count: 0, ts: i64::MIN, row });
+        let st = pairs.entry(pair_hash(&p.user, &p.item)).or_insert(PairState {
+            count: 0,
+            ts: i64::MIN,
+            row,
+        });
         st.count += 1;
         if p.timestamp >= st.ts {
             st.ts = p.timestamp;
@@ -576,14 +693,23 @@ pub fn ingest(
     report.raw_records = drops.report.raw_records;
     report.bad_records = drops.report.bad_records;
     if report.valid_records == 0 {
-        let reasons: Vec<String> = drops.report.drops.iter().map(|(k, v)| format!("{k}: {}", v.count)).collect();
+        let reasons: Vec<String> = drops
+            .report
+            .drops
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.count))
+            .collect();
         let _ = std::fs::remove_file(staging);
         return Err(IngestError::Bad(format!(
             "{}: no valid {} records among {} read (bad: {}); is `format: {}` right for this file?",
             reviews.display(),
             opts.format.name(),
             report.raw_records,
-            if reasons.is_empty() { "none".into() } else { reasons.join(", ") },
+            if reasons.is_empty() {
+                "none".into()
+            } else {
+                reasons.join(", ")
+            },
             opts.format.name()
         )));
     }
@@ -591,7 +717,10 @@ pub fn ingest(
     report.distinct_pairs = pairs.len() as u64;
     report.users = users.len() as u64;
     report.items = items.len() as u64;
-    report.rating_histogram = hist.into_iter().map(|(k, v)| (format_rating(k as f32 / 2.0), v)).collect();
+    report.rating_histogram = hist
+        .into_iter()
+        .map(|(k, v)| (format_rating(k as f32 / 2.0), v))
+        .collect();
     let repeats = pairs.values().filter(|s| s.count > 1).count() as u64;
     report.duplicates = Duplicates {
         rule: DUPLICATE_RULE.into(),
@@ -602,8 +731,10 @@ pub fn ingest(
 
     // ---- pass 2: drop repeats (only when there are any)
     if repeats == 0 {
-        std::fs::rename(staging, interactions_out)
-            .map_err(|source| IngestError::Open { path: interactions_out.to_path_buf(), source })?;
+        std::fs::rename(staging, interactions_out).map_err(|source| IngestError::Open {
+            path: interactions_out.to_path_buf(),
+            source,
+        })?;
     } else {
         let mut w = TableWriter::create(interactions_out, schema::interactions())?;
         let mut row: u64 = 0;
@@ -612,12 +743,18 @@ pub fn ingest(
             let keep: BooleanArray = (0..batch.num_rows())
                 .map(|i| {
                     let r = row + i as u64;
-                    Some(pairs.get(&pair_hash(u.value(i), it.value(i))).is_some_and(|s| s.row == r))
+                    Some(
+                        pairs
+                            .get(&pair_hash(u.value(i), it.value(i)))
+                            .is_some_and(|s| s.row == r),
+                    )
                 })
                 .collect();
             row += batch.num_rows() as u64;
-            let kept = arrow::compute::filter_record_batch(&batch, &keep)
-                .map_err(|source| IoError::Arrow { path: staging.to_path_buf(), source })?;
+            let kept = arrow::compute::filter_record_batch(&batch, &keep).map_err(|source| IoError::Arrow {
+                path: staging.to_path_buf(),
+                source,
+            })?;
             w.write(&kept)?;
         }
         w.finish()?;
@@ -637,9 +774,17 @@ pub fn ingest(
     ids.sort();
     let rows: Vec<Item> = ids
         .into_iter()
-        .map(|id| meta.remove(id.as_ref()).unwrap_or_else(|| Item { item_id: id.into(), ..Default::default() }))
+        .map(|id| {
+            meta.remove(id.as_ref()).unwrap_or_else(|| Item {
+                item_id: id.into(),
+                ..Default::default()
+            })
+        })
         .collect();
-    report.items_with_metadata = rows.iter().filter(|i| i.title.is_some() || i.categories.is_some()).count() as u64;
+    report.items_with_metadata = rows
+        .iter()
+        .filter(|i| i.title.is_some() || i.categories.is_some())
+        .count() as u64;
     io::write_items(items_out, &rows)?;
     Ok(report)
 }
@@ -654,8 +799,15 @@ fn read_meta(
     out: &mut HashMap<String, Item>,
 ) -> Result<(FileReport, u64), IngestError> {
     let ml = opts.format == Format::Movielens;
-    let mut reader = if ml { RecordReader::lines(path) } else { RecordReader::open(path, opts.format == Format::Amazon2014) }
-        .map_err(|source| IngestError::Open { path: path.to_path_buf(), source })?;
+    let mut reader = if ml {
+        RecordReader::lines(path)
+    } else {
+        RecordReader::open(path, opts.format == Format::Amazon2014)
+    }
+    .map_err(|source| IngestError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut drops = Drops::new(path, "meta", opts.on_error);
     let mut unused = 0u64;
     let mut buf = Vec::new();
@@ -666,7 +818,11 @@ fn read_meta(
             Next::End => break,
         };
         drops.report.raw_records += 1;
-        let item = if ml { parse_movielens_item(&buf) } else { parse_meta(opts.format, &buf) };
+        let item = if ml {
+            parse_movielens_item(&buf)
+        } else {
+            parse_meta(opts.format, &buf)
+        };
         match item {
             Ok(item) => {
                 if !wanted.contains(item.item_id.as_str()) {
@@ -696,8 +852,25 @@ fn decode_latin1(bytes: &[u8]) -> Cow<'_, str> {
 
 /// The 19 genre flags of MovieLens 100K `u.item`, in file order (`u.genre`).
 const ML100K_GENRES: [&str; 19] = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
-    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ];
 
 /// `u.item` (`id|title|release|video|url|19 flags`) or `movies.dat` (`id::title::A|B`).
@@ -706,16 +879,34 @@ pub fn parse_movielens_item(bytes: &[u8]) -> Result<Item, Bad> {
     let (id, title, genres): (&str, &str, Vec<String>) = if s.contains("::") {
         let p: Vec<&str> = s.split("::").collect();
         if p.len() != 3 {
-            return Err(("malformed", format!("expected `id::title::genres`, got {} fields", p.len())));
+            return Err((
+                "malformed",
+                format!("expected `id::title::genres`, got {} fields", p.len()),
+            ));
         }
-        (p[0], p[1], p[2].split('|').filter(|g| !g.is_empty()).map(str::to_string).collect())
+        (
+            p[0],
+            p[1],
+            p[2].split('|').filter(|g| !g.is_empty()).map(str::to_string).collect(),
+        )
     } else {
         let p: Vec<&str> = s.split('|').collect();
         if p.len() < 5 {
-            return Err(("malformed", format!("expected `id|title|release|video|url|genre flags`, got {} fields", p.len())));
+            return Err((
+                "malformed",
+                format!(
+                    "expected `id|title|release|video|url|genre flags`, got {} fields",
+                    p.len()
+                ),
+            ));
         }
         let flags = &p[5..];
-        let g = flags.iter().zip(ML100K_GENRES).filter(|(f, _)| f.trim() == "1").map(|(_, g)| g.to_string()).collect();
+        let g = flags
+            .iter()
+            .zip(ML100K_GENRES)
+            .filter(|(f, _)| f.trim() == "1")
+            .map(|(_, g)| g.to_string())
+            .collect();
         (p[0], p[1], g)
     };
     if id.trim().is_empty() {
@@ -767,12 +958,17 @@ pub fn parse_meta(format: Format, bytes: &[u8]) -> Result<Item, Bad> {
     let s = std::str::from_utf8(bytes).map_err(|e| ("invalid_encoding", format!("not valid UTF-8: {e}")))?;
     let v: serde_json::Value = match serde_json::from_str(s) {
         Ok(v) => v,
-        Err(je) if format == Format::Amazon2014 => {
-            raw::parse_pydict(s).map_err(|pe| ("malformed", format!("neither JSON ({je}) nor a Python dict literal ({pe})")))?
-        }
+        Err(je) if format == Format::Amazon2014 => raw::parse_pydict(s).map_err(|pe| {
+            (
+                "malformed",
+                format!("neither JSON ({je}) nor a Python dict literal ({pe})"),
+            )
+        })?,
         Err(e) => return Err(("malformed", format!("invalid JSON: {e}"))),
     };
-    let obj = v.as_object().ok_or(("not_an_object", "metadata record is not an object".to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or(("not_an_object", "metadata record is not an object".to_string()))?;
     let id_key = match format {
         Format::Amazon2023 => {
             if obj.get("parent_asin").is_some_and(|x| !x.is_null()) {
@@ -789,16 +985,27 @@ pub fn parse_meta(format: Format, bytes: &[u8]) -> Result<Item, Bad> {
         None | Some(serde_json::Value::Null) => {
             return Err((leak_reason("missing", id_key), format!("field `{id_key}` is missing")))
         }
-        Some(_) => return Err((leak_reason("mistyped", id_key), format!("field `{id_key}` is not a string"))),
+        Some(_) => {
+            return Err((
+                leak_reason("mistyped", id_key),
+                format!("field `{id_key}` is not a string"),
+            ))
+        }
     };
     let mut cats = Vec::new();
     let item = match format {
         Format::Yelp => {
             if let Some(serde_json::Value::String(c)) = obj.get("categories") {
-                c.split(',').map(str::trim).filter(|x| !x.is_empty()).for_each(|x| strings_of(&x.into(), &mut cats));
+                c.split(',')
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .for_each(|x| strings_of(&x.into(), &mut cats));
             }
-            let place: Vec<&str> =
-                ["city", "state"].iter().filter_map(|k| obj.get(*k).and_then(|x| x.as_str())).filter(|x| !x.is_empty()).collect();
+            let place: Vec<&str> = ["city", "state"]
+                .iter()
+                .filter_map(|k| obj.get(*k).and_then(|x| x.as_str()))
+                .filter(|x| !x.is_empty())
+                .collect();
             Item {
                 item_id,
                 title: text_of(obj.get("name")),
@@ -840,7 +1047,10 @@ pub fn parse_meta(format: Format, bytes: &[u8]) -> Result<Item, Bad> {
             }
         }
     };
-    Ok(Item { categories: (!cats.is_empty()).then_some(cats), ..item })
+    Ok(Item {
+        categories: (!cats.is_empty()).then_some(cats),
+        ..item
+    })
 }
 
 fn ingest_synthetic(opts: &Options, interactions_out: &Path, items_out: &Path) -> Result<Report, IngestError> {
@@ -865,13 +1075,23 @@ pub fn report_of(rows: &[Interaction], format: &str) -> Report {
         raw_records: n,
         valid_records: n,
         kept: n,
-        distinct_pairs: rows.iter().map(|r| (&r.user_id, &r.item_id)).collect::<HashSet<_>>().len() as u64,
+        distinct_pairs: rows
+            .iter()
+            .map(|r| (&r.user_id, &r.item_id))
+            .collect::<HashSet<_>>()
+            .len() as u64,
         users: rows.iter().map(|r| &r.user_id).collect::<HashSet<_>>().len() as u64,
         items: rows.iter().map(|r| &r.item_id).collect::<HashSet<_>>().len() as u64,
-        duplicates: Duplicates { rule: DUPLICATE_RULE.into(), ..Default::default() },
+        duplicates: Duplicates {
+            rule: DUPLICATE_RULE.into(),
+            ..Default::default()
+        },
         missing_text: rows.iter().filter(|r| r.review_text.is_none()).count() as u64,
         missing_title: rows.iter().filter(|r| r.review_title.is_none()).count() as u64,
-        rating_histogram: hist.into_iter().map(|(k, v)| (format_rating(k as f32 / 2.0), v)).collect(),
+        rating_histogram: hist
+            .into_iter()
+            .map(|(k, v)| (format_rating(k as f32 / 2.0), v))
+            .collect(),
         ..Default::default()
     }
 }
@@ -882,23 +1102,57 @@ mod tests {
 
     #[test]
     fn review_fields_map_per_format() {
-        let p = parse_review(Format::Amazon2014, br#"{"reviewerID":"u","asin":"a","overall":4.0,"summary":"ok","reviewText":" ","unixReviewTime":100}"#, 1.0, 5.0).unwrap();
-        assert_eq!((p.user.as_ref(), p.item.as_ref(), p.rating, p.timestamp), ("u", "a", 4.0, 100));
+        let p = parse_review(
+            Format::Amazon2014,
+            br#"{"reviewerID":"u","asin":"a","overall":4.0,"summary":"ok","reviewText":" ","unixReviewTime":100}"#,
+            1.0,
+            5.0,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.user.as_ref(), p.item.as_ref(), p.rating, p.timestamp),
+            ("u", "a", 4.0, 100)
+        );
         assert!(p.text.is_none(), "blank review text is missing text, not a drop");
         let p = parse_review(Format::Amazon2023, br#"{"user_id":"u","parent_asin":"p","asin":"a","rating":5,"title":"t","text":"x","timestamp":1588615855070}"#, 1.0, 5.0).unwrap();
-        assert_eq!((p.item.as_ref(), p.timestamp), ("p", 1588615855), "2023 uses parent_asin and ms timestamps");
-        let p = parse_review(Format::Yelp, br#"{"user_id":"u","business_id":"b","stars":3.0,"text":"t","date":"2014-10-11 03:34:02"}"#, 1.0, 5.0).unwrap();
+        assert_eq!(
+            (p.item.as_ref(), p.timestamp),
+            ("p", 1588615855),
+            "2023 uses parent_asin and ms timestamps"
+        );
+        let p = parse_review(
+            Format::Yelp,
+            br#"{"user_id":"u","business_id":"b","stars":3.0,"text":"t","date":"2014-10-11 03:34:02"}"#,
+            1.0,
+            5.0,
+        )
+        .unwrap();
         assert_eq!(p.timestamp, 1_412_998_442);
-        let p = parse_review(Format::Amazon2018, br#"{"reviewerID":"u","asin":"a","overall":4.0,"reviewTime":"09 4, 2015"}"#, 1.0, 5.0).unwrap();
+        let p = parse_review(
+            Format::Amazon2018,
+            br#"{"reviewerID":"u","asin":"a","overall":4.0,"reviewTime":"09 4, 2015"}"#,
+            1.0,
+            5.0,
+        )
+        .unwrap();
         assert_eq!(p.timestamp, 1_441_324_800, "reviewTime is the fallback timestamp");
     }
 
     #[test]
     fn bad_reviews_have_reasons() {
         let r = |b: &[u8]| parse_review(Format::Amazon2014, b, 1.0, 5.0).unwrap_err().0;
-        assert_eq!(r(br#"{"asin":"a","overall":4.0,"unixReviewTime":1}"#), "missing_reviewerID");
-        assert_eq!(r(br#"{"reviewerID":"u","asin":"a","overall":"4","unixReviewTime":1}"#), "mistyped_overall");
-        assert_eq!(r(br#"{"reviewerID":"u","asin":"a","overall":9,"unixReviewTime":1}"#), "rating_out_of_range");
+        assert_eq!(
+            r(br#"{"asin":"a","overall":4.0,"unixReviewTime":1}"#),
+            "missing_reviewerID"
+        );
+        assert_eq!(
+            r(br#"{"reviewerID":"u","asin":"a","overall":"4","unixReviewTime":1}"#),
+            "mistyped_overall"
+        );
+        assert_eq!(
+            r(br#"{"reviewerID":"u","asin":"a","overall":9,"unixReviewTime":1}"#),
+            "rating_out_of_range"
+        );
         assert_eq!(r(br#"{"reviewerID":"u","asin":"a","overall":4"#), "malformed");
         assert_eq!(r(b"[1,2]"), "not_an_object");
         assert_eq!(r(b"{\"reviewerID\":\"\xff\xfe\"}"), "invalid_encoding");
@@ -908,13 +1162,33 @@ mod tests {
     fn meta_formats_map_to_items() {
         let i = parse_meta(Format::Amazon2014, br#"{'asin': 'A1', 'title': "Bob's Tutu", 'price': 3.17, 'categories': [['Sports', 'Dance'], ['Sports']], 'brand': 'X'}"#).unwrap();
         assert_eq!(i.title.as_deref(), Some("Bob's Tutu"));
-        assert_eq!(i.categories, Some(vec!["Sports".to_string(), "Dance".to_string()]), "nested categories flatten, deduplicated");
-        let i = parse_meta(Format::Amazon2018, br#"{"asin":"A","title":"T","category":["C"],"description":["d1","d2"],"price":"$12.99"}"#).unwrap();
-        assert_eq!((i.price, i.description.as_deref()), (Some(12.99), Some("d1 d2")), "2018 prices are strings");
+        assert_eq!(
+            i.categories,
+            Some(vec!["Sports".to_string(), "Dance".to_string()]),
+            "nested categories flatten, deduplicated"
+        );
+        let i = parse_meta(
+            Format::Amazon2018,
+            br#"{"asin":"A","title":"T","category":["C"],"description":["d1","d2"],"price":"$12.99"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (i.price, i.description.as_deref()),
+            (Some(12.99), Some("d1 d2")),
+            "2018 prices are strings"
+        );
         let i = parse_meta(Format::Yelp, br#"{"business_id":"b","name":"Pizza Place","categories":"Restaurants, Pizza","city":"Boston","state":"MA"}"#).unwrap();
         assert_eq!(i.categories.as_deref().map(|c| c.len()), Some(2));
-        let i = parse_movielens_item(b"1|Toy Story (1995)|01-Jan-1995||http://x|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0").unwrap();
-        assert_eq!(i.categories, Some(vec!["Animation".to_string(), "Children's".to_string(), "Comedy".to_string()]));
+        let i = parse_movielens_item(b"1|Toy Story (1995)|01-Jan-1995||http://x|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0")
+            .unwrap();
+        assert_eq!(
+            i.categories,
+            Some(vec![
+                "Animation".to_string(),
+                "Children's".to_string(),
+                "Comedy".to_string()
+            ])
+        );
         let i = parse_movielens_item(b"2::Jumanji (1995)::Adventure|Children's|Fantasy").unwrap();
         assert_eq!(i.categories.map(|c| c.len()), Some(3));
         let i = parse_movielens_item(b"3|Caf\xe9 (1990)||||0").unwrap();

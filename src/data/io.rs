@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray, RecordBatch,
-    StringArray, StructArray,
+    Array, ArrayRef, AsArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray, RecordBatch, StringArray,
+    StructArray,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Float32Type, Float64Type, Int32Type, Int64Type, SchemaRef};
@@ -47,10 +47,16 @@ pub enum IoError {
 }
 
 fn perr(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> IoError + '_ {
-    move |source| IoError::Parquet { path: path.to_path_buf(), source }
+    move |source| IoError::Parquet {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 fn aerr(path: &Path) -> impl Fn(arrow::error::ArrowError) -> IoError + '_ {
-    move |source| IoError::Arrow { path: path.to_path_buf(), source }
+    move |source| IoError::Arrow {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writer properties shared by every table we write (the benchmark's polars
@@ -72,9 +78,16 @@ pub struct TableWriter {
 
 impl TableWriter {
     pub fn create(path: &Path, schema: SchemaRef) -> Result<Self, IoError> {
-        let file = File::create(path).map_err(|source| IoError::Io { path: path.to_path_buf(), source })?;
+        let file = File::create(path).map_err(|source| IoError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let inner = ArrowWriter::try_new(file, schema, Some(writer_properties())).map_err(perr(path))?;
-        Ok(TableWriter { path: path.to_path_buf(), inner, rows: 0 })
+        Ok(TableWriter {
+            path: path.to_path_buf(),
+            inner,
+            rows: 0,
+        })
     }
     pub fn write(&mut self, batch: &RecordBatch) -> Result<(), IoError> {
         self.rows += batch.num_rows() as u64;
@@ -86,14 +99,20 @@ impl TableWriter {
     pub fn finish(self) -> Result<u64, IoError> {
         let path = self.path;
         let f = self.inner.into_inner().map_err(perr(&path))?;
-        f.sync_all().map_err(|source| IoError::Io { path: path.clone(), source })?;
+        f.sync_all().map_err(|source| IoError::Io {
+            path: path.clone(),
+            source,
+        })?;
         Ok(self.rows)
     }
 }
 
 /// Reads every record batch of a Parquet file.
 pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>, IoError> {
-    let file = File::open(path).map_err(|source| IoError::Io { path: path.to_path_buf(), source })?;
+    let file = File::open(path).map_err(|source| IoError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(perr(path))?
         .with_batch_size(ROW_GROUP)
@@ -121,7 +140,11 @@ fn column(path: &Path, batch: &RecordBatch, name: &str, to: &DataType) -> Result
 
 fn no_nulls(path: &Path, name: &str, a: &dyn Array) -> Result<(), IoError> {
     if a.null_count() > 0 {
-        return Err(IoError::Column { path: path.to_path_buf(), column: name.into(), msg: "contains nulls".into() });
+        return Err(IoError::Column {
+            path: path.to_path_buf(),
+            column: name.into(),
+            msg: "contains nulls".into(),
+        });
     }
     Ok(())
 }
@@ -135,7 +158,10 @@ fn strings(path: &Path, b: &RecordBatch, name: &str, nullable: bool) -> Result<V
 }
 
 fn req_strings(path: &Path, b: &RecordBatch, name: &str) -> Result<Vec<String>, IoError> {
-    Ok(strings(path, b, name, false)?.into_iter().map(Option::unwrap_or_default).collect())
+    Ok(strings(path, b, name, false)?
+        .into_iter()
+        .map(Option::unwrap_or_default)
+        .collect())
 }
 
 // ---------------------------------------------------------------- interactions
@@ -290,7 +316,9 @@ pub fn read_items(path: &Path) -> Result<Vec<Item>, IoError> {
 
 /// The `messages` column: list<struct<role, content>>.
 pub fn messages_array(rows: &[&[Message]]) -> ListArray {
-    let DataType::Struct(fields) = schema::message_type() else { unreachable!("message_type is a struct") };
+    let DataType::Struct(fields) = schema::message_type() else {
+        unreachable!("message_type is a struct")
+    };
     let all: Vec<&Message> = rows.iter().flat_map(|m| m.iter()).collect();
     let roles = StringArray::from_iter_values(all.iter().map(|m| m.role.as_str()));
     let contents = StringArray::from_iter_values(all.iter().map(|m| m.content.as_str()));
@@ -310,20 +338,31 @@ pub fn messages_from(path: &Path, b: &RecordBatch) -> Result<Vec<Vec<Message>>, 
         column: "messages".into(),
         msg: "missing (is this a samples table?)".into(),
     })?;
-    let bad = |msg: &str| IoError::Column { path: path.to_path_buf(), column: "messages".into(), msg: msg.into() };
-    let list = col.as_list_opt::<i32>().ok_or_else(|| bad("is not a list<struct<role, content>>"))?;
+    let bad = |msg: &str| IoError::Column {
+        path: path.to_path_buf(),
+        column: "messages".into(),
+        msg: msg.into(),
+    };
+    let list = col
+        .as_list_opt::<i32>()
+        .ok_or_else(|| bad("is not a list<struct<role, content>>"))?;
     let mut out = Vec::with_capacity(list.len());
     for i in 0..list.len() {
         let v = list.value(i);
         let st = v.as_struct_opt().ok_or_else(|| bad("elements are not structs"))?;
         let role = st.column_by_name("role").ok_or_else(|| bad("struct has no `role`"))?;
-        let content = st.column_by_name("content").ok_or_else(|| bad("struct has no `content`"))?;
+        let content = st
+            .column_by_name("content")
+            .ok_or_else(|| bad("struct has no `content`"))?;
         let role = arrow::compute::cast(role, &DataType::Utf8).map_err(|e| bad(&e.to_string()))?;
         let content = arrow::compute::cast(content, &DataType::Utf8).map_err(|e| bad(&e.to_string()))?;
         let (role, content) = (role.as_string::<i32>(), content.as_string::<i32>());
         out.push(
             (0..st.len())
-                .map(|j| Message { role: role.value(j).to_string(), content: content.value(j).to_string() })
+                .map(|j| Message {
+                    role: role.value(j).to_string(),
+                    content: content.value(j).to_string(),
+                })
                 .collect(),
         );
     }
@@ -370,7 +409,12 @@ pub fn samples_from_batch(path: &Path, b: &RecordBatch) -> Result<Vec<Sample>, I
     let target = column(path, b, "target", &DataType::Float32)?;
     let uh = column(path, b, "user_history_len", &DataType::Int32)?;
     let ih = column(path, b, "item_history_len", &DataType::Int32)?;
-    for (n, c) in [("timestamp", &ts), ("target", &target), ("user_history_len", &uh), ("item_history_len", &ih)] {
+    for (n, c) in [
+        ("timestamp", &ts),
+        ("target", &target),
+        ("user_history_len", &uh),
+        ("item_history_len", &ih),
+    ] {
         no_nulls(path, n, c.as_ref())?;
     }
     let msgs = messages_from(path, b)?;
@@ -425,16 +469,37 @@ mod tests {
         let (p1, p2) = (dir.path().join("a.parquet"), dir.path().join("b.parquet"));
         write_interactions(&p1, &rows).unwrap();
         write_interactions(&p2, &rows).unwrap();
-        assert_eq!(read_interactions(&p1).unwrap(), rows, "interactions must round-trip, nulls included");
-        assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap(), "identical rows → identical bytes");
+        assert_eq!(
+            read_interactions(&p1).unwrap(),
+            rows,
+            "interactions must round-trip, nulls included"
+        );
+        assert_eq!(
+            std::fs::read(&p1).unwrap(),
+            std::fs::read(&p2).unwrap(),
+            "identical rows → identical bytes"
+        );
 
         let items = vec![
-            Item { item_id: "a".into(), title: Some("A".into()), categories: Some(vec!["x".into(), "y".into()]), price: Some(3.5), ..Default::default() },
-            Item { item_id: "b".into(), ..Default::default() },
+            Item {
+                item_id: "a".into(),
+                title: Some("A".into()),
+                categories: Some(vec!["x".into(), "y".into()]),
+                price: Some(3.5),
+                ..Default::default()
+            },
+            Item {
+                item_id: "b".into(),
+                ..Default::default()
+            },
         ];
         let pi = dir.path().join("items.parquet");
         write_items(&pi, &items).unwrap();
-        assert_eq!(read_items(&pi).unwrap(), items, "items must round-trip, null categories stay null");
+        assert_eq!(
+            read_items(&pi).unwrap(),
+            items,
+            "items must round-trip, null categories stay null"
+        );
 
         let s = Sample {
             sample_id: "s1".into(),
@@ -442,15 +507,31 @@ mod tests {
             item_id: "a".into(),
             timestamp: 10,
             messages: vec![
-                Message { role: "system".into(), content: "sys".into() },
-                Message { role: "user".into(), content: "hi".into() },
+                Message {
+                    role: "system".into(),
+                    content: "sys".into(),
+                },
+                Message {
+                    role: "user".into(),
+                    content: "hi".into(),
+                },
             ],
             target: 5.0,
             user_history_len: 3,
             item_history_len: 0,
         };
         let ps = dir.path().join("s.parquet");
-        write_samples(&ps, &[s.clone(), Sample { messages: vec![], ..s.clone() }]).unwrap();
+        write_samples(
+            &ps,
+            &[
+                s.clone(),
+                Sample {
+                    messages: vec![],
+                    ..s.clone()
+                },
+            ],
+        )
+        .unwrap();
         let back = read_samples(&ps).unwrap();
         assert_eq!(back[0], s, "samples must round-trip with their messages");
         assert!(back[1].messages.is_empty(), "an empty message list stays empty");
@@ -460,8 +541,18 @@ mod tests {
     fn missing_column_names_file_and_column() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("i.parquet");
-        write_items(&p, &[Item { item_id: "a".into(), ..Default::default() }]).unwrap();
+        write_items(
+            &p,
+            &[Item {
+                item_id: "a".into(),
+                ..Default::default()
+            }],
+        )
+        .unwrap();
         let err = read_interactions(&p).unwrap_err().to_string();
-        assert!(err.contains("user_id") && err.contains("i.parquet"), "error must name file and column: {err}");
+        assert!(
+            err.contains("user_id") && err.contains("i.parquet"),
+            "error must name file and column: {err}"
+        );
     }
 }

@@ -163,7 +163,11 @@ mod tests {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days, "civil date conversion must round-trip");
         }
-        assert_eq!(parse_datetime("2014-10-11 03:34:02"), Some(1_412_998_442), "Yelp dates are UTC seconds");
+        assert_eq!(
+            parse_datetime("2014-10-11 03:34:02"),
+            Some(1_412_998_442),
+            "Yelp dates are UTC seconds"
+        );
         assert_eq!(format_date(1_393_545_600), "2014-02-28");
         assert_eq!(parse_datetime("2014-13-01"), None, "month 13 is not a date");
     }

@@ -137,9 +137,16 @@ fn cut(s: Option<&str>, limit: usize) -> Option<String> {
 }
 
 impl PromptBuilder {
-    pub fn new(template: &Path, tokenizer: Option<&Path>, items: Vec<Item>, opts: PromptOptions) -> Result<Self, PromptError> {
-        let src = std::fs::read_to_string(template)
-            .map_err(|e| PromptError::Template { path: template.into(), msg: e.to_string() })?;
+    pub fn new(
+        template: &Path,
+        tokenizer: Option<&Path>,
+        items: Vec<Item>,
+        opts: PromptOptions,
+    ) -> Result<Self, PromptError> {
+        let src = std::fs::read_to_string(template).map_err(|e| PromptError::Template {
+            path: template.into(),
+            msg: e.to_string(),
+        })?;
         Self::from_source(template, src, tokenizer, items, opts)
     }
 
@@ -150,34 +157,55 @@ impl PromptBuilder {
         items: Vec<Item>,
         opts: PromptOptions,
     ) -> Result<Self, PromptError> {
-        let terr = |msg: String| PromptError::Template { path: template_path.into(), msg };
+        let terr = |msg: String| PromptError::Template {
+            path: template_path.into(),
+            msg,
+        };
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.add_template_owned("think_before_rec", src.clone()).map_err(|e| terr(format!("{e:#}")))?;
+        env.add_template_owned("think_before_rec", src.clone())
+            .map_err(|e| terr(format!("{e:#}")))?;
         for b in ["system", "user"] {
             let found = src.match_indices("{%").any(|(i, _)| {
                 let rest = src[i + 2..].trim_start_matches(['-', '+', ' ']);
-                rest.strip_prefix("block").is_some_and(|r| r.trim_start().split_whitespace().next() == Some(b))
+                rest.strip_prefix("block")
+                    .is_some_and(|r| r.trim_start().split_whitespace().next() == Some(b))
             });
             if !found {
-                return Err(terr(format!("needs a `{{% block {b} %}}…{{% endblock %}}`; see stages/think_before_rec.md")));
+                return Err(terr(format!(
+                    "needs a `{{% block {b} %}}…{{% endblock %}}`; see stages/think_before_rec.md"
+                )));
             }
         }
         let tokenizer = match tokenizer {
-            Some(p) => Some(
-                tokenizers::Tokenizer::from_file(p).map_err(|e| PromptError::Tokenizer { path: p.into(), msg: e.to_string() })?,
-            ),
+            Some(p) => Some(tokenizers::Tokenizer::from_file(p).map_err(|e| PromptError::Tokenizer {
+                path: p.into(),
+                msg: e.to_string(),
+            })?),
             None => None,
         };
         let items = items.into_iter().map(|i| (i.item_id.clone(), i)).collect();
-        Ok(PromptBuilder { env, template_path: template_path.into(), tokenizer, items, opts })
+        Ok(PromptBuilder {
+            env,
+            template_path: template_path.into(),
+            tokenizer,
+            items,
+            opts,
+        })
     }
 
     fn count_tokens(&self, msgs: &[Message]) -> usize {
         match &self.tokenizer {
-            Some(t) => msgs.iter().map(|m| t.encode(m.content.as_str(), false).map(|e| e.len()).unwrap_or(m.content.len())).sum(),
+            Some(t) => msgs
+                .iter()
+                .map(|m| {
+                    t.encode(m.content.as_str(), false)
+                        .map(|e| e.len())
+                        .unwrap_or(m.content.len())
+                })
+                .sum(),
             None => {
                 let chars: usize = msgs.iter().map(|m| m.content.chars().count()).sum();
                 (chars as f64 / self.opts.chars_per_token).ceil() as usize
@@ -187,12 +215,22 @@ impl PromptBuilder {
 
     fn title_of(&self, id: &str) -> (String, Vec<String>) {
         match self.items.get(id) {
-            Some(i) => (i.title.clone().unwrap_or_else(|| id.to_string()), i.categories.clone().unwrap_or_default()),
+            Some(i) => (
+                i.title.clone().unwrap_or_else(|| id.to_string()),
+                i.categories.clone().unwrap_or_default(),
+            ),
             None => (id.to_string(), Vec::new()),
         }
     }
 
-    fn render(&self, target: &Interaction, ev: &Evidence, nu: usize, ni: usize, limit: usize) -> Result<Vec<Message>, PromptError> {
+    fn render(
+        &self,
+        target: &Interaction,
+        ev: &Evidence,
+        nu: usize,
+        ni: usize,
+        limit: usize,
+    ) -> Result<Vec<Message>, PromptError> {
         let uh = &ev.user_history[ev.user_history.len() - nu..];
         let ih = &ev.item_history[ev.item_history.len() - ni..];
         let history: Vec<HistEntry> = uh
@@ -241,7 +279,10 @@ impl PromptBuilder {
             },
             scale => minijinja::context! { min => format_rating(self.opts.scale.min), max => format_rating(self.opts.scale.max) },
         };
-        let terr = |e: minijinja::Error| PromptError::Template { path: self.template_path.clone(), msg: format!("{e:#}") };
+        let terr = |e: minijinja::Error| PromptError::Template {
+            path: self.template_path.clone(),
+            msg: format!("{e:#}"),
+        };
         let t = self.env.get_template("think_before_rec").map_err(terr)?;
         // Renders the two blocks from one evaluated state.
         #[allow(deprecated)]
@@ -249,8 +290,14 @@ impl PromptBuilder {
         let system = state.render_block("system").map_err(terr)?;
         let user = state.render_block("user").map_err(terr)?;
         Ok(vec![
-            Message { role: "system".into(), content: system.trim().to_string() },
-            Message { role: "user".into(), content: user.trim().to_string() },
+            Message {
+                role: "system".into(),
+                content: system.trim().to_string(),
+            },
+            Message {
+                role: "user".into(),
+                content: user.trim().to_string(),
+            },
         ])
     }
 
@@ -271,7 +318,13 @@ impl PromptBuilder {
         if let Err(s) = self.eligible(index, t) {
             return Ok(Err(s));
         }
-        let ev = index.evidence(&t.user_id, &t.item_id, t.timestamp, self.opts.user_history, self.opts.item_history);
+        let ev = index.evidence(
+            &t.user_id,
+            &t.item_id,
+            t.timestamp,
+            self.opts.user_history,
+            self.opts.item_history,
+        );
         let (mut nu, mut ni, mut limit) = (ev.user_history.len(), ev.item_history.len(), self.opts.review_chars);
         let floor_u = self.opts.min_user_history.min(nu);
         let mut truncated = false;
@@ -290,7 +343,11 @@ impl PromptBuilder {
                     user_history_len: nu as i32,
                     item_history_len: ni as i32,
                 };
-                return Ok(Ok(Built { sample, truncated, tokens }));
+                return Ok(Ok(Built {
+                    sample,
+                    truncated,
+                    tokens,
+                }));
             }
             truncated = true;
             if nu > floor_u && (nu >= ni || ni == 0) {
@@ -311,12 +368,29 @@ mod tests {
     use super::*;
 
     fn r(u: &str, i: &str, rating: f32, t: i64, text: &str) -> Interaction {
-        Interaction { user_id: u.into(), item_id: i.into(), rating, timestamp: t, review_title: None, review_text: Some(text.into()) }
+        Interaction {
+            user_id: u.into(),
+            item_id: i.into(),
+            rating,
+            timestamp: t,
+            review_title: None,
+            review_text: Some(text.into()),
+        }
     }
 
     fn builder(opts: PromptOptions) -> PromptBuilder {
         let tpl = Path::new(env!("CARGO_MANIFEST_DIR")).join("stages/think_before_rec.md");
-        PromptBuilder::new(&tpl, None, vec![Item { item_id: "t".into(), title: Some("Target Album".into()), ..Default::default() }], opts).unwrap()
+        PromptBuilder::new(
+            &tpl,
+            None,
+            vec![Item {
+                item_id: "t".into(),
+                title: Some("Target Album".into()),
+                ..Default::default()
+            }],
+            opts,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -330,34 +404,66 @@ mod tests {
         let b = builder(PromptOptions::default());
         let s = b.build(&idx, &idx.rows()[2].clone()).unwrap().unwrap().sample;
         let user = &s.messages[1].content;
-        assert!(user.contains("EARLY review") && user.contains("OTHER review"), "earlier evidence is shown: {user}");
-        assert!(!user.contains("TARGET") && !user.contains("LATER"), "nothing at or after the target: {user}");
+        assert!(
+            user.contains("EARLY review") && user.contains("OTHER review"),
+            "earlier evidence is shown: {user}"
+        );
+        assert!(
+            !user.contains("TARGET") && !user.contains("LATER"),
+            "nothing at or after the target: {user}"
+        );
         assert!(user.contains("Target Album"), "the target's title is shown");
         for tag in ["<analyze user>", "<analyze item>", "<match>", "<rate>"] {
             assert!(s.messages[0].content.contains(tag), "system prompt asks for {tag}");
         }
         assert_eq!((s.user_history_len, s.item_history_len, s.target), (1, 1, 5.0));
         let first = b.build(&idx, &idx.rows()[0].clone()).unwrap();
-        assert!(matches!(first, Err(Skip::FewUserHistory)), "no history → no sample under min_user_history = 1");
+        assert!(
+            matches!(first, Err(Skip::FewUserHistory)),
+            "no history → no sample under min_user_history = 1"
+        );
     }
 
     #[test]
     fn truncation_drops_history_then_shortens_reviews() {
-        let mut rows: Vec<Interaction> = (0..10).map(|k| r("u", &format!("i{k}"), 3.0, k * 86_400, &"long words ".repeat(40))).collect();
+        let mut rows: Vec<Interaction> = (0..10)
+            .map(|k| r("u", &format!("i{k}"), 3.0, k * 86_400, &"long words ".repeat(40)))
+            .collect();
         rows.push(r("u", "t", 4.0, 20 * 86_400, "x"));
         let idx = HistoryIndex::new(rows);
-        let full = builder(PromptOptions::default()).build(&idx, &idx.rows()[10].clone()).unwrap().unwrap();
-        assert!(!full.truncated);
-        let limit = full.tokens / 2;
-        let cut = builder(PromptOptions { max_prompt_tokens: Some(limit), ..Default::default() })
+        let full = builder(PromptOptions::default())
             .build(&idx, &idx.rows()[10].clone())
             .unwrap()
             .unwrap();
-        assert!(cut.truncated && cut.tokens <= limit, "fits the budget: {} > {limit}", cut.tokens);
+        assert!(!full.truncated);
+        let limit = full.tokens / 2;
+        let cut = builder(PromptOptions {
+            max_prompt_tokens: Some(limit),
+            ..Default::default()
+        })
+        .build(&idx, &idx.rows()[10].clone())
+        .unwrap()
+        .unwrap();
+        assert!(
+            cut.truncated && cut.tokens <= limit,
+            "fits the budget: {} > {limit}",
+            cut.tokens
+        );
         assert!(cut.sample.user_history_len < 10, "oldest history dropped first");
         let user = &cut.sample.messages[1].content;
-        assert!(user.contains("i9") && !user.contains("i0"), "the most recent entry stays, the oldest goes: {user}");
-        let tiny = builder(PromptOptions { max_prompt_tokens: Some(5), ..Default::default() }).build(&idx, &idx.rows()[10].clone()).unwrap();
-        assert!(matches!(tiny, Err(Skip::TooLong)), "an impossible budget skips the sample");
+        assert!(
+            user.contains("i9") && !user.contains("i0"),
+            "the most recent entry stays, the oldest goes: {user}"
+        );
+        let tiny = builder(PromptOptions {
+            max_prompt_tokens: Some(5),
+            ..Default::default()
+        })
+        .build(&idx, &idx.rows()[10].clone())
+        .unwrap();
+        assert!(
+            matches!(tiny, Err(Skip::TooLong)),
+            "an impossible budget skips the sample"
+        );
     }
 }

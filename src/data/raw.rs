@@ -36,7 +36,10 @@ enum Mode {
 pub enum Next {
     /// A record starting at 1-based `line`; `partial` when the input was cut
     /// inside it (truncated gzip or an unclosed object at the end).
-    Record { line: u64, partial: bool },
+    Record {
+        line: u64,
+        partial: bool,
+    },
     End,
 }
 
@@ -47,7 +50,10 @@ pub fn open(path: &Path) -> std::io::Result<Box<dyn BufRead + Send>> {
     let n = f.read(&mut magic)?;
     let f = File::open(path)?;
     if n == 2 && magic == [0x1f, 0x8b] {
-        Ok(Box::new(BufReader::with_capacity(BUF, flate2::read::MultiGzDecoder::new(BufReader::with_capacity(BUF, f)))))
+        Ok(Box::new(BufReader::with_capacity(
+            BUF,
+            flate2::read::MultiGzDecoder::new(BufReader::with_capacity(BUF, f)),
+        )))
     } else {
         Ok(Box::new(BufReader::with_capacity(BUF, f)))
     }
@@ -137,23 +143,27 @@ impl RecordReader {
     pub fn next_record(&mut self, out: &mut Vec<u8>) -> Next {
         loop {
             match self.mode {
-                Mode::Lines => {
-                    match self.read_line(out) {
-                        Ok(false) => return Next::End,
-                        Ok(true) => {
-                            if out.iter().all(u8::is_ascii_whitespace) {
-                                continue;
-                            }
-                            return Next::Record { line: self.line, partial: false };
+                Mode::Lines => match self.read_line(out) {
+                    Ok(false) => return Next::End,
+                    Ok(true) => {
+                        if out.iter().all(u8::is_ascii_whitespace) {
+                            continue;
                         }
-                        Err(()) => {
-                            if out.iter().all(u8::is_ascii_whitespace) {
-                                return Next::End;
-                            }
-                            return Next::Record { line: self.line, partial: true };
-                        }
+                        return Next::Record {
+                            line: self.line,
+                            partial: false,
+                        };
                     }
-                }
+                    Err(()) => {
+                        if out.iter().all(u8::is_ascii_whitespace) {
+                            return Next::End;
+                        }
+                        return Next::Record {
+                            line: self.line,
+                            partial: true,
+                        };
+                    }
+                },
                 Mode::Unknown => {
                     let mut first = Vec::new();
                     match self.read_line(&mut first) {
@@ -164,7 +174,10 @@ impl RecordReader {
                                 return Next::End;
                             }
                             *out = first;
-                            return Next::Record { line: self.line, partial: true };
+                            return Next::Record {
+                                line: self.line,
+                                partial: true,
+                            };
                         }
                     }
                     if first.iter().all(u8::is_ascii_whitespace) {
@@ -173,7 +186,10 @@ impl RecordReader {
                     if one_object(&first, self.pydict) {
                         self.mode = Mode::Lines;
                         *out = first;
-                        return Next::Record { line: self.line, partial: false };
+                        return Next::Record {
+                            line: self.line,
+                            partial: false,
+                        };
                     }
                     self.mode = Mode::Concat;
                     self.pending = first;
@@ -209,9 +225,10 @@ impl RecordReader {
                         self.pending.clear();
                         return match start {
                             Some(line) => Next::Record { line, partial: true },
-                            None if cut && !self.pending.iter().all(u8::is_ascii_whitespace) => {
-                                Next::Record { line: self.line, partial: true }
-                            }
+                            None if cut && !self.pending.iter().all(u8::is_ascii_whitespace) => Next::Record {
+                                line: self.line,
+                                partial: true,
+                            },
                             None => Next::End,
                         };
                     }
@@ -229,7 +246,10 @@ impl RecordReader {
                     out.push(b);
                     out.extend_from_slice(&self.pending[self.pos..]);
                     self.pos = self.pending.len();
-                    return Next::Record { line: self.pending_line, partial: false };
+                    return Next::Record {
+                        line: self.pending_line,
+                        partial: false,
+                    };
                 }
                 start = Some(self.pending_line);
                 depth = 1;
@@ -254,7 +274,10 @@ impl RecordReader {
                 b'}' | b']' => {
                     depth -= 1;
                     if depth == 0 {
-                        return Next::Record { line: start.unwrap_or(self.pending_line), partial: false };
+                        return Next::Record {
+                            line: start.unwrap_or(self.pending_line),
+                            partial: false,
+                        };
                     }
                 }
                 _ => {}
@@ -432,7 +455,11 @@ pub struct ReviewFields<'a> {
 /// lists, tuples, dicts) into a JSON value. The 2014 Amazon metadata files
 /// are such literals, one per line, and are not valid JSON.
 pub fn parse_pydict(s: &str) -> Result<serde_json::Value, String> {
-    let mut p = Py { s: s.as_bytes(), src: s, i: 0 };
+    let mut p = Py {
+        s: s.as_bytes(),
+        src: s,
+        i: 0,
+    };
     let v = p.value(0)?;
     p.ws();
     if p.i != p.s.len() {
@@ -461,7 +488,9 @@ impl Py<'_> {
             return self.err("nesting too deep");
         }
         self.ws();
-        let Some(&c) = self.s.get(self.i) else { return self.err("unexpected end") };
+        let Some(&c) = self.s.get(self.i) else {
+            return self.err("unexpected end");
+        };
         match c {
             b'{' => {
                 self.i += 1;
@@ -530,9 +559,14 @@ impl Py<'_> {
                         if let Ok(n) = tok.parse::<i64>() {
                             Ok(n.into())
                         } else if let Ok(f) = tok.parse::<f64>() {
-                            Ok(serde_json::Number::from_f64(f).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null))
+                            Ok(serde_json::Number::from_f64(f)
+                                .map(serde_json::Value::Number)
+                                .unwrap_or(serde_json::Value::Null))
                         } else {
-                            Err(format!("unexpected token `{}` at byte {start}", tok.chars().take(20).collect::<String>()))
+                            Err(format!(
+                                "unexpected token `{}` at byte {start}",
+                                tok.chars().take(20).collect::<String>()
+                            ))
                         }
                     }
                 }
@@ -549,12 +583,16 @@ impl Py<'_> {
                 self.i += 1;
             }
             out.push_str(&self.src[start..self.i]);
-            let Some(&c) = self.s.get(self.i) else { return self.err("unterminated string") };
+            let Some(&c) = self.s.get(self.i) else {
+                return self.err("unterminated string");
+            };
             self.i += 1;
             if c == q {
                 return Ok(out);
             }
-            let Some(&e) = self.s.get(self.i) else { return self.err("unterminated escape") };
+            let Some(&e) = self.s.get(self.i) else {
+                return self.err("unterminated escape");
+            };
             self.i += 1;
             match e {
                 b'n' => out.push('\n'),
@@ -568,12 +606,18 @@ impl Py<'_> {
                         b'u' => 4,
                         _ => 8,
                     };
-                    let hex = self.src.get(self.i..self.i + n).ok_or_else(|| format!("short \\{} escape", e as char))?;
+                    let hex = self
+                        .src
+                        .get(self.i..self.i + n)
+                        .ok_or_else(|| format!("short \\{} escape", e as char))?;
                     let code = u32::from_str_radix(hex, 16).map_err(|_| format!("bad escape \\{}{hex}", e as char))?;
                     self.i += n;
                     // A UTF-16 surrogate pair written as two \u escapes.
                     let ch = if (0xD800..0xDC00).contains(&code) && self.src.get(self.i..self.i + 2) == Some("\\u") {
-                        let lo = self.src.get(self.i + 2..self.i + 6).and_then(|h| u32::from_str_radix(h, 16).ok());
+                        let lo = self
+                            .src
+                            .get(self.i + 2..self.i + 6)
+                            .and_then(|h| u32::from_str_radix(h, 16).ok());
                         match lo {
                             Some(lo) if (0xDC00..0xE000).contains(&lo) => {
                                 self.i += 6;
@@ -616,7 +660,11 @@ mod tests {
     #[test]
     fn json_lines_keep_line_numbers_and_skip_blank_lines() {
         let got = all(&mut reader(b"{\"a\":1}\n\n{\"a\":2}\r\nnot json\n", false));
-        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 3, 4], "1-based line numbers of each record");
+        assert_eq!(
+            got.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [1, 3, 4],
+            "1-based line numbers of each record"
+        );
         assert_eq!(got[1].1, "{\"a\":2}", "CRLF is stripped");
     }
 
@@ -642,12 +690,18 @@ mod tests {
     #[test]
     fn python_dict_literals_parse() {
         let v = parse_pydict(r#"{'asin': '0000031852', 'title': "Girls' Ballet \"Tutu\"", 'price': 3.17, 'x': True, 'y': None, 'categories': [['A', 'B'], ['C']], 'salesRank': {'Toys': 211836}, 't': ('a', 1), 'e': 'caf\xe9 \u2764'}"#).unwrap();
-        assert_eq!(v["title"], "Girls' Ballet \"Tutu\"", "double-quoted strings with escapes");
+        assert_eq!(
+            v["title"], "Girls' Ballet \"Tutu\"",
+            "double-quoted strings with escapes"
+        );
         assert_eq!(v["price"], 3.17);
         assert_eq!(v["categories"][0][1], "B");
         assert_eq!(v["y"], serde_json::Value::Null);
         assert_eq!(v["e"], "café ❤", "\\x and \\u escapes decode");
-        assert!(parse_pydict("{'a': 1").is_err(), "unterminated dict is an error, not a panic");
+        assert!(
+            parse_pydict("{'a': 1").is_err(),
+            "unterminated dict is an error, not a panic"
+        );
         assert!(parse_pydict("{'a': nope}").is_err());
     }
 
@@ -659,7 +713,8 @@ mod tests {
 
     #[test]
     fn fields_borrow_and_report_types() {
-        let f: ReviewFields = serde_json::from_str(r#"{"reviewerID":"u","overall":5.0,"style":{"a":1},"asin":7}"#).unwrap();
+        let f: ReviewFields =
+            serde_json::from_str(r#"{"reviewerID":"u","overall":5.0,"style":{"a":1},"asin":7}"#).unwrap();
         assert_eq!(f.reviewer_id, Some(Val::Str(Cow::Borrowed("u"))));
         assert_eq!(f.asin.as_ref().map(Val::type_name), Some("a number"));
     }

@@ -113,9 +113,17 @@ pub fn stats(name: &str, rows: &[Interaction]) -> BTreeMap<String, serde_json::V
     m.insert(format!("{name}_interactions"), n.into());
     m.insert(format!("{name}_users"), users.len().into());
     m.insert(format!("{name}_items"), items.len().into());
-    let density = if n == 0 { 0.0 } else { n as f64 / (users.len() as f64 * items.len() as f64) };
+    let density = if n == 0 {
+        0.0
+    } else {
+        n as f64 / (users.len() as f64 * items.len() as f64)
+    };
     m.insert(format!("{name}_density"), density.into());
-    let mean = if n == 0 { 0.0 } else { rows.iter().map(|r| r.rating as f64).sum::<f64>() / n as f64 };
+    let mean = if n == 0 {
+        0.0
+    } else {
+        rows.iter().map(|r| r.rating as f64).sum::<f64>() / n as f64
+    };
     m.insert(format!("{name}_mean_rating"), mean.into());
     for (k, v) in hist {
         m.insert(format!("{name}_rating_{}", format_rating(k as f32 / 2.0)), v.into());
@@ -128,38 +136,75 @@ mod tests {
     use super::*;
 
     fn r(u: &str, i: &str, t: i64) -> Interaction {
-        Interaction { user_id: u.into(), item_id: i.into(), rating: 4.0, timestamp: t, review_title: None, review_text: None }
+        Interaction {
+            user_id: u.into(),
+            item_id: i.into(),
+            rating: 4.0,
+            timestamp: t,
+            review_title: None,
+            review_text: None,
+        }
     }
 
     fn opts(strategy: Strategy) -> SplitOptions {
-        SplitOptions { strategy, valid: true, min_user_interactions: 3, ratios: [0.8, 0.1, 0.1], seed: 7 }
+        SplitOptions {
+            strategy,
+            valid: true,
+            min_user_interactions: 3,
+            ratios: [0.8, 0.1, 0.1],
+            seed: 7,
+        }
     }
 
     #[test]
     fn leave_last_breaks_ties_by_item_id_whatever_the_input_order() {
-        let rows = vec![r("u", "b", 5), r("u", "c", 5), r("u", "a", 1), r("u", "z", 5), r("v", "x", 1)];
+        let rows = vec![
+            r("u", "b", 5),
+            r("u", "c", 5),
+            r("u", "a", 1),
+            r("u", "z", 5),
+            r("v", "x", 1),
+        ];
         let mut rev = rows.clone();
         rev.reverse();
         let a = split(rows, &opts(Strategy::LeaveLast));
         let b = split(rev, &opts(Strategy::LeaveLast));
         assert_eq!(a.test[0].item_id, "z", "tie at t=5: the largest item_id is last");
         assert_eq!(a.valid[0].item_id, "c");
-        assert_eq!((a.test.clone(), a.train.clone()), (b.test, b.train), "input order does not matter");
+        assert_eq!(
+            (a.test.clone(), a.train.clone()),
+            (b.test, b.train),
+            "input order does not matter"
+        );
         assert_eq!(a.tie_users, 1);
-        assert!(a.train.iter().any(|x| x.user_id == "v"), "users under min_user_interactions stay in train");
+        assert!(
+            a.train.iter().any(|x| x.user_id == "v"),
+            "users under min_user_interactions stay in train"
+        );
     }
 
     #[test]
     fn random_is_seeded_and_chronological_respects_time() {
-        let rows: Vec<_> = (0..100).map(|k| r(&format!("u{}", k % 7), &format!("i{k}"), k as i64)).collect();
+        let rows: Vec<_> = (0..100)
+            .map(|k| r(&format!("u{}", k % 7), &format!("i{k}"), k as i64))
+            .collect();
         let a = split(rows.clone(), &opts(Strategy::Random));
         let b = split(rows.clone(), &opts(Strategy::Random));
-        let c = split(rows.clone(), &SplitOptions { seed: 8, ..opts(Strategy::Random) });
+        let c = split(
+            rows.clone(),
+            &SplitOptions {
+                seed: 8,
+                ..opts(Strategy::Random)
+            },
+        );
         assert_eq!(a.test, b.test, "same seed, same split");
         assert_ne!(a.test, c.test, "another seed, another split");
         assert_eq!((a.train.len(), a.valid.len(), a.test.len()), (80, 10, 10));
         let ch = split(rows, &opts(Strategy::Chronological));
         let max_train = ch.train.iter().map(|x| x.timestamp).max().unwrap();
-        assert!(ch.test.iter().all(|x| x.timestamp > max_train), "chronological: test after train");
+        assert!(
+            ch.test.iter().all(|x| x.timestamp > max_train),
+            "chronological: test after train"
+        );
     }
 }

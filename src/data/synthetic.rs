@@ -62,9 +62,18 @@ impl Default for SyntheticConfig {
             user_bias: 0.4,
             item_bias: 0.5,
             taste: 0.9,
-            attributes: ["jazz", "rock", "classical", "hip-hop", "electronic", "folk", "metal", "soul"]
-                .map(String::from)
-                .to_vec(),
+            attributes: [
+                "jazz",
+                "rock",
+                "classical",
+                "hip-hop",
+                "electronic",
+                "folk",
+                "metal",
+                "soul",
+            ]
+            .map(String::from)
+            .to_vec(),
             attributes_per_item: 2,
             seed: 0,
             start: 1_420_070_400, // 2015-01-01
@@ -92,8 +101,8 @@ pub struct Generated {
 }
 
 const ADJ: [&str; 20] = [
-    "Velvet", "Midnight", "Golden", "Electric", "Silent", "Crimson", "Hollow", "Lucky", "Wild", "Paper", "Neon", "Quiet",
-    "Broken", "Distant", "Amber", "Frozen", "Sunny", "Restless", "Marble", "Copper",
+    "Velvet", "Midnight", "Golden", "Electric", "Silent", "Crimson", "Hollow", "Lucky", "Wild", "Paper", "Neon",
+    "Quiet", "Broken", "Distant", "Amber", "Frozen", "Sunny", "Restless", "Marble", "Copper",
 ];
 const NOUN: [&str; 20] = [
     "Horizon", "Echoes", "Harbor", "Garden", "Circuit", "Lanterns", "River", "Parade", "Signals", "Orchard", "Tides",
@@ -146,23 +155,38 @@ fn sentence(rating: i32, attrs: &[String], rng: &mut ChaCha8Rng) -> (String, Str
     let (titles, bodies): (&[&str], &[&str]) = match rating {
         5 => (
             &["Absolutely loved it", "A new favourite", "Five stars, no question"],
-            &["Absolutely loved it: the {a} sound is exactly my taste and I keep coming back to it.", "Stunning record. The {a} side of it is done perfectly; I play it every day."],
+            &[
+                "Absolutely loved it: the {a} sound is exactly my taste and I keep coming back to it.",
+                "Stunning record. The {a} side of it is done perfectly; I play it every day.",
+            ],
         ),
         4 => (
             &["Really good", "Very enjoyable", "Solid and satisfying"],
-            &["Really enjoyed this. The {a} elements work well for me, a few weaker moments aside.", "Very good overall; I like where it goes with {a}, though it is not perfect."],
+            &[
+                "Really enjoyed this. The {a} elements work well for me, a few weaker moments aside.",
+                "Very good overall; I like where it goes with {a}, though it is not perfect.",
+            ],
         ),
         3 => (
             &["It's okay", "Mixed feelings", "Average"],
-            &["It's fine. The {a} parts are okay but nothing grabbed me.", "Mixed feelings: some of the {a} moments work, others fall flat."],
+            &[
+                "It's fine. The {a} parts are okay but nothing grabbed me.",
+                "Mixed feelings: some of the {a} moments work, others fall flat.",
+            ],
         ),
         2 => (
             &["Disappointing", "Not for me", "Meh"],
-            &["Disappointing. The {a} style mostly left me cold.", "Not really for me; the {a} approach felt tired and I lost interest."],
+            &[
+                "Disappointing. The {a} style mostly left me cold.",
+                "Not really for me; the {a} approach felt tired and I lost interest.",
+            ],
         ),
         _ => (
             &["Did not like it", "Waste of money", "Awful"],
-            &["Did not like this at all; {a} just isn't my thing and this was a chore.", "Awful for my taste. The {a} sound grated on me from start to finish."],
+            &[
+                "Did not like this at all; {a} just isn't my thing and this was a chore.",
+                "Awful for my taste. The {a} sound grated on me from start to finish.",
+            ],
         ),
     };
     let t = titles[rng.random_range(0..titles.len())].to_string();
@@ -199,7 +223,11 @@ pub fn generate(cfg: &SyntheticConfig) -> Result<Generated, String> {
         let names: Vec<String> = attrs.iter().map(|&a| cfg.attributes[a].clone()).collect();
         let base = format!("{} {}", ADJ[i % ADJ.len()], NOUN[(i / ADJ.len() + i * 7) % NOUN.len()]);
         let round = i / (ADJ.len() * NOUN.len());
-        let title = if round == 0 { base } else { format!("{base} {}", round + 1) };
+        let title = if round == 0 {
+            base
+        } else {
+            format!("{base} {}", round + 1)
+        };
         items.push(Item {
             item_id: format!("i{i:05}"),
             title: Some(format!("{title} ({})", names.join(" / "))),
@@ -246,8 +274,18 @@ pub fn generate(cfg: &SyntheticConfig) -> Result<Generated, String> {
     let n = rows.len() as f64;
     let mean = rows.iter().map(|r| r.rating as f64).sum::<f64>() / n;
     let var = rows.iter().map(|r| (r.rating as f64 - mean).powi(2)).sum::<f64>() / n;
-    let facts = Facts { noise: cfg.noise, best_rmse: (se_best / n).sqrt(), global_mean_rmse: var.sqrt(), ratings: rows.len(), seed: cfg.seed };
-    Ok(Generated { interactions: rows, items, facts })
+    let facts = Facts {
+        noise: cfg.noise,
+        best_rmse: (se_best / n).sqrt(),
+        global_mean_rmse: var.sqrt(),
+        ratings: rows.len(),
+        seed: cfg.seed,
+    };
+    Ok(Generated {
+        interactions: rows,
+        items,
+        facts,
+    })
 }
 
 #[cfg(test)]
@@ -259,10 +297,16 @@ mod tests {
         let cfg = SyntheticConfig::default();
         let a = generate(&cfg).unwrap();
         let b = generate(&cfg).unwrap();
-        assert_eq!(a.interactions, b.interactions, "the generator is deterministic per seed");
+        assert_eq!(
+            a.interactions, b.interactions,
+            "the generator is deterministic per seed"
+        );
         let c = generate(&SyntheticConfig { seed: 1, ..cfg.clone() }).unwrap();
         assert_ne!(a.interactions, c.interactions, "another seed gives other data");
-        assert!(a.interactions.iter().all(|r| (1.0..=5.0).contains(&r.rating)), "ratings clamp to 1..5");
+        assert!(
+            a.interactions.iter().all(|r| (1.0..=5.0).contains(&r.rating)),
+            "ratings clamp to 1..5"
+        );
         assert!(
             a.facts.best_rmse + 0.3 < a.facts.global_mean_rmse,
             "the signal must be learnable: best {} vs global mean {}",
@@ -276,8 +320,14 @@ mod tests {
         let g = generate(&SyntheticConfig::default()).unwrap();
         for r in g.interactions.iter().take(200) {
             let t = r.review_text.as_deref().unwrap_or("");
-            let positive = t.contains("loved") || t.contains("Stunning") || t.contains("enjoyed") || t.contains("Very good");
-            assert_eq!(positive, r.rating >= 4.0, "positive text iff rating ≥ 4: {t} / {}", r.rating);
+            let positive =
+                t.contains("loved") || t.contains("Stunning") || t.contains("enjoyed") || t.contains("Very good");
+            assert_eq!(
+                positive,
+                r.rating >= 4.0,
+                "positive text iff rating ≥ 4: {t} / {}",
+                r.rating
+            );
         }
     }
 
@@ -285,6 +335,9 @@ mod tests {
     fn expected_rating_matches_the_bins() {
         assert!((expected_rating(3.0, 1e-9) - 3.0).abs() < 1e-6);
         assert!((expected_rating(10.0, 0.5) - 5.0).abs() < 1e-6, "clamped at the top");
-        assert!((expected_rating(3.5, 0.3) - 3.5).abs() < 1e-6, "symmetric between 3 and 4");
+        assert!(
+            (expected_rating(3.5, 0.3) - 3.5).abs() < 1e-6,
+            "symmetric between 3 and 4"
+        );
     }
 }

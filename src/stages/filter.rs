@@ -42,7 +42,10 @@ impl StageDef for Filter {
     }
 
     fn outputs(_cfg: &Config) -> Vec<OutputSpec> {
-        vec![OutputSpec::file("interactions", "parquet"), OutputSpec::file("items", "parquet")]
+        vec![
+            OutputSpec::file("interactions", "parquet"),
+            OutputSpec::file("items", "parquet"),
+        ]
     }
 
     fn validate(cfg: &Config) -> Result<(), String> {
@@ -77,6 +80,8 @@ impl Stage for Filter {
         io::write_interactions(&ctx.output("interactions")?, &kept)?;
         io::write_items(&ctx.output("items")?, &items)?;
         let v = serde_json::to_value(&st)?;
-        Ok(v.as_object().map(|o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default())
+        Ok(v.as_object()
+            .map(|o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
     }
 }

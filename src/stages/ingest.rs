@@ -66,12 +66,19 @@ impl StageDef for Ingest {
     }
 
     fn outputs(_cfg: &Config) -> Vec<OutputSpec> {
-        vec![OutputSpec::file("interactions", "parquet"), OutputSpec::file("items", "parquet"), OutputSpec::file("report", "json")]
+        vec![
+            OutputSpec::file("interactions", "parquet"),
+            OutputSpec::file("items", "parquet"),
+            OutputSpec::file("report", "json"),
+        ]
     }
 
     fn validate(cfg: &Config) -> Result<(), String> {
         if cfg.format != Format::Synthetic && cfg.reviews.is_none() {
-            return Err(format!("`reviews` is required for format `{}` (the review file, plain or .gz)", cfg.format.name()));
+            return Err(format!(
+                "`reviews` is required for format `{}` (the review file, plain or .gz)",
+                cfg.format.name()
+            ));
         }
         if cfg.format == Format::Synthetic && (cfg.reviews.is_some() || cfg.meta.is_some() || cfg.business.is_some()) {
             return Err("format `synthetic` generates its data: remove `reviews`/`meta`/`business`".into());
@@ -83,10 +90,16 @@ impl StageDef for Ingest {
             return Err("`business` is for format `yelp`; use `meta` for item metadata".into());
         }
         if !(0.0..=1.0).contains(&cfg.max_bad_fraction) {
-            return Err(format!("`max_bad_fraction` must be in [0, 1], got {}", cfg.max_bad_fraction));
+            return Err(format!(
+                "`max_bad_fraction` must be in [0, 1], got {}",
+                cfg.max_bad_fraction
+            ));
         }
         if !(cfg.rating_min < cfg.rating_max) {
-            return Err(format!("`rating_min` ({}) must be below `rating_max` ({})", cfg.rating_min, cfg.rating_max));
+            return Err(format!(
+                "`rating_min` ({}) must be below `rating_max` ({})",
+                cfg.rating_min, cfg.rating_max
+            ));
         }
         Ok(())
     }
@@ -112,7 +125,13 @@ impl Stage for Ingest {
             events.emit(serde_json::json!({"progress": {"done": n, "total": null, "unit": "records"}}))
         })?;
         for (reason, d) in report.files.iter().flat_map(|f| f.drops.iter().map(move |d| (f, d))) {
-            ctx.warn(format!("{}: dropped {} record(s) as {}: first {}", reason.file, d.1.count, d.0, d.1.examples.join("; ")));
+            ctx.warn(format!(
+                "{}: dropped {} record(s) as {}: first {}",
+                reason.file,
+                d.1.count,
+                d.0,
+                d.1.examples.join("; ")
+            ));
         }
         let json = serde_json::to_vec_pretty(&report)?;
         crate::util::write_atomic(&ctx.output("report")?, &json)?;

@@ -114,7 +114,9 @@ impl StageDef for Prompts {
         }
         if let Some(MaxSamples::PerSplit(m)) = &cfg.max_samples {
             if let Some(k) = m.keys().find(|k| !SPLITS.contains(&k.as_str())) {
-                return Err(format!("`max_samples` has unknown split `{k}` (use train, valid, test)"));
+                return Err(format!(
+                    "`max_samples` has unknown split `{k}` (use train, valid, test)"
+                ));
             }
         }
         Ok(())
@@ -133,7 +135,10 @@ impl Config {
 
 impl Stage for Prompts {
     fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
-        let template = cfg.template.as_deref().ok_or_else(|| anyhow::anyhow!("`template` is required"))?;
+        let template = cfg
+            .template
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("`template` is required"))?;
         let items = io::read_items(ctx.input("items")?)?;
         let opts = PromptOptions {
             user_history: cfg.user_history,
@@ -171,7 +176,9 @@ impl Stage for Prompts {
             if let Some(max) = cfg.max_for(s) {
                 if eligible.len() > max {
                     // One stream per split so that changing one split's cap leaves the others alone.
-                    eligible.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1))));
+                    eligible.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                        seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1)),
+                    ));
                     eligible.truncate(max);
                     eligible.sort_unstable();
                 }
@@ -197,20 +204,29 @@ impl Stage for Prompts {
             }
             total += eligible.len();
             if samples.is_empty() && !rows.is_empty() {
-                ctx.warn(format!("prompts: split `{s}` has {} targets but no sample (skipped: {skipped:?})", rows.len()));
+                ctx.warn(format!(
+                    "prompts: split `{s}` has {} targets but no sample (skipped: {skipped:?})",
+                    rows.len()
+                ));
             }
             io::write_samples(&ctx.output(s)?, &samples)?;
             m.insert(format!("{s}_targets"), rows.len().into());
             m.insert(format!("{s}_samples"), samples.len().into());
             m.insert(format!("{s}_truncated"), truncated.into());
             m.insert(format!("{s}_max_tokens"), max_tokens.into());
-            let mean = if samples.is_empty() { 0.0 } else { sum_uh as f64 / samples.len() as f64 };
+            let mean = if samples.is_empty() {
+                0.0
+            } else {
+                sum_uh as f64 / samples.len() as f64
+            };
             m.insert(format!("{s}_mean_user_history"), mean.into());
             for (r, c) in skipped {
                 m.insert(format!("{s}_skipped_{r}"), c.into());
             }
         }
-        if m.get("test_samples").and_then(|v| v.as_u64()) == Some(0) && m.get("train_samples").and_then(|v| v.as_u64()) == Some(0) {
+        if m.get("test_samples").and_then(|v| v.as_u64()) == Some(0)
+            && m.get("train_samples").and_then(|v| v.as_u64()) == Some(0)
+        {
             anyhow::bail!(
                 "prompts produced no train and no test samples: every target lacked history (min_user_history = {}, \
                  min_item_history = {}); lower them or filter the data to users with longer histories",

@@ -53,12 +53,19 @@ impl StageDef for Split {
     }
 
     fn outputs(_cfg: &Config) -> Vec<OutputSpec> {
-        vec![OutputSpec::file("train", "parquet"), OutputSpec::file("valid", "parquet"), OutputSpec::file("test", "parquet")]
+        vec![
+            OutputSpec::file("train", "parquet"),
+            OutputSpec::file("valid", "parquet"),
+            OutputSpec::file("test", "parquet"),
+        ]
     }
 
     fn validate(cfg: &Config) -> Result<(), String> {
         if cfg.ratios.iter().any(|r| !(r.is_finite() && *r >= 0.0)) || cfg.ratios[0] <= 0.0 || cfg.ratios[2] <= 0.0 {
-            return Err(format!("`ratios` must be finite, ≥ 0, with train and test > 0; got {:?}", cfg.ratios));
+            return Err(format!(
+                "`ratios` must be finite, ≥ 0, with train and test > 0; got {:?}",
+                cfg.ratios
+            ));
         }
         Ok(())
     }
