@@ -53,7 +53,15 @@ def build(path, size_bytes, data_dir):
                 t = json.dumps(r)
                 templates.append(t.replace("\\u0000U\\u0000", "{u}").replace("\\u0000A\\u0000", "{a}"))
     ids = [json.loads(line) for s in SOURCES for line in gzip.open(os.path.join(data_dir, s), "rt")]
-    ids = [(r["reviewerID"], r["asin"]) for r in ids]
+    # Fashion lists product variants as repeated user-item pairs; give each
+    # repeat its own item id so both tools keep every record (no dedup pass).
+    seen, fresh = {}, []
+    for r in ids:
+        key = (r["reviewerID"], r["asin"])
+        v = seen.get(key, 0)
+        seen[key] = v + 1
+        fresh.append((r["reviewerID"], r["asin"] + (f"v{v}" if v else "")))
+    ids = fresh
     parts = [t.split("{u}") for t in templates]
     written, rep = 0, 0
     tmp = path + ".tmp"
@@ -77,7 +85,8 @@ def timed(cmd):
     if p.returncode != 0:
         sys.exit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
-    return dt, (int(m.group(1)) / 1024 if m else float("nan")), p.stdout
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", p.stderr))
+    return dt, (int(m.group(1)) / 1024 if m else float("nan")), p.stdout, cpu
 
 
 def main():
@@ -104,22 +113,24 @@ def main():
             spec_path = os.path.join(a.work, "spec.json")
             with open(spec_path, "w") as f:
                 json.dump(spec, f)
-            dt, rss, _ = timed([a.worker, "exec-stage", spec_path])
+            dt, rss, _, cpu = timed([a.worker, "exec-stage", spec_path])
             with open(os.path.join(out, "report.json")) as f:
                 kept = json.load(f)["kept"]
-            res["recflow"].append((dt, rss, kept))
+            res["recflow"].append((dt, rss, kept, cpu))
             dst = os.path.join(a.work, f"polars_{gb}.parquet")
-            dt, rss, outp = timed([sys.executable, "-c", POLARS, src, dst])
-            res["polars"].append((dt, rss, int(outp.strip().splitlines()[-1])))
-        med = {k: (statistics.median(x[0] for x in v), max(x[1] for x in v), v[0][2]) for k, v in res.items()}
+            dt, rss, outp, cpu = timed([sys.executable, "-c", POLARS, src, dst])
+            res["polars"].append((dt, rss, int(outp.strip().splitlines()[-1]), cpu))
+        med = {k: (statistics.median(x[0] for x in v), max(x[1] for x in v), v[0][2], statistics.median(x[3] for x in v))
+               for k, v in res.items()}
         assert med["recflow"][2] == med["polars"][2], f"row counts differ: {med}"
-        for tool, (dt, rss, n) in med.items():
-            rows.append((gb, size, tool, dt, size / dt / 1e6, rss, n))
-        print(f"{gb} GB: recflow/polars throughput ratio = {med['polars'][0] / med['recflow'][0]:.2f}", flush=True)
-    print("\n| input | tool | rows | seconds (median) | MB/s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
-    for gb, size, tool, dt, mbs, rss, n in rows:
-        print(f"| {size / 1e9:.2f} GB | {tool} | {n:,} | {dt:.2f} | {mbs:.0f} | {rss:.0f} |")
+        for tool, (dt, rss, n, cpu) in med.items():
+            rows.append((gb, size, tool, dt, size / dt / 1e6, rss, n, cpu))
+        print(f"{gb} GB: recflow/polars throughput ratio = {med['polars'][0] / med['recflow'][0]:.2f} (wall), "
+              f"{med['polars'][3] / med['recflow'][3]:.2f} (CPU time)", flush=True)
+    print("\n| input | tool | rows | wall s (median) | MB/s (wall) | CPU s (user+sys) | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for gb, size, tool, dt, mbs, rss, n, cpu in rows:
+        print(f"| {size / 1e9:.2f} GB | {tool} | {n:,} | {dt:.2f} | {mbs:.0f} | {cpu:.2f} | {rss:.0f} |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ use arrow::datatypes::{DataType, Field, Float32Type, Float64Type, Int32Type, Int
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
 use super::{schema, Interaction, Item, Message, Sample};
 
@@ -65,6 +65,12 @@ pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_size(ROW_GROUP)
+        // Free text rarely repeats: a dictionary attempt costs time and falls back anyway.
+        .set_column_dictionary_enabled(parquet::schema::types::ColumnPath::from("review_text"), false)
+        .set_column_dictionary_enabled(parquet::schema::types::ColumnPath::from("description"), false)
+        // Min/max of free text are useless for pruning and cost a comparison per value.
+        .set_column_statistics_enabled(parquet::schema::types::ColumnPath::from("review_text"), EnabledStatistics::None)
+        .set_column_statistics_enabled(parquet::schema::types::ColumnPath::from("description"), EnabledStatistics::None)
         .set_created_by("recflow".to_string())
         .build()
 }
