@@ -466,4 +466,35 @@ mod tests {
             "an impossible budget skips the sample"
         );
     }
+
+    #[test]
+    fn tokenizer_json_measures_the_budget() {
+        // A word-level tokenizer.json (every pre-token is one token): the
+        // count differs from the character estimate, and the budget holds.
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("tokenizer.json");
+        std::fs::write(
+            &tok,
+            r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+               "pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+               "model":{"type":"WordLevel","vocab":{"[UNK]":0},"unk_token":"[UNK]"}}"#,
+        )
+        .unwrap();
+        let mut rows: Vec<Interaction> =
+            (0..10).map(|k| r("u", &format!("i{k}"), 3.0, k * 86_400, &"word ".repeat(60))).collect();
+        rows.push(r("u", "t", 4.0, 20 * 86_400, "x"));
+        let idx = HistoryIndex::new(rows);
+        let tpl = Path::new(env!("CARGO_MANIFEST_DIR")).join("stages/think_before_rec.md");
+        let mk = |max| {
+            PromptBuilder::new(&tpl, Some(&tok), vec![], PromptOptions { max_prompt_tokens: max, ..Default::default() })
+                .unwrap()
+        };
+        let full = mk(None).build(&idx, &idx.rows()[10].clone()).unwrap().unwrap();
+        let chars: usize = full.sample.messages.iter().map(|m| m.content.chars().count()).sum();
+        assert_ne!(full.tokens, chars.div_ceil(4), "the tokenizer, not the character estimate, counts");
+        let cut = mk(Some(full.tokens / 2)).build(&idx, &idx.rows()[10].clone()).unwrap().unwrap();
+        assert!(cut.tokens <= full.tokens / 2, "the budget is met in tokenizer tokens");
+        let bad = PromptBuilder::new(&tpl, Some(&dir.path().join("nope.json")), vec![], PromptOptions::default());
+        assert!(matches!(bad, Err(PromptError::Tokenizer { .. })), "a missing tokenizer is a clear error");
+    }
 }
