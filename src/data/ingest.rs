@@ -344,7 +344,7 @@ fn leak_reason(kind: &str, field: &str) -> &'static str {
 
 /// `MM DD, YYYY` (Amazon `reviewTime`) → UTC seconds.
 fn parse_review_time(s: &str) -> Option<i64> {
-    let mut it = s.split(|c: char| c == ' ' || c == ',').filter(|x| !x.is_empty());
+    let mut it = s.split([' ', ',']).filter(|x| !x.is_empty());
     let m: u32 = it.next()?.parse().ok()?;
     let d: u32 = it.next()?.parse().ok()?;
     let y: i64 = it.next()?.parse().ok()?;
@@ -657,11 +657,7 @@ pub fn ingest(
     };
     let mut buf = Vec::with_capacity(1 << 16);
     let mut row: u64 = 0;
-    loop {
-        let (line, partial) = match reader.next_record(&mut buf) {
-            Next::Record { line, partial } => (line, partial),
-            Next::End => break,
-        };
+    while let Next::Record { line, partial } = reader.next_record(&mut buf) {
         drops.report.raw_records += 1;
         if partial {
             // Reported once with the cut below; the partial record is not data.
@@ -1011,13 +1007,7 @@ pub fn parse_meta(format: Format, bytes: &[u8]) -> Result<Item, Bad> {
         .as_object()
         .ok_or(("not_an_object", "metadata record is not an object".to_string()))?;
     let id_key = match format {
-        Format::Amazon2023 => {
-            if obj.get("parent_asin").is_some_and(|x| !x.is_null()) {
-                "parent_asin"
-            } else {
-                "asin"
-            }
-        }
+        Format::Amazon2023 if obj.get("parent_asin").is_some_and(|x| !x.is_null()) => "parent_asin",
         Format::Yelp => "business_id",
         _ => "asin",
     };

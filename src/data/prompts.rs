@@ -171,7 +171,7 @@ impl PromptBuilder {
             let found = src.match_indices("{%").any(|(i, _)| {
                 let rest = src[i + 2..].trim_start_matches(['-', '+', ' ']);
                 rest.strip_prefix("block")
-                    .is_some_and(|r| r.trim_start().split_whitespace().next() == Some(b))
+                    .is_some_and(|r| r.split_whitespace().next() == Some(b))
             });
             if !found {
                 return Err(terr(format!(

@@ -95,7 +95,7 @@ impl StageDef for Ingest {
                 cfg.max_bad_fraction
             ));
         }
-        if !(cfg.rating_min < cfg.rating_max) {
+        if cfg.rating_min.partial_cmp(&cfg.rating_max) != Some(std::cmp::Ordering::Less) {
             return Err(format!(
                 "`rating_min` ({}) must be below `rating_max` ({})",
                 cfg.rating_min, cfg.rating_max

@@ -106,10 +106,10 @@ impl StageDef for Prompts {
         if cfg.template.is_none() {
             return Err("`template` is required: a minijinja file with `system` and `user` blocks, e.g. ../stages/think_before_rec.md".into());
         }
-        if !(cfg.chars_per_token > 0.0) {
+        if !cfg.chars_per_token.is_finite() || cfg.chars_per_token <= 0.0 {
             return Err("`chars_per_token` must be > 0".into());
         }
-        if !(cfg.scale.min < cfg.scale.max) {
+        if cfg.scale.min.partial_cmp(&cfg.scale.max) != Some(std::cmp::Ordering::Less) {
             return Err("`scale.min` must be below `scale.max`".into());
         }
         if let Some(MaxSamples::PerSplit(m)) = &cfg.max_samples {
