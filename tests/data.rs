@@ -612,29 +612,6 @@ fn synthetic_prompt_carries_signal() {
 }
 
 #[test]
-#[ignore = "prints one rendered prompt for eyeballing"]
-fn show_prompt() {
-    let g = synthetic::generate(&synthetic::SyntheticConfig::default()).unwrap();
-    let idx = HistoryIndex::new(g.interactions.clone());
-    let b = PromptBuilder::new(
-        &template(),
-        None,
-        g.items,
-        PromptOptions {
-            user_history: 3,
-            item_history: 3,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let s = b.build(&idx, &g.interactions[15]).unwrap().unwrap().sample;
-    println!(
-        "{}\n-----\n{}\n----- target {}",
-        s.messages[0].content, s.messages[1].content, s.target
-    );
-}
-
-#[test]
 fn stage_defaults_files_parse() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("stages");
     let load =
