@@ -624,3 +624,53 @@ fn stage_defaults_files_parse() {
     serde_json::from_value::<recflow::stages::prompts::Config>(load("prompts.yaml"))
         .expect("stages/prompts.yaml is a valid prompts config");
 }
+
+#[test]
+fn data_stages_run_through_the_worker_protocol() {
+    // The runner executes built-in stages via exec-stage; the registry must
+    // know every data kind and the outputs must land where declared.
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = recflow::stages::builtin_registry();
+    for kind in ["ingest", "filter", "split", "prompts"] {
+        assert!(reg.get(kind).is_some(), "builtin_registry() has `{kind}`");
+        assert!(
+            recflow::stages::meta::find(kind).is_some(),
+            "meta::builtin() has `{kind}`"
+        );
+    }
+    let spec =
+        |kind: &str, config: Value, inputs: BTreeMap<String, Vec<PathBuf>>, name: &str| recflow::worker::ExecSpec {
+            kind: kind.into(),
+            stage: name.into(),
+            config,
+            inputs,
+            out_dir: tmp.path().join(name).join("out"),
+            work_dir: tmp.path().join(name).join("work"),
+            seed: 1,
+            device: "cpu".into(),
+        };
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = spec(
+        "ingest",
+        json!({"format": "synthetic", "synthetic": {"users": 30, "items": 20, "ratings_per_user": 8}}),
+        BTreeMap::new(),
+        "ingest",
+    );
+    recflow::worker::exec(&reg, &s, cancel.clone()).unwrap();
+    let m: Value = serde_json::from_slice(&std::fs::read(s.out_dir.join("metrics.json")).unwrap()).unwrap();
+    assert!(
+        m["kept"].as_u64().unwrap() > 100,
+        "metrics.json written with flat scalars: {m}"
+    );
+    let inter = s.out_dir.join("interactions.parquet");
+    let sp = spec(
+        "split",
+        json!({}),
+        BTreeMap::from([("interactions".to_string(), vec![inter])]),
+        "split",
+    );
+    recflow::worker::exec(&reg, &sp, cancel).unwrap();
+    for f in ["train.parquet", "valid.parquet", "test.parquet", "metrics.json"] {
+        assert!(sp.out_dir.join(f).is_file(), "split wrote {f}");
+    }
+}
