@@ -23,7 +23,11 @@ pub fn items() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("item_id", DataType::Utf8, false),
         Field::new("title", DataType::Utf8, true),
-        Field::new("categories", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), true),
+        Field::new(
+            "categories",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            true,
+        ),
         Field::new("description", DataType::Utf8, true),
         Field::new("brand", DataType::Utf8, true),
         Field::new("price", DataType::Float64, true),
@@ -33,7 +37,11 @@ pub fn items() -> SchemaRef {
 /// The chat message struct: role, content.
 pub fn message_type() -> DataType {
     DataType::Struct(
-        vec![Field::new("role", DataType::Utf8, false), Field::new("content", DataType::Utf8, false)].into(),
+        vec![
+            Field::new("role", DataType::Utf8, false),
+            Field::new("content", DataType::Utf8, false),
+        ]
+        .into(),
     )
 }
 
@@ -43,7 +51,11 @@ fn sample_fields() -> Vec<Field> {
         Field::new("user_id", DataType::Utf8, false),
         Field::new("item_id", DataType::Utf8, false),
         Field::new("timestamp", DataType::Int64, false),
-        Field::new("messages", DataType::List(Arc::new(Field::new("item", message_type(), true))), false),
+        Field::new(
+            "messages",
+            DataType::List(Arc::new(Field::new("item", message_type(), true))),
+            false,
+        ),
         Field::new("target", DataType::Float32, false),
         Field::new("user_history_len", DataType::Int32, false),
         Field::new("item_history_len", DataType::Int32, false),

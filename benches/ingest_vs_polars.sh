@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Ingest benchmark: recflow `ingest` (release, torch-free worker) vs polars
+# read_ndjson → write_parquet on the same Amazon-format JSON lines.
+# Usage: benches/ingest_vs_polars.sh [SIZES_GB=0.5,2] [REPEAT=1]
+# Env: PROFILE=release (default) | dev-o3 (the dev profile's already built
+# dependencies, our crate at opt-level 3: what a busy 2-core box can build in
+# minutes) | dev; RECFLOW_DATA_DIR (default ../shared/data).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZES="${1:-0.5,2}"
+REPEAT="${2:-1}"
+PROFILE="${PROFILE:-release}"
+DATA="${RECFLOW_DATA_DIR:-../shared/data}"
+source .venv/bin/activate
+# The peer: polars, installed into the project venv by this script only.
+python -c "import polars" 2>/dev/null || .venv/bin/pip install --quiet polars
+if [ "$PROFILE" = release ]; then
+  cargo build --release --example torch_free_worker
+  WORKER=target/release/examples/torch_free_worker
+elif [ "$PROFILE" = dev-o3 ]; then
+  CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build --example torch_free_worker
+  WORKER=target/debug/examples/torch_free_worker
+else
+  cargo build --example torch_free_worker
+  WORKER=target/debug/examples/torch_free_worker
+fi
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); profile $PROFILE"
+python benches/ingest_vs_polars.py --worker "$WORKER" --data "$DATA" --work .bench/ingest --sizes "$SIZES" --repeat "$REPEAT"
