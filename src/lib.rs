@@ -18,5 +18,6 @@
 pub mod answer;
 pub mod data;
 pub mod stages;
+pub mod teacher;
 pub mod util;
 pub mod worker;

@@ -19,11 +19,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub mod meta;
+pub mod teacher;
 
 /// Every built-in stage kind whose run is torch-free. `recflow_ml::builtin_registry()`
 /// adds the libtorch kinds on top; a custom worker adds its own.
 pub fn builtin_registry() -> Registry {
     Registry::new()
+        .with::<teacher::Teacher>()
     // one line per torch-free kind: .with::<ingest::Ingest>()
 }
 
