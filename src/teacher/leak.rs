@@ -117,7 +117,7 @@ fn normalise(text: &str) -> String {
 }
 
 /// Whether `phrase` occurs in `text` at word boundaries (so "retold that"
-/// or "a hinted melody" do not match "told that" / "a hint").
+/// or "a hinted melody" do not match "told that" / "the hint").
 fn contains_phrase(text: &str, phrase: &str) -> bool {
     let bytes = text.as_bytes();
     let mut start = 0;

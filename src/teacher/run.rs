@@ -233,9 +233,10 @@ pub async fn teach_one(sh: &Shared, row: usize, s: &Sample) -> Result<Outcome, T
         out.attempts = attempt;
         let reply = match sh.answer(&req).await {
             Ok(r) => r,
-            Err(TeacherError::Failed { code, attempts, message }) => {
+            Err(TeacherError::Failed { code, message, .. }) => {
+                // No try count in the record: it varies with transient faults.
                 out.reason_code = Some("request_failed");
-                out.reason = Some(format!("request_failed: {code} after {attempts} tries: {message}"));
+                out.reason = Some(format!("request_failed: {code}: {message}"));
                 return Ok(out);
             }
             Err(e) => return Err(e),
@@ -603,6 +604,8 @@ pub fn run_stage(cfg: &Config, ctx: &mut StageCtx, factory: &BackendFactory) -> 
         rt.block_on(drive(sh.clone(), samples.clone(), rows.clone(), cfg.concurrency, interval, &mut on_progress));
     if let Some(c) = &cache {
         c.close();
+        let (a, f) = (c.stats.appended.load(Ordering::Relaxed), c.stats.fsyncs.load(Ordering::Relaxed));
+        ctx.log("info", format!("response cache journal: {a} answers written with {f} fsyncs"));
     }
     let c = &sh.counters;
     let (bi, bo) = (c.bought_in.load(Ordering::Relaxed), c.bought_out.load(Ordering::Relaxed));
