@@ -8,6 +8,7 @@
 # Usage: benches/teacher_throughput.sh [RUNS=5]
 # PROFILE=release builds with the release profile (slow to build on 2 cores);
 # the default is the dev profile (dependencies at opt-level 3, recflow at 1).
+# BIN=path/to/teacher_bench skips the build. PIN="taskset -c 0,1" pins server and client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-5}
@@ -15,8 +16,10 @@ N=${N:-2000}
 CONC=${CONC:-64}
 DELAY_MS=${DELAY_MS:-20}
 PROFILE=${PROFILE:-dev}
-[ -f .venv/bin/activate ] && source .venv/bin/activate
-if [ "$PROFILE" = release ]; then
+[ -z "${BIN:-}" ] && [ -f .venv/bin/activate ] && source .venv/bin/activate
+if [ -n "${BIN:-}" ]; then
+  : # a prebuilt teacher_bench (e.g. copied to another machine)
+elif [ "$PROFILE" = release ]; then
   cargo build -q --release -p recflow --example teacher_bench
   BIN=target/release/examples/teacher_bench
 else
@@ -27,7 +30,7 @@ WORK=$(mktemp -d)
 FIFO="$WORK/stdin"
 mkfifo "$FIFO"
 # The server runs until its stdin closes (we hold the fifo open on fd 9).
-"$BIN" server "$DELAY_MS" < "$FIFO" > "$WORK/url" &
+${PIN:-} "$BIN" server "$DELAY_MS" < "$FIFO" > "$WORK/url" &
 SERVER=$!
 exec 9> "$FIFO"
 trap 'exec 9>&-; wait $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -36,7 +39,7 @@ URL=$(cat "$WORK/url")
 IDEAL=$(python3 -c "print($N / $CONC * $DELAY_MS / 1000)")
 echo "server $URL, $N requests, concurrency $CONC, delay ${DELAY_MS} ms, ideal ${IDEAL} s, profile $PROFILE"
 for i in $(seq "$RUNS"); do
-  "$BIN" client "$URL" "$N" "$CONC" "$WORK/run" | tee -a "$WORK/results.jsonl"
+  ${PIN:-} "$BIN" client "$URL" "$N" "$CONC" "$WORK/run" | tee -a "$WORK/results.jsonl"
 done
 python3 - "$WORK/results.jsonl" "$IDEAL" <<'PY'
 import json, statistics, sys

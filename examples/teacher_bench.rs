@@ -117,6 +117,14 @@ fn client(url: &str, n: usize, concurrency: usize, dir: &Path) -> anyhow::Result
         .filter_map(|e| e["log"]["msg"].as_str().map(String::from))
         .find(|m| m.contains("fsyncs"))
         .unwrap_or_default();
+    // Time inside the request loop (the last progress event: done / rate).
+    let drive_s = events
+        .lock()
+        .map_err(|_| anyhow::anyhow!("events lock"))?
+        .iter()
+        .rev()
+        .find_map(|e| Some(e["progress"]["done"].as_f64()? / e["progress"]["rate"].as_f64()?))
+        .unwrap_or(f64::NAN);
     let nums: Vec<f64> = journal
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
@@ -127,7 +135,7 @@ fn client(url: &str, n: usize, concurrency: usize, dir: &Path) -> anyhow::Result
         "{}",
         serde_json::json!({
             "n": n, "concurrency": concurrency, "accepted": m.get("accepted"),
-            "wall_s": wall, "cpu_ms_per_request": cpu * 1000.0 / n as f64,
+            "wall_s": wall, "loop_s": drive_s, "cpu_ms_per_request": cpu * 1000.0 / n as f64,
             "answers_journaled": answers, "fsyncs": fsyncs,
             "fsyncs_per_answer": if answers > 0.0 { fsyncs / answers } else { f64::NAN },
         })
