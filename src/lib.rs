@@ -16,6 +16,7 @@
 //! * **Exec-stage protocol** — how the runner starts a worker: [`worker`].
 //! * **Answer grammar and reward** — shared by teacher, GRPO and eval: [`answer`].
 pub mod answer;
+pub mod cf;
 pub mod data;
 pub mod stages;
 pub mod util;
