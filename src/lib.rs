@@ -18,6 +18,7 @@
 pub mod answer;
 pub mod cf;
 pub mod data;
+pub mod report;
 pub mod stages;
 pub mod util;
 pub mod worker;
