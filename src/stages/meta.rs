@@ -8,6 +8,7 @@ use super::StageMeta;
 pub fn builtin() -> Vec<StageMeta> {
     let mut v: Vec<StageMeta> = vec![
         // one line per kind: StageMeta::of::<super::KIND_MODULE::Def>(),
+        StageMeta::of::<super::baselines::Baselines>(),
     ];
     v.sort_by_key(|m| m.kind);
     v

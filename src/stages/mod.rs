@@ -18,6 +18,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub mod baselines;
 pub mod meta;
 
 /// Every built-in stage kind whose run is torch-free. `recflow_ml::builtin_registry()`
@@ -25,6 +26,7 @@ pub mod meta;
 pub fn builtin_registry() -> Registry {
     Registry::new()
     // one line per torch-free kind: .with::<ingest::Ingest>()
+        .with::<baselines::Baselines>()
 }
 
 /// Flat map of scalar metrics a stage reports (written to `metrics.json` in
