@@ -1,5 +1,9 @@
 //! Evaluation output: the metrics math ([`metrics`]), table IO ([`io`]), the
-//! HTML report with inline SVG plots ([`html`], [`svg`]) and the terminal
-//! metrics table `recflow show` ([`show`]).
+//! methods table shared by report and `show` ([`table`]), the HTML report
+//! with inline SVG plots ([`html`], [`svg`]) and the terminal metrics table
+//! `recflow show` ([`show`]).
+pub mod html;
 pub mod io;
 pub mod metrics;
+pub mod svg;
+pub mod table;

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod baselines;
 pub mod meta;
+pub mod report;
 
 /// Every built-in stage kind whose run is torch-free. `recflow_ml::builtin_registry()`
 /// adds the libtorch kinds on top; a custom worker adds its own.
@@ -27,6 +28,7 @@ pub fn builtin_registry() -> Registry {
     Registry::new()
     // one line per torch-free kind: .with::<ingest::Ingest>()
         .with::<baselines::Baselines>()
+        .with::<report::Report>()
 }
 
 /// Flat map of scalar metrics a stage reports (written to `metrics.json` in
