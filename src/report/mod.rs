@@ -2,6 +2,7 @@
 //! methods table shared by report and `show` ([`table`]), the HTML report
 //! with inline SVG plots ([`html`], [`svg`]) and the terminal metrics table
 //! `recflow show` ([`show`]).
+pub mod evaluate;
 pub mod html;
 pub mod io;
 pub mod metrics;

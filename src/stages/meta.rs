@@ -9,6 +9,7 @@ pub fn builtin() -> Vec<StageMeta> {
     let mut v: Vec<StageMeta> = vec![
         // one line per kind: StageMeta::of::<super::KIND_MODULE::Def>(),
         StageMeta::of::<super::baselines::Baselines>(),
+        StageMeta::of::<super::eval::Eval>(),
         StageMeta::of::<super::report::Report>(),
     ];
     v.sort_by_key(|m| m.kind);

@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub mod baselines;
+pub mod eval;
 pub mod meta;
 pub mod report;
 
