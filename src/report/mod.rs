@@ -6,5 +6,8 @@ pub mod evaluate;
 pub mod html;
 pub mod io;
 pub mod metrics;
+pub mod show;
 pub mod svg;
 pub mod table;
+
+pub use show::show;
