@@ -1,6 +1,339 @@
 //! `recflow`: the torch-free runner and CLI. Parses arguments, calls the
 //! library, maps errors to exit codes (2 = bad input, 1 = a stage failed or
-//! a check found a difference).
-fn main() {
-    std::process::exit(2);
+//! a check found a difference, 130 = interrupted). Never loads libtorch:
+//! `model` and `doctor` exec the `recflow-worker` binary.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use recflow::pipeline::graph::DagFormat;
+use recflow::pipeline::{self, Options};
+use recflow::run::exec::{self, RunOptions};
+use recflow::run::plan::Selection;
+use recflow::run::RunError;
+
+#[derive(Parser)]
+#[command(name = "recflow", version, about = "Declarative, cached pipelines for RecZero / RecOne recommenders")]
+struct Cli {
+    /// Log format of the runner's own logs (`RUST_LOG` sets the level).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How to read a pipeline: the file plus overrides.
+#[derive(Args, Clone)]
+struct PipelineArgs {
+    /// Pipeline YAML file.
+    pipeline: PathBuf,
+    /// Override a value: `params.a.b=1` or `stages.NAME.with.k=v` (repeatable).
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    sets: Vec<String>,
+    /// YAML file of params merged over the pipeline's `params:`.
+    #[arg(long = "params", value_name = "FILE")]
+    params_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run (or reuse) the pipeline's stages.
+    Run {
+        #[command(flatten)]
+        p: PipelineArgs,
+        /// Stages run at once.
+        #[arg(long, short = 'j', default_value_t = 2)]
+        jobs: usize,
+        /// Run only these stages (their upstream must be cached).
+        #[arg(long)]
+        only: Vec<String>,
+        /// Rerun these stages and everything downstream of them.
+        #[arg(long)]
+        from: Vec<String>,
+        /// Rerun these stages even when cached.
+        #[arg(long)]
+        force: Vec<String>,
+        /// Keep running independent stages after a failure.
+        #[arg(long)]
+        keep_going: bool,
+        /// Print the plan and validate everything without running.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: absent external inputs and env vars are warnings.
+        #[arg(long, requires = "dry_run")]
+        allow_missing: bool,
+        /// GPUs to schedule (default: /dev/nvidiaN count).
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// No progress bars or end-of-run table.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Print the stage graph.
+    Dag {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+        format: DagFormat,
+    },
+    /// Each stage up to date or stale against the lock file, and why.
+    Status {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when anything is stale (the CI gate).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Why a stage would run: field-by-field diff of its key inputs against the last run.
+    Explain {
+        #[command(flatten)]
+        p: PipelineArgs,
+        stage: String,
+    },
+    /// Re-execute stages into a scratch store and compare output hashes with the lock.
+    Verify {
+        #[command(flatten)]
+        p: PipelineArgs,
+        /// Stages to verify (default: all).
+        #[arg(long)]
+        stage: Vec<String>,
+        /// Compare numbers in JSON outputs within this relative tolerance instead of bytes.
+        #[arg(long)]
+        tolerance: Option<f64>,
+    },
+    /// Remove store entries nothing keeps (see docs/engine.md for the rules).
+    Gc {
+        /// Project root (default: found from the current directory).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Keep run records and failed attempts' work dirs newer than this.
+        #[arg(long, default_value_t = 30.0)]
+        keep_days: f64,
+        /// Also remove the teacher response cache.
+        #[arg(long)]
+        responses: bool,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Store maintenance.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
+    /// Model commands (run by the recflow-worker binary).
+    #[command(disable_help_flag = true)]
+    Model {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Environment facts (runner side here, then the worker's).
+    Doctor {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    // ------------------------------------------------------------------
+    // `show` goes here: `Show { pipeline, --json }` calling
+    // `recflow::report::show` (provided by the eval engineer; the lead wires it).
+    // ------------------------------------------------------------------
+    /// Internal: supervises one stage process (see run::supervise).
+    #[command(name = "__supervise", hide = true)]
+    Supervise {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Rehash every object; report and remove corrupt ones.
+    Verify {
+        #[arg(long)]
+        root: Option<PathBuf>,
+    },
+}
+
+fn load(p: &PipelineArgs, allow_missing: bool, recorded_devices: bool) -> Result<pipeline::Pipeline, RunError> {
+    let mut opts = Options { sets: p.sets.clone(), params_file: p.params_file.clone(), allow_missing, ..Default::default() };
+    if recorded_devices {
+        // status/explain on another machine: `device: auto` means what the lock recorded.
+        if let Ok(l) = recflow::lock::LockFile::read(&recflow::lock::lock_path(&p.pipeline)) {
+            for (name, st) in &l.stages {
+                if let Some(d) = &st.key_inputs.device {
+                    opts.recorded_devices.insert(name.clone(), d.clone());
+                }
+            }
+        }
+    }
+    Ok(pipeline::load(&p.pipeline, &opts)?)
+}
+
+fn root_of(root: Option<PathBuf>) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    root.unwrap_or_else(|| pipeline::project_root(&cwd))
+}
+
+/// Execs the worker with the given arguments (model / doctor).
+fn exec_worker(args: &[String]) -> ExitCode {
+    let w = recflow::run::worker_path(None);
+    match std::process::Command::new(&w).args(args).status() {
+        Ok(s) => ExitCode::from(s.code().unwrap_or(1).clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!(
+                "error: cannot start the worker {}: {e} (build it with `cargo build -p recflow-ml --bin recflow-worker`, or set RECFLOW_WORKER)",
+                w.display()
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(fmt: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match fmt {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+fn real_main(cli: Cli) -> Result<i32, RunError> {
+    match cli.cmd {
+        Cmd::Run { p, jobs, only, from, force, keep_going, dry_run, allow_missing, gpus, quiet } => {
+            let sel = Selection { only, from, force };
+            if dry_run {
+                let pl = load(&p, allow_missing, false)?;
+                print!("{}", exec::dry_run(&pl, &sel)?);
+                return Ok(0);
+            }
+            let pl = load(&p, false, false)?;
+            for w in &pl.warnings {
+                eprintln!("warning: {w}");
+            }
+            let quiet = quiet || matches!(cli.log_format, LogFormat::Json);
+            let summary = exec::run(pl, &RunOptions { jobs, sel, keep_going, gpus, quiet })?;
+            if !quiet {
+                print!("{}", summary.table());
+            }
+            let failed = summary.failed();
+            if failed.is_empty() {
+                Ok(0)
+            } else {
+                for r in failed {
+                    if let exec::Outcome::Failed(m) = &r.outcome {
+                        eprintln!("error: stage `{}` failed: {m}", r.stage);
+                    }
+                }
+                Ok(1)
+            }
+        }
+        Cmd::Dag { p, format } => {
+            let pl = load(&p, true, false)?;
+            print!("{}", pipeline::graph::render(&pl, format));
+            Ok(0)
+        }
+        Cmd::Status { p, json, check } => {
+            let pl = load(&p, true, true)?;
+            let st = recflow::run::status::status(&pl)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+            } else {
+                print!("{}", st.text());
+            }
+            Ok(if check && st.stale() > 0 { 1 } else { 0 })
+        }
+        Cmd::Explain { p, stage } => {
+            let pl = load(&p, true, true)?;
+            print!("{}", recflow::run::status::explain(&pl, &stage)?);
+            Ok(0)
+        }
+        Cmd::Verify { p, stage, tolerance } => {
+            let pl = load(&p, false, false)?;
+            let diffs = recflow::run::verify::verify(pl, &stage, tolerance)?;
+            if diffs.is_empty() {
+                println!("verify: all outputs match the lock");
+                return Ok(0);
+            }
+            for d in &diffs {
+                println!("DIFFERS {}.{}: lock {} vs rerun {}", d.stage, d.output, d.locked, d.got);
+            }
+            Ok(1)
+        }
+        Cmd::Gc { root, keep_days, responses, dry_run } => {
+            let root = root_of(root);
+            let store = recflow::cache::Store::open(&recflow::cache::store_dir(&root));
+            let r = recflow::run::gc::gc(&root, &store, keep_days, responses, dry_run)?;
+            println!(
+                "{}removed {} run records, {} objects ({:.1} MB), {} work dirs",
+                if dry_run { "would have " } else { "" },
+                r.records_removed,
+                r.objects_removed,
+                r.bytes_freed as f64 / 1e6,
+                r.work_dirs_removed
+            );
+            Ok(0)
+        }
+        Cmd::Cache { cmd: CacheCmd::Verify { root } } => {
+            let store = recflow::cache::Store::open(&recflow::cache::store_dir(&root_of(root)));
+            let bad = recflow::run::gc::cache_verify(&store)?;
+            if bad.is_empty() {
+                println!("cache verify: {} objects intact", store.all_objects().len());
+                Ok(0)
+            } else {
+                for b in &bad {
+                    println!("CORRUPT {b} (removed; stages using it will rerun)");
+                }
+                Ok(1)
+            }
+        }
+        Cmd::Model { .. } | Cmd::Doctor { .. } | Cmd::Supervise { .. } => unreachable!("dispatched in main"),
+    }
+}
+
+fn doctor_facts() {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let root = pipeline::project_root(&cwd);
+    println!("recflow {} (runner, torch-free)", env!("CARGO_PKG_VERSION"));
+    println!("project root: {}", root.display());
+    println!("store: {}", recflow::cache::store_dir(&root).display());
+    let w = recflow::run::worker_path(None);
+    println!("worker: {} ({})", w.display(), if w.is_file() { "found" } else { "NOT FOUND" });
+    println!("device auto → {} ({} NVIDIA device nodes)", pipeline::resolve_auto_device(), pipeline::gpu_count());
+    println!("cpus: {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let kinds: Vec<&str> = recflow::stages::meta::builtin().iter().map(|m| m.kind).collect();
+    println!("built-in stage kinds: {}", if kinds.is_empty() { "(none yet)".into() } else { kinds.join(", ") });
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.cmd {
+        Cmd::Supervise { args } => return ExitCode::from(recflow::run::supervise::main(args).clamp(0, 255) as u8),
+        Cmd::Model { args } => {
+            let mut a = vec!["model".to_string()];
+            a.extend(args.iter().cloned());
+            return exec_worker(&a);
+        }
+        Cmd::Doctor { args } => {
+            doctor_facts();
+            let mut a = vec!["doctor".to_string()];
+            a.extend(args.iter().cloned());
+            return exec_worker(&a);
+        }
+        _ => {}
+    }
+    init_logging(cli.log_format);
+    match real_main(cli) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
 }

@@ -8,6 +8,13 @@ use super::StageMeta;
 pub fn builtin() -> Vec<StageMeta> {
     let mut v: Vec<StageMeta> = vec![
         // one line per kind: StageMeta::of::<super::KIND_MODULE::Def>(),
+        StageMeta::of::<super::ingest::Ingest>(),
+        StageMeta::of::<super::filter::Filter>(),
+        StageMeta::of::<super::split::Split>(),
+        StageMeta::of::<super::prompts::Prompts>(),
+        StageMeta::of::<super::baselines::Baselines>(),
+        StageMeta::of::<super::eval::Eval>(),
+        StageMeta::of::<super::report::Report>(),
         StageMeta::of::<super::teacher::Teacher>(),
     ];
     v.sort_by_key(|m| m.kind);

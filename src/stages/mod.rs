@@ -18,15 +18,28 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub mod filter;
+pub mod ingest;
 pub mod meta;
+pub mod prompts;
+pub mod split;
+pub mod baselines;
+pub mod eval;
+pub mod report;
 pub mod teacher;
 
 /// Every built-in stage kind whose run is torch-free. `recflow_ml::builtin_registry()`
 /// adds the libtorch kinds on top; a custom worker adds its own.
 pub fn builtin_registry() -> Registry {
     Registry::new()
+        // one line per torch-free kind: .with::<ingest::Ingest>()
+        .with::<ingest::Ingest>()
+        .with::<filter::Filter>()
+        .with::<split::Split>()
+        .with::<prompts::Prompts>()
+        .with::<baselines::Baselines>()
+        .with::<report::Report>()
         .with::<teacher::Teacher>()
-    // one line per torch-free kind: .with::<ingest::Ingest>()
 }
 
 /// Flat map of scalar metrics a stage reports (written to `metrics.json` in

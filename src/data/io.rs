@@ -1,0 +1,467 @@
+//! Parquet IO of the pinned tables: deterministic writers (identical rows →
+//! byte-identical files: fixed row-group size, snappy, no timestamps in the
+//! metadata) and readers that accept any integer/string physical variant a
+//! foreign tool may have written (LargeUtf8, Utf8View, Int32 …) by casting.
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray, RecordBatch,
+    StringArray, StructArray,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Float32Type, Float64Type, Int32Type, Int64Type, SchemaRef};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use super::{schema, Interaction, Item, Message, Sample};
+
+/// Rows per Parquet row group (and per in-memory batch while streaming).
+pub const ROW_GROUP: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: Parquet: {source}")]
+    Parquet {
+        path: PathBuf,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("{path}: Arrow: {source}")]
+    Arrow {
+        path: PathBuf,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    #[error("{path}: column `{column}`: {msg}")]
+    Column { path: PathBuf, column: String, msg: String },
+}
+
+fn perr(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> IoError + '_ {
+    move |source| IoError::Parquet { path: path.to_path_buf(), source }
+}
+fn aerr(path: &Path) -> impl Fn(arrow::error::ArrowError) -> IoError + '_ {
+    move |source| IoError::Arrow { path: path.to_path_buf(), source }
+}
+
+/// Writer properties shared by every table we write (the benchmark's polars
+/// side uses the same codec).
+pub fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_size(ROW_GROUP)
+        .set_created_by("recflow".to_string())
+        .build()
+}
+
+/// Streams record batches into one Parquet file; `finish` closes it.
+pub struct TableWriter {
+    path: PathBuf,
+    inner: ArrowWriter<File>,
+    rows: u64,
+}
+
+impl TableWriter {
+    pub fn create(path: &Path, schema: SchemaRef) -> Result<Self, IoError> {
+        let file = File::create(path).map_err(|source| IoError::Io { path: path.to_path_buf(), source })?;
+        let inner = ArrowWriter::try_new(file, schema, Some(writer_properties())).map_err(perr(path))?;
+        Ok(TableWriter { path: path.to_path_buf(), inner, rows: 0 })
+    }
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<(), IoError> {
+        self.rows += batch.num_rows() as u64;
+        self.inner.write(batch).map_err(perr(&self.path))
+    }
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+    pub fn finish(self) -> Result<u64, IoError> {
+        let path = self.path;
+        let f = self.inner.into_inner().map_err(perr(&path))?;
+        f.sync_all().map_err(|source| IoError::Io { path: path.clone(), source })?;
+        Ok(self.rows)
+    }
+}
+
+/// Reads every record batch of a Parquet file.
+pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>, IoError> {
+    let file = File::open(path).map_err(|source| IoError::Io { path: path.to_path_buf(), source })?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(perr(path))?
+        .with_batch_size(ROW_GROUP)
+        .build()
+        .map_err(perr(path))?;
+    reader.map(|b| b.map_err(aerr(path))).collect()
+}
+
+/// A named column cast to `to`; a clear error when absent or not castable.
+fn column(path: &Path, batch: &RecordBatch, name: &str, to: &DataType) -> Result<ArrayRef, IoError> {
+    let col = batch.column_by_name(name).ok_or_else(|| IoError::Column {
+        path: path.to_path_buf(),
+        column: name.into(),
+        msg: "missing (is this the right table?)".into(),
+    })?;
+    if col.data_type() == to {
+        return Ok(col.clone());
+    }
+    arrow::compute::cast(col, to).map_err(|e| IoError::Column {
+        path: path.to_path_buf(),
+        column: name.into(),
+        msg: format!("has type {} where {to} was expected: {e}", col.data_type()),
+    })
+}
+
+fn no_nulls(path: &Path, name: &str, a: &dyn Array) -> Result<(), IoError> {
+    if a.null_count() > 0 {
+        return Err(IoError::Column { path: path.to_path_buf(), column: name.into(), msg: "contains nulls".into() });
+    }
+    Ok(())
+}
+
+fn strings(path: &Path, b: &RecordBatch, name: &str, nullable: bool) -> Result<Vec<Option<String>>, IoError> {
+    let col = column(path, b, name, &DataType::Utf8)?;
+    if !nullable {
+        no_nulls(path, name, col.as_ref())?;
+    }
+    Ok(col.as_string::<i32>().iter().map(|s| s.map(str::to_string)).collect())
+}
+
+fn req_strings(path: &Path, b: &RecordBatch, name: &str) -> Result<Vec<String>, IoError> {
+    Ok(strings(path, b, name, false)?.into_iter().map(Option::unwrap_or_default).collect())
+}
+
+// ---------------------------------------------------------------- interactions
+
+/// Arrow batch of interactions (schema [`schema::interactions`]).
+pub fn interactions_batch(rows: &[Interaction]) -> RecordBatch {
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.user_id.as_str()))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.item_id.as_str()))),
+        Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.rating))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.timestamp))),
+        Arc::new(rows.iter().map(|r| r.review_title.as_deref()).collect::<StringArray>()),
+        Arc::new(rows.iter().map(|r| r.review_text.as_deref()).collect::<StringArray>()),
+    ];
+    // The columns match the pinned schema by construction.
+    RecordBatch::try_new(schema::interactions(), cols).expect("interactions columns match the schema")
+}
+
+pub fn write_interactions(path: &Path, rows: &[Interaction]) -> Result<(), IoError> {
+    let mut w = TableWriter::create(path, schema::interactions())?;
+    for chunk in rows.chunks(ROW_GROUP) {
+        w.write(&interactions_batch(chunk))?;
+    }
+    if rows.is_empty() {
+        w.write(&interactions_batch(&[]))?;
+    }
+    w.finish()?;
+    Ok(())
+}
+
+pub fn interactions_from_batch(path: &Path, b: &RecordBatch) -> Result<Vec<Interaction>, IoError> {
+    let users = req_strings(path, b, "user_id")?;
+    let items = req_strings(path, b, "item_id")?;
+    let rating = column(path, b, "rating", &DataType::Float32)?;
+    no_nulls(path, "rating", rating.as_ref())?;
+    let ts = column(path, b, "timestamp", &DataType::Int64)?;
+    no_nulls(path, "timestamp", ts.as_ref())?;
+    let titles = strings(path, b, "review_title", true)?;
+    let texts = strings(path, b, "review_text", true)?;
+    let rating = rating.as_primitive::<Float32Type>();
+    let ts = ts.as_primitive::<Int64Type>();
+    Ok(users
+        .into_iter()
+        .zip(items)
+        .zip(titles.into_iter().zip(texts))
+        .enumerate()
+        .map(|(i, ((user_id, item_id), (review_title, review_text)))| Interaction {
+            user_id,
+            item_id,
+            rating: rating.value(i),
+            timestamp: ts.value(i),
+            review_title,
+            review_text,
+        })
+        .collect())
+}
+
+pub fn read_interactions(path: &Path) -> Result<Vec<Interaction>, IoError> {
+    let mut out = Vec::new();
+    for b in read_batches(path)? {
+        out.extend(interactions_from_batch(path, &b)?);
+    }
+    Ok(out)
+}
+
+// ----------------------------------------------------------------------- items
+
+fn list_field() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::Utf8, true))
+}
+
+pub fn items_batch(rows: &[Item]) -> RecordBatch {
+    let mut lens = Vec::with_capacity(rows.len());
+    let mut vals: Vec<&str> = Vec::new();
+    let mut valid = Vec::with_capacity(rows.len());
+    for r in rows {
+        match &r.categories {
+            Some(c) => {
+                lens.push(c.len());
+                vals.extend(c.iter().map(String::as_str));
+                valid.push(true);
+            }
+            None => {
+                lens.push(0);
+                valid.push(false);
+            }
+        }
+    }
+    let cats = ListArray::new(
+        list_field(),
+        OffsetBuffer::<i32>::from_lengths(lens),
+        Arc::new(StringArray::from_iter_values(vals)),
+        Some(valid.into()),
+    );
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.item_id.as_str()))),
+        Arc::new(rows.iter().map(|r| r.title.as_deref()).collect::<StringArray>()),
+        Arc::new(cats),
+        Arc::new(rows.iter().map(|r| r.description.as_deref()).collect::<StringArray>()),
+        Arc::new(rows.iter().map(|r| r.brand.as_deref()).collect::<StringArray>()),
+        Arc::new(rows.iter().map(|r| r.price).collect::<Float64Array>()),
+    ];
+    RecordBatch::try_new(schema::items(), cols).expect("items columns match the schema")
+}
+
+pub fn write_items(path: &Path, rows: &[Item]) -> Result<(), IoError> {
+    let mut w = TableWriter::create(path, schema::items())?;
+    for chunk in rows.chunks(ROW_GROUP) {
+        w.write(&items_batch(chunk))?;
+    }
+    if rows.is_empty() {
+        w.write(&items_batch(&[]))?;
+    }
+    w.finish()?;
+    Ok(())
+}
+
+pub fn read_items(path: &Path) -> Result<Vec<Item>, IoError> {
+    let mut out = Vec::new();
+    for b in read_batches(path)? {
+        let ids = req_strings(path, &b, "item_id")?;
+        let titles = strings(path, &b, "title", true)?;
+        let descs = strings(path, &b, "description", true)?;
+        let brands = strings(path, &b, "brand", true)?;
+        let price = column(path, &b, "price", &DataType::Float64)?;
+        let price = price.as_primitive::<Float64Type>();
+        let cats = column(path, &b, "categories", &DataType::List(list_field()))?;
+        let cats = cats.as_list::<i32>();
+        for (i, (((item_id, title), description), brand)) in
+            ids.into_iter().zip(titles).zip(descs).zip(brands).enumerate()
+        {
+            let categories = if cats.is_null(i) {
+                None
+            } else {
+                let v = cats.value(i);
+                Some(v.as_string::<i32>().iter().flatten().map(str::to_string).collect())
+            };
+            out.push(Item {
+                item_id,
+                title,
+                categories,
+                description,
+                brand,
+                price: if price.is_null(i) { None } else { Some(price.value(i)) },
+            });
+        }
+    }
+    Ok(out)
+}
+
+// --------------------------------------------------------------------- samples
+
+/// The `messages` column: list<struct<role, content>>.
+pub fn messages_array(rows: &[&[Message]]) -> ListArray {
+    let DataType::Struct(fields) = schema::message_type() else { unreachable!("message_type is a struct") };
+    let all: Vec<&Message> = rows.iter().flat_map(|m| m.iter()).collect();
+    let roles = StringArray::from_iter_values(all.iter().map(|m| m.role.as_str()));
+    let contents = StringArray::from_iter_values(all.iter().map(|m| m.content.as_str()));
+    let st = StructArray::new(fields, vec![Arc::new(roles) as ArrayRef, Arc::new(contents)], None);
+    ListArray::new(
+        Arc::new(Field::new("item", schema::message_type(), true)),
+        OffsetBuffer::<i32>::from_lengths(rows.iter().map(|m| m.len())),
+        Arc::new(st),
+        None,
+    )
+}
+
+/// Reads a `messages` column (any list<struct<role, content>>).
+pub fn messages_from(path: &Path, b: &RecordBatch) -> Result<Vec<Vec<Message>>, IoError> {
+    let col = b.column_by_name("messages").ok_or_else(|| IoError::Column {
+        path: path.to_path_buf(),
+        column: "messages".into(),
+        msg: "missing (is this a samples table?)".into(),
+    })?;
+    let bad = |msg: &str| IoError::Column { path: path.to_path_buf(), column: "messages".into(), msg: msg.into() };
+    let list = col.as_list_opt::<i32>().ok_or_else(|| bad("is not a list<struct<role, content>>"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for i in 0..list.len() {
+        let v = list.value(i);
+        let st = v.as_struct_opt().ok_or_else(|| bad("elements are not structs"))?;
+        let role = st.column_by_name("role").ok_or_else(|| bad("struct has no `role`"))?;
+        let content = st.column_by_name("content").ok_or_else(|| bad("struct has no `content`"))?;
+        let role = arrow::compute::cast(role, &DataType::Utf8).map_err(|e| bad(&e.to_string()))?;
+        let content = arrow::compute::cast(content, &DataType::Utf8).map_err(|e| bad(&e.to_string()))?;
+        let (role, content) = (role.as_string::<i32>(), content.as_string::<i32>());
+        out.push(
+            (0..st.len())
+                .map(|j| Message { role: role.value(j).to_string(), content: content.value(j).to_string() })
+                .collect(),
+        );
+    }
+    Ok(out)
+}
+
+/// The sample columns in schema order (the coldstart writer appends its own).
+pub fn sample_columns(rows: &[Sample]) -> Vec<ArrayRef> {
+    let msgs: Vec<&[Message]> = rows.iter().map(|r| r.messages.as_slice()).collect();
+    vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.sample_id.as_str()))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.user_id.as_str()))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.item_id.as_str()))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.timestamp))),
+        Arc::new(messages_array(&msgs)),
+        Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.target))),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.user_history_len))),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.item_history_len))),
+    ]
+}
+
+pub fn samples_batch(rows: &[Sample]) -> RecordBatch {
+    RecordBatch::try_new(schema::samples(), sample_columns(rows)).expect("sample columns match the schema")
+}
+
+pub fn write_samples(path: &Path, rows: &[Sample]) -> Result<(), IoError> {
+    let mut w = TableWriter::create(path, schema::samples())?;
+    for chunk in rows.chunks(ROW_GROUP) {
+        w.write(&samples_batch(chunk))?;
+    }
+    if rows.is_empty() {
+        w.write(&samples_batch(&[]))?;
+    }
+    w.finish()?;
+    Ok(())
+}
+
+/// Samples of one batch (also reads the sample columns of a coldstart table).
+pub fn samples_from_batch(path: &Path, b: &RecordBatch) -> Result<Vec<Sample>, IoError> {
+    let ids = req_strings(path, b, "sample_id")?;
+    let users = req_strings(path, b, "user_id")?;
+    let items = req_strings(path, b, "item_id")?;
+    let ts = column(path, b, "timestamp", &DataType::Int64)?;
+    let target = column(path, b, "target", &DataType::Float32)?;
+    let uh = column(path, b, "user_history_len", &DataType::Int32)?;
+    let ih = column(path, b, "item_history_len", &DataType::Int32)?;
+    for (n, c) in [("timestamp", &ts), ("target", &target), ("user_history_len", &uh), ("item_history_len", &ih)] {
+        no_nulls(path, n, c.as_ref())?;
+    }
+    let msgs = messages_from(path, b)?;
+    let (ts, target) = (ts.as_primitive::<Int64Type>(), target.as_primitive::<Float32Type>());
+    let (uh, ih) = (uh.as_primitive::<Int32Type>(), ih.as_primitive::<Int32Type>());
+    Ok(ids
+        .into_iter()
+        .zip(users)
+        .zip(items)
+        .zip(msgs)
+        .enumerate()
+        .map(|(i, (((sample_id, user_id), item_id), messages))| Sample {
+            sample_id,
+            user_id,
+            item_id,
+            timestamp: ts.value(i),
+            messages,
+            target: target.value(i),
+            user_history_len: uh.value(i),
+            item_history_len: ih.value(i),
+        })
+        .collect())
+}
+
+pub fn read_samples(path: &Path) -> Result<Vec<Sample>, IoError> {
+    let mut out = Vec::new();
+    for b in read_batches(path)? {
+        out.extend(samples_from_batch(path, &b)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inter(u: &str, i: &str, r: f32, t: i64, text: Option<&str>) -> Interaction {
+        Interaction {
+            user_id: u.into(),
+            item_id: i.into(),
+            rating: r,
+            timestamp: t,
+            review_title: None,
+            review_text: text.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn tables_round_trip_and_are_byte_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = vec![inter("u1", "a", 5.0, 10, Some("good")), inter("u2", "b", 2.5, 11, None)];
+        let (p1, p2) = (dir.path().join("a.parquet"), dir.path().join("b.parquet"));
+        write_interactions(&p1, &rows).unwrap();
+        write_interactions(&p2, &rows).unwrap();
+        assert_eq!(read_interactions(&p1).unwrap(), rows, "interactions must round-trip, nulls included");
+        assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap(), "identical rows → identical bytes");
+
+        let items = vec![
+            Item { item_id: "a".into(), title: Some("A".into()), categories: Some(vec!["x".into(), "y".into()]), price: Some(3.5), ..Default::default() },
+            Item { item_id: "b".into(), ..Default::default() },
+        ];
+        let pi = dir.path().join("items.parquet");
+        write_items(&pi, &items).unwrap();
+        assert_eq!(read_items(&pi).unwrap(), items, "items must round-trip, null categories stay null");
+
+        let s = Sample {
+            sample_id: "s1".into(),
+            user_id: "u1".into(),
+            item_id: "a".into(),
+            timestamp: 10,
+            messages: vec![
+                Message { role: "system".into(), content: "sys".into() },
+                Message { role: "user".into(), content: "hi".into() },
+            ],
+            target: 5.0,
+            user_history_len: 3,
+            item_history_len: 0,
+        };
+        let ps = dir.path().join("s.parquet");
+        write_samples(&ps, &[s.clone(), Sample { messages: vec![], ..s.clone() }]).unwrap();
+        let back = read_samples(&ps).unwrap();
+        assert_eq!(back[0], s, "samples must round-trip with their messages");
+        assert!(back[1].messages.is_empty(), "an empty message list stays empty");
+    }
+
+    #[test]
+    fn missing_column_names_file_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("i.parquet");
+        write_items(&p, &[Item { item_id: "a".into(), ..Default::default() }]).unwrap();
+        let err = read_interactions(&p).unwrap_err().to_string();
+        assert!(err.contains("user_id") && err.contains("i.parquet"), "error must name file and column: {err}");
+    }
+}

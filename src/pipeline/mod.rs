@@ -1,0 +1,65 @@
+//! Pipelines: YAML spec → resolved stages → DAG.
+//!
+//! * [`yaml`] — YAML tree with line/column positions.
+//! * [`spec`] — the declared pipeline (what the user wrote), checked key by key.
+//! * [`resolve`] — params, `--set`/`--params`, `stages/KIND.yaml` defaults,
+//!   `${...}` interpolation, matrix expansion, stage metadata → [`resolve::Pipeline`].
+//! * [`graph`] — the petgraph DAG, cycles, `dag` output formats.
+//!
+//! Every mistake is a [`PipelineError`] carrying `file:line:col`; the CLI maps
+//! it to exit code 2 before anything touches the store.
+pub mod graph;
+pub mod resolve;
+pub mod spec;
+pub mod yaml;
+
+pub use resolve::{load, Options, Pipeline, ResolvedStage};
+pub use yaml::{Loc, Pos};
+
+/// A mistake in a pipeline (or its defaults, params file or overrides).
+#[derive(Debug, thiserror::Error)]
+#[error("{loc}: {msg}")]
+pub struct PipelineError {
+    pub loc: Loc,
+    pub msg: String,
+}
+
+impl PipelineError {
+    pub fn new(file: &std::path::Path, pos: Pos, msg: impl Into<String>) -> Self {
+        PipelineError { loc: Loc { file: file.to_path_buf(), pos }, msg: msg.into() }
+    }
+}
+
+/// The project root of a pipeline file: nearest ancestor holding `.git` or
+/// `recflow.toml`, else the pipeline's directory (ARCHITECTURE "Paths").
+pub fn project_root(pipeline_dir: &std::path::Path) -> std::path::PathBuf {
+    let mut cur = Some(pipeline_dir);
+    while let Some(d) = cur {
+        if d.join(".git").exists() || d.join("recflow.toml").exists() {
+            return d.to_path_buf();
+        }
+        cur = d.parent();
+    }
+    pipeline_dir.to_path_buf()
+}
+
+/// `device: auto` without libtorch: an NVIDIA device node present → `cuda`.
+pub fn resolve_auto_device() -> &'static str {
+    if gpu_count() > 0 {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+/// Number of `/dev/nvidiaN` device nodes (0 without an NVIDIA driver).
+pub fn gpu_count() -> u32 {
+    let Ok(rd) = std::fs::read_dir("/dev") else { return 0 };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.strip_prefix("nvidia").is_some_and(|r| !r.is_empty() && r.chars().all(|c| c.is_ascii_digit()))
+        })
+        .count() as u32
+}
