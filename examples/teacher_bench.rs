@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use recflow::stages::{EventSink, StageCtx, StageDef};
-use recflow::teacher::io::{self, Interaction, Sample};
+use recflow::data::io;
+use recflow::data::{Interaction, Sample};
 use recflow::teacher::testserver::{Plan, TestServer};
 use recflow::teacher::Message;
 
@@ -82,7 +83,14 @@ fn client(url: &str, n: usize, concurrency: usize, dir: &Path) -> anyhow::Result
     io::write_samples(&dir.join("samples.parquet"), &samples)?;
     io::write_interactions(
         &dir.join("train.parquet"),
-        &[Interaction { user_id: "u".into(), item_id: "i".into(), rating: 3.0, timestamp: 0 }],
+        &[Interaction {
+            user_id: "u".into(),
+            item_id: "i".into(),
+            rating: 3.0,
+            timestamp: 0,
+            review_title: None,
+            review_text: None,
+        }],
     )?;
     io::write_items(&dir.join("items.parquet"), &[])?;
     let inputs: BTreeMap<String, Vec<PathBuf>> =

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use recflow::teacher::cache::ResponseCache;
-use recflow::teacher::io::{self, ColdRow, Interaction, ItemMeta, Sample};
+use recflow::data::{Interaction, Item, Sample};
+use recflow::teacher::io::{self, ColdRow};
 use recflow::teacher::run::Stats;
 use recflow::teacher::testserver::{Fault, Plan, TestServer};
 use recflow::teacher::Message;
@@ -44,7 +45,7 @@ fn sample(i: usize, mode: &str) -> Sample {
 /// Writes samples/train/items into `dir`; returns input map.
 fn write_inputs(dir: &Path, samples: &[Sample]) -> BTreeMap<String, Vec<PathBuf>> {
     std::fs::create_dir_all(dir).unwrap();
-    io::write_samples(&dir.join("samples.parquet"), samples).unwrap();
+    recflow::data::io::write_samples(&dir.join("samples.parquet"), samples).unwrap();
     // Train: each user rated a few items long before the samples, and one
     // interaction *after* every sample (must never be used by cf).
     let mut train = Vec::new();
@@ -56,26 +57,31 @@ fn write_inputs(dir: &Path, samples: &[Sample]) -> BTreeMap<String, Vec<PathBuf>
                     item_id: format!("i{j}"),
                     rating: (1 + (u * 3 + j) % 5) as f32,
                     timestamp: 100 + (u * 7 + j) as i64,
+                    review_title: None,
+                    review_text: None,
                 });
             }
         }
-        train.push(Interaction { user_id: format!("u{u}"), item_id: "i_late".into(), rating: 1.0, timestamp: 99_999 });
+        train.push(Interaction {
+            user_id: format!("u{u}"),
+            item_id: "i_late".into(),
+            rating: 1.0,
+            timestamp: 99_999,
+            review_title: None,
+            review_text: None,
+        });
     }
-    io::write_interactions(&dir.join("train.parquet"), &train).unwrap();
-    let items: Vec<(String, ItemMeta)> = (0..7)
-        .map(|j| {
-            (
-                format!("i{j}"),
-                ItemMeta {
-                    title: Some(format!("Album {j}")),
-                    categories: vec!["Music".into(), if j % 2 == 0 { "Rock".into() } else { "Jazz".into() }],
-                    brand: None,
-                },
-            )
+    recflow::data::io::write_interactions(&dir.join("train.parquet"), &train).unwrap();
+    let items: Vec<Item> = (0..7)
+        .map(|j| Item {
+            item_id: format!("i{j}"),
+            title: Some(format!("Album {j}")),
+            categories: Some(vec!["Music".into(), if j % 2 == 0 { "Rock".into() } else { "Jazz".into() }]),
+            ..Default::default()
         })
-        .chain([("i_late".to_string(), ItemMeta { title: Some("Late Album".into()), ..Default::default() })])
+        .chain([Item { item_id: "i_late".into(), title: Some("Late Album".into()), ..Default::default() }])
         .collect();
-    io::write_items(&dir.join("items.parquet"), &items).unwrap();
+    recflow::data::io::write_items(&dir.join("items.parquet"), &items).unwrap();
     ["samples", "train", "items"].iter().map(|n| (n.to_string(), vec![dir.join(format!("{n}.parquet"))])).collect()
 }
 

@@ -7,18 +7,13 @@
 //! history items the user liked (≥ 4) or disliked (≤ 2) versus the target
 //! item's, and the item's earlier ratings and their average.
 //!
-//! Prediction: the baseline (bias) predictor of Koren (2008, "Factorization
-//! meets the neighborhood", Eq. 2), fitted on that earlier-only evidence:
-//! ```text
-//!   μ   = mean of all train ratings before t            (scale midpoint if none)
-//!   b_j = Σ_{v ∈ R(j), before t} (r_vj − μ) / (λ_i + |R(j)|)    for any item j
-//!   b_u = Σ_{j ∈ R(u), before t} (r_uj − μ − b_j) / (λ_u + |R(u)|)
-//!   ŷ   = clamp(μ + b_u + b_i, scale)
-//! ```
-//! with λ_i = [`LAMBDA_ITEM`], λ_u = [`LAMBDA_USER`]. The rating written in
-//! `<rate>` is ŷ rounded to a whole star. NOTE for the lead: this is the same
-//! estimator the baselines stage needs; it lives here until `src/cf.rs` (eval
-//! issue) lands, then [`bias_predict`] should call it.
+//! Prediction: the user/item bias estimator shared with the baselines stage,
+//! [`crate::cf::predict_from_evidence`] (Koren's baseline predictor in closed
+//! form over earlier-only evidence), with μ = the mean of all train ratings
+//! before t (the scale midpoint if none) and the baselines' default
+//! shrinkage ([`crate::cf::BiasConfig::default`]). The evidence comes from
+//! the data module's leak-free [`HistoryIndex`]. The rating written in
+//! `<rate>` is ŷ clamped to the scale and rounded to a whole star.
 //!
 //! On a rationalization retry the hint is honoured structurally: the trace
 //! argues for the hinted rating from the same evidence (the signals that
@@ -26,85 +21,27 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::io::{Interaction, ItemMeta, Sample};
-use super::{AskFuture, Reply, Request, TeacherBackend, Usage};
+use super::io::{Interaction, Item, Sample};
+use super::{AskFuture, Reply, Request, TeacherBackend, TeacherError, Usage};
 use crate::answer::Scale;
+use crate::data::history::HistoryIndex;
 
-/// Damping of item biases (shrinks items with few ratings toward μ).
-pub const LAMBDA_ITEM: f64 = 5.0;
-/// Damping of user biases.
-pub const LAMBDA_USER: f64 = 5.0;
-
-/// Time-ordered train interactions indexed by user, by item and globally,
-/// for "strictly before t" queries.
-pub struct HistoryIndex {
-    /// user → (timestamp, item, rating), sorted by timestamp.
-    by_user: HashMap<String, Vec<(i64, String, f32)>>,
-    /// item → (timestamp, user, rating), sorted by timestamp.
-    by_item: HashMap<String, Vec<(i64, String, f32)>>,
-    /// All timestamps sorted, with prefix sums of ratings.
-    times: Vec<i64>,
-    prefix: Vec<f64>,
+/// Item attributes the reasoning quotes.
+#[derive(Debug, Clone, Default)]
+struct ItemMeta {
+    title: Option<String>,
+    categories: Vec<String>,
+    brand: Option<String>,
 }
 
-impl HistoryIndex {
-    pub fn new(train: &[Interaction]) -> Self {
-        let mut by_user: HashMap<String, Vec<(i64, String, f32)>> = HashMap::new();
-        let mut by_item: HashMap<String, Vec<(i64, String, f32)>> = HashMap::new();
-        let mut all: Vec<(i64, f32)> = Vec::with_capacity(train.len());
-        for r in train {
-            by_user.entry(r.user_id.clone()).or_default().push((r.timestamp, r.item_id.clone(), r.rating));
-            by_item.entry(r.item_id.clone()).or_default().push((r.timestamp, r.user_id.clone(), r.rating));
-            all.push((r.timestamp, r.rating));
-        }
-        // Stable secondary keys keep the order independent of input order.
-        for v in by_user.values_mut().chain(by_item.values_mut()) {
-            v.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
-        }
-        all.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.total_cmp(&b.1)));
-        let mut prefix = Vec::with_capacity(all.len() + 1);
-        prefix.push(0.0);
-        for (_, r) in &all {
-            prefix.push(prefix.last().copied().unwrap_or(0.0) + *r as f64);
-        }
-        HistoryIndex { by_user, by_item, times: all.iter().map(|a| a.0).collect(), prefix }
-    }
-
-    /// Mean of all ratings strictly before `t`, or `None`.
-    pub fn global_mean_before(&self, t: i64) -> Option<f64> {
-        let n = self.times.partition_point(|&x| x < t);
-        (n > 0).then(|| self.prefix[n] / n as f64)
-    }
-
-    /// The user's ratings strictly before `t`, excluding `item`.
-    pub fn user_before(&self, user: &str, t: i64, item: &str) -> Vec<(String, f32)> {
-        self.by_user.get(user).map_or_else(Vec::new, |v| {
-            v[..v.partition_point(|e| e.0 < t)].iter().filter(|e| e.1 != item).map(|e| (e.1.clone(), e.2)).collect()
-        })
-    }
-
-    /// The item's ratings strictly before `t`, excluding `user`.
-    pub fn item_before(&self, item: &str, t: i64, user: &str) -> Vec<f32> {
-        self.by_item.get(item).map_or_else(Vec::new, |v| {
-            v[..v.partition_point(|e| e.0 < t)].iter().filter(|e| e.1 != user).map(|e| e.2).collect()
-        })
-    }
-}
-
-/// The bias prediction for (user, item) at time `t` from earlier evidence only.
-/// Returns (μ, b_u, b_i, ŷ).
-pub fn bias_predict(ix: &HistoryIndex, user: &str, item: &str, t: i64, scale: Scale) -> (f64, f64, f64, f64) {
-    let mu = ix.global_mean_before(t).unwrap_or((scale.min + scale.max) as f64 / 2.0);
-    let item_bias = |j: &str, exclude_user: &str| {
-        let r = ix.item_before(j, t, exclude_user);
-        r.iter().map(|&x| x as f64 - mu).sum::<f64>() / (LAMBDA_ITEM + r.len() as f64)
-    };
-    let b_i = item_bias(item, user);
-    let hist = ix.user_before(user, t, item);
-    let b_u = hist.iter().map(|(j, r)| *r as f64 - mu - item_bias(j, user)).sum::<f64>()
-        / (LAMBDA_USER + hist.len() as f64);
-    let y = (mu + b_u + b_i).clamp(scale.min as f64, scale.max as f64);
-    (mu, b_u, b_i, y)
+/// What the teacher knows about one target, all strictly before its time.
+struct Known {
+    mu: f64,
+    est: crate::cf::BiasEstimate,
+    y: f64,
+    /// The user's earlier (item, rating), oldest first.
+    hist: Vec<(String, f32)>,
+    item_ratings: Vec<f32>,
 }
 
 /// The `cf` backend.
@@ -116,8 +53,29 @@ pub struct CfTeacher {
 }
 
 impl CfTeacher {
-    pub fn new(samples: Arc<Vec<Sample>>, train: &[Interaction], items: HashMap<String, ItemMeta>, scale: Scale) -> Self {
+    pub fn new(samples: Arc<Vec<Sample>>, train: Vec<Interaction>, items: Vec<Item>, scale: Scale) -> Self {
+        let items = items
+            .into_iter()
+            .map(|it| {
+                let meta = ItemMeta { title: it.title, categories: it.categories.unwrap_or_default(), brand: it.brand };
+                (it.item_id, meta)
+            })
+            .collect();
         CfTeacher { samples, index: HistoryIndex::new(train), items, scale }
+    }
+
+    /// Earlier-only evidence and the bias prediction for one sample.
+    fn known(&self, s: &Sample) -> Result<Known, TeacherError> {
+        let ev = self.index.evidence(&s.user_id, &s.item_id, s.timestamp, usize::MAX, usize::MAX);
+        let mu = self.index.global_mean_before(s.timestamp).unwrap_or((self.scale.min + self.scale.max) as f64 / 2.0);
+        let hist: Vec<(String, f32)> = ev.user_history.iter().map(|r| (r.item_id.clone(), r.rating)).collect();
+        let item_ratings: Vec<f32> = ev.item_history.iter().map(|r| r.rating).collect();
+        let user_ratings: Vec<f32> = hist.iter().map(|h| h.1).collect();
+        let reg = crate::cf::BiasConfig::default();
+        let est = crate::cf::predict_from_evidence(mu, &user_ratings, &item_ratings, reg.reg_user, reg.reg_item)
+            .map_err(|e| TeacherError::Fatal(format!("cf teacher: {e}")))?;
+        let y = est.clamped(self.scale.min as f64, self.scale.max as f64);
+        Ok(Known { mu, est, y, hist, item_ratings })
     }
 
     fn title(&self, item: &str) -> String {
@@ -129,11 +87,9 @@ impl CfTeacher {
     }
 
     /// The four-tag answer for one sample; `hint` = the rating to argue for.
-    pub fn answer(&self, s: &Sample, hint: Option<f32>) -> String {
-        let t = s.timestamp;
-        let (mu, b_u, b_i, y) = bias_predict(&self.index, &s.user_id, &s.item_id, t, self.scale);
-        let hist = self.index.user_before(&s.user_id, t, &s.item_id);
-        let item_r = self.index.item_before(&s.item_id, t, &s.user_id);
+    pub fn answer(&self, s: &Sample, hint: Option<f32>) -> Result<String, TeacherError> {
+        let Known { mu, est, y, hist, item_ratings: item_r } = self.known(s)?;
+        let (b_u, b_i) = (est.user_bias, est.item_bias);
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
         let target_cats = self.cats(&s.item_id);
 
@@ -239,7 +195,7 @@ impl CfTeacher {
                 h
             }
         };
-        crate::answer::render(&analyze_user, &analyze_item, &matching, rating)
+        Ok(crate::answer::render(&analyze_user, &analyze_item, &matching, rating))
     }
 }
 
@@ -271,7 +227,7 @@ impl TeacherBackend for CfTeacher {
             let s = self.samples.get(req.row).ok_or_else(|| {
                 super::TeacherError::Fatal(format!("cf teacher: no sample at row {} ({})", req.row, req.sample_id))
             })?;
-            let content = self.answer(s, req.hint);
+            let content = self.answer(s, req.hint)?;
             // Offline "tokens": whitespace words, so stats stay meaningful.
             let prompt_tokens = req.messages.iter().map(|m| m.content.split_whitespace().count() as u64).sum();
             let completion_tokens = content.split_whitespace().count() as u64;
@@ -284,35 +240,62 @@ impl TeacherBackend for CfTeacher {
 mod tests {
     use super::*;
 
-    fn ix(rows: &[(&str, &str, f32, i64)]) -> HistoryIndex {
-        HistoryIndex::new(
-            &rows
-                .iter()
-                .map(|(u, i, r, t)| Interaction { user_id: u.to_string(), item_id: i.to_string(), rating: *r, timestamp: *t })
-                .collect::<Vec<_>>(),
-        )
+    fn r(u: &str, i: &str, rating: f32, t: i64) -> Interaction {
+        Interaction { user_id: u.into(), item_id: i.into(), rating, timestamp: t, review_title: None, review_text: None }
+    }
+
+    fn sample(u: &str, i: &str, t: i64, target: f32) -> Sample {
+        Sample {
+            sample_id: "s".into(),
+            user_id: u.into(),
+            item_id: i.into(),
+            timestamp: t,
+            messages: vec![],
+            target,
+            user_history_len: 0,
+            item_history_len: 0,
+        }
+    }
+
+    fn teacher() -> CfTeacher {
+        let train = vec![
+            r("u", "a", 5.0, 1),
+            r("u", "b", 1.0, 2),
+            r("v", "t", 2.0, 3),
+            r("u", "t", 4.0, 10), // the target itself
+            r("w", "t", 5.0, 20), // later than the target
+        ];
+        let items = vec![
+            Item { item_id: "a".into(), title: Some("Alpha".into()), categories: Some(vec!["Rock".into()]), ..Default::default() },
+            Item { item_id: "t".into(), title: Some("Target".into()), categories: Some(vec!["Rock".into()]), ..Default::default() },
+        ];
+        CfTeacher::new(Arc::new(vec![]), train, items, Scale::default())
     }
 
     #[test]
-    fn evidence_is_strictly_earlier_and_excludes_the_target_pair() {
-        let x = ix(&[("u", "a", 5.0, 1), ("u", "b", 1.0, 5), ("v", "t", 2.0, 2), ("u", "t", 4.0, 3), ("w", "t", 5.0, 9)]);
-        assert_eq!(x.user_before("u", 5, "t"), vec![("a".to_string(), 5.0)], "same-time and target rows are excluded");
-        assert_eq!(x.item_before("t", 5, "u"), vec![2.0], "later ratings of the item never leak in");
-        assert_eq!(x.global_mean_before(3), Some(3.5), "global mean over t < 3 only");
-        assert_eq!(x.global_mean_before(1), None);
+    fn prediction_is_the_shared_bias_estimator_on_earlier_evidence() {
+        let t = teacher();
+        let s = sample("u", "t", 10, 4.0);
+        let k = t.known(&s).unwrap();
+        // Before t=10: 5, 1, 2 → μ = 8/3; user: [5, 1]; item t by others: [2] (the later 5 is unseen).
+        assert!((k.mu - 8.0 / 3.0).abs() < 1e-9, "global mean over earlier ratings only");
+        assert_eq!(k.item_ratings, vec![2.0], "later ratings of the item never leak in");
+        let reg = crate::cf::BiasConfig::default();
+        let want = crate::cf::predict_from_evidence(k.mu, &[5.0, 1.0], &[2.0], reg.reg_user, reg.reg_item).unwrap();
+        assert_eq!(k.est, want, "one estimator, shared with the baselines");
+        let a = crate::answer::parse(&t.answer(&s, None).unwrap(), Scale::default()).unwrap();
+        assert_eq!(a.rating, (want.clamped(1.0, 5.0) as f32).round());
     }
 
     #[test]
-    fn bias_formula_matches_hand_computation() {
-        // Before t=10: ratings 4 (u,a), 2 (v,a), 3 (v,t) → μ = 3.
-        let x = ix(&[("u", "a", 4.0, 1), ("v", "a", 2.0, 2), ("v", "t", 3.0, 3), ("u", "t", 5.0, 10)]);
-        let s = Scale::default();
-        let (mu, b_u, b_i, y) = bias_predict(&x, "u", "t", 10, s);
-        assert!((mu - 3.0).abs() < 1e-9);
-        // b_t = (3 − 3) / (5 + 1) = 0; b_a (excluding u) = (2 − 3) / (5 + 1) = −1/6;
-        // b_u = (4 − 3 + 1/6) / (5 + 1) = 7/36.
-        assert!(b_i.abs() < 1e-9);
-        assert!((b_u - 7.0 / 36.0).abs() < 1e-9, "b_u = {b_u}");
-        assert!((y - (3.0 + 7.0 / 36.0)).abs() < 1e-9);
+    fn hinted_answers_argue_for_the_hint_without_leaking() {
+        let t = teacher();
+        let s = sample("u", "t", 10, 4.0);
+        for h in [1.0, 2.0, 3.0, 4.0, 5.0] {
+            let text = t.answer(&s, Some(h)).unwrap();
+            let a = crate::answer::parse(&text, Scale::default()).expect("valid format");
+            assert_eq!(a.rating, h, "the hinted rating is the conclusion");
+            assert_eq!(crate::teacher::leak::find_leak(&text), None, "cf never leaks the hint: {text}");
+        }
     }
 }

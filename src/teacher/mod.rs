@@ -32,12 +32,8 @@ pub mod testserver;
 
 pub use run::{preview, Preview};
 
-/// One chat message (`role`: system | user | assistant).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
+/// One chat message (`role`: system | user | assistant) — the data module's type.
+pub use crate::data::Message;
 
 /// Sampling parameters sent with every request (part of the request identity).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

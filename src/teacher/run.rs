@@ -453,9 +453,9 @@ pub fn default_backend(cfg: &Config, inp: &BackendInputs) -> anyhow::Result<Arc<
             Ok(Arc::new(super::openai::OpenAi::new(c)?))
         }
         Backend::Cf => {
-            let train = io::read_interactions(&inp.train)?;
-            let items = io::read_items(&inp.items)?;
-            Ok(Arc::new(super::cf::CfTeacher::new(inp.samples.clone(), &train, items, cfg.scale)))
+            let train = crate::data::io::read_interactions(&inp.train)?;
+            let items = crate::data::io::read_items(&inp.items)?;
+            Ok(Arc::new(super::cf::CfTeacher::new(inp.samples.clone(), train, items, cfg.scale)))
         }
         Backend::Local => anyhow::bail!(
             "backend: local runs a model with recflow's generation engine, which lives in recflow-worker \
@@ -536,7 +536,7 @@ pub fn stats_of(rows: &[(usize, Outcome)], teacher: &str) -> Stats {
 pub fn run_stage(cfg: &Config, ctx: &mut StageCtx, factory: &BackendFactory) -> anyhow::Result<Metrics> {
     // 1. Inputs and the seeded subset.
     let samples_path = ctx.input("samples")?.to_path_buf();
-    let samples = Arc::new(io::read_samples(&samples_path)?);
+    let samples = Arc::new(crate::data::io::read_samples(&samples_path)?);
     if samples.is_empty() {
         anyhow::bail!("stage `{}`: input `samples` ({}) has no rows", ctx.stage, samples_path.display());
     }
