@@ -88,6 +88,12 @@ pub struct Config {
     /// Model directory for `backend: local` (hashed into the key).
     #[serde(default)]
     pub model_dir: Option<String>,
+    /// `backend: local`: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// `backend: local`: `f32`, `bf16`, `f16`; default bf16 on CUDA, f32 on CPU.
+    #[serde(default)]
+    pub dtype: Option<String>,
     // --- sampling (part of the request identity) --------------------------
     #[serde(default = "d_temperature")]
     pub temperature: f32,
@@ -206,6 +212,14 @@ impl StageDef for Teacher {
                 }
             }
             Backend::Cf => {}
+        }
+        if c.backend != Backend::Local && (c.device.is_some() || c.dtype.is_some()) {
+            return Err("`device` and `dtype` apply to backend: local only".into());
+        }
+        if let Some(d) = &c.dtype {
+            if !["f32", "float32", "bf16", "bfloat16", "f16", "float16"].contains(&d.as_str()) {
+                return Err(format!("`dtype` must be f32, bf16 or f16, got `{d}`"));
+            }
         }
         if let Some(v) = &c.api_key_env {
             if v.is_empty() || !v.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
