@@ -1184,7 +1184,7 @@ mod tests {
         assert!(t.contains(&Tok::Env("HOME".into())), "env var");
         assert!(t.contains(&Tok::Matrix("seed".into())), "matrix key");
         assert!(t.contains(&Tok::Out("st".into(), "out".into())), "stage output");
-        assert!(t.iter().any(|x| matches!(x, Tok::Lit(l) if l.contains("${lit}"))), "$${ escapes");
+        assert!(t.iter().any(|x| matches!(x, Tok::Lit(l) if l.contains("${lit}"))), "$${{ escapes");
         assert!(tokenize("${nodot}").is_err(), "a bare name is not a reference");
         assert!(tokenize("${a.b").is_err(), "unterminated reference");
     }
