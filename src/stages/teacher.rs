@@ -241,10 +241,10 @@ impl StageDef for Teacher {
         if c.max_samples == Some(0) {
             return Err("`max_samples` must be at least 1 (omit it to use all samples)".into());
         }
-        if c.tolerance.is_some_and(|t| !(t >= 0.0)) {
+        if c.tolerance.is_some_and(|t| t.is_nan() || t < 0.0) {
             return Err("`tolerance` must be ≥ 0 (omit it for: must match after rounding)".into());
         }
-        if !(c.scale.min < c.scale.max) {
+        if c.scale.min.partial_cmp(&c.scale.max) != Some(std::cmp::Ordering::Less) {
             return Err("`scale.min` must be below `scale.max`".into());
         }
         if !c.hint_template.contains("{rating}") {

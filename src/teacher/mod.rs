@@ -2,9 +2,9 @@
 //! Sec. 4), bought once and kept.
 //!
 //! Brief overview:
-//! * [`TeacherBackend`] — one request (messages + sampling params + sample id
-//!   + attempt) → one [`Reply`] (content, optional `reasoning_content`, token
-//!   usage). Backends: [`openai::OpenAi`] (any Chat Completions server),
+//! * [`TeacherBackend`] — one request (messages, sampling params, sample id
+//!   and attempt) → one [`Reply`] (content, optional `reasoning_content`,
+//!   token usage). Backends: [`openai::OpenAi`] (any Chat Completions server),
 //!   [`cf::CfTeacher`] (offline, deterministic) and `local` (recflow's own
 //!   generation engine, registered by `recflow-ml`).
 //! * [`cache::ResponseCache`] — every answer stored as soon as it arrives,
