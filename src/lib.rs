@@ -17,10 +17,13 @@
 //! * **Answer grammar and reward** — shared by teacher, GRPO and eval: [`answer`].
 pub mod answer;
 pub mod cache;
+pub mod cf;
 pub mod data;
 pub mod lock;
 pub mod pipeline;
+pub mod report;
 pub mod run;
 pub mod stages;
+pub mod teacher;
 pub mod util;
 pub mod worker;

@@ -12,6 +12,10 @@ pub fn builtin() -> Vec<StageMeta> {
         StageMeta::of::<super::filter::Filter>(),
         StageMeta::of::<super::split::Split>(),
         StageMeta::of::<super::prompts::Prompts>(),
+        StageMeta::of::<super::baselines::Baselines>(),
+        StageMeta::of::<super::eval::Eval>(),
+        StageMeta::of::<super::report::Report>(),
+        StageMeta::of::<super::teacher::Teacher>(),
     ];
     v.sort_by_key(|m| m.kind);
     v

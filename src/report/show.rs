@@ -1,0 +1,348 @@
+//! `recflow show PIPELINE [--json] [--diff LOCK_OR_GIT_REV]`: the methods
+//! table of a pipeline's last run, read from its lock file and the store.
+//!
+//! * Rows: one per eval stage and per baseline method, read from each
+//!   stage's `metrics` output in the store (the lock's flat summary when the
+//!   object is gone); matrix expansions (`eval@seed=1`, …) are grouped into
+//!   mean ± 95% t-interval over runs ([`super::table::group_matrix`]).
+//! * Timings and store state come from the run records (they never enter
+//!   outputs): wall time of the run that produced each key, and whether its
+//!   outputs are still in the store (a rerun is then a cache hit).
+//! * `--json` prints the pinned shape `{"pipeline", "methods": [{method,
+//!   stage, n, rmse, mae, invalid_rate, rmse_ci95}]}` (plus `runs`, and
+//!   `stages` / `diff` objects).
+//! * `--diff X` compares with another lock: a file path, or a git revision
+//!   whose copy of this pipeline's lock is read with `git show REV:PATH`
+//!   (like `dvc metrics diff`).
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::table::{fmt, fmt_ci, group_matrix, rows_from_metrics, MethodRow};
+use crate::cache::{hash, Store};
+use crate::lock::{lock_path, LockFile};
+
+/// One stage's run facts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageFacts {
+    pub stage: String,
+    pub kind: String,
+    pub key: String,
+    pub wall_s: Option<f64>,
+    /// All outputs present in the store (a rerun of this key is a cache hit).
+    pub in_store: bool,
+}
+
+/// Method rows of a lock (metrics outputs read from the store when present).
+pub fn method_rows(lock: &LockFile, store: &Store) -> Vec<MethodRow> {
+    let mut rows = Vec::new();
+    for (name, st) in &lock.stages {
+        let from_store = st.outputs.get("metrics").and_then(|o| {
+            if hash::is_tree(&o.id) {
+                return None;
+            }
+            let bytes = std::fs::read(store.object_path(hash::hex_of(&o.id))).ok()?;
+            serde_json::from_slice::<Value>(&bytes).ok()
+        });
+        let v = from_store.unwrap_or_else(|| st.metrics.clone());
+        let mut r = rows_from_metrics(name, &v);
+        // The lock's stage name is authoritative (a metrics file may predate a rename).
+        for row in &mut r {
+            row.stage = name.clone();
+        }
+        rows.extend(r);
+    }
+    rows
+}
+
+pub fn stage_facts(lock: &LockFile, store: &Store) -> Vec<StageFacts> {
+    lock.stages
+        .iter()
+        .map(|(name, st)| {
+            let rec = store.read_record(&st.key);
+            let in_store = rec.is_some()
+                && st.outputs.values().all(|o| {
+                    if hash::is_tree(&o.id) {
+                        store.manifest(&o.id).is_ok()
+                    } else {
+                        store.object_path(hash::hex_of(&o.id)).exists()
+                    }
+                });
+            StageFacts {
+                stage: name.clone(),
+                kind: st.key_inputs.kind.clone(),
+                key: st.key.clone(),
+                wall_s: rec.map(|r| r.wall_s),
+                in_store,
+            }
+        })
+        .collect()
+}
+
+/// One metric compared between two locks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiffRow {
+    pub stage: String,
+    pub method: String,
+    pub metric: &'static str,
+    pub old: Option<f64>,
+    pub new: Option<f64>,
+}
+
+pub fn diff_rows(old: &[MethodRow], new: &[MethodRow]) -> Vec<DiffRow> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in new.iter().chain(old) {
+        let k = (r.stage.clone(), r.method.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let mut out = Vec::new();
+    for (stage, method) in keys {
+        let find = |rows: &[MethodRow]| rows.iter().find(|r| r.stage == stage && r.method == method).cloned();
+        let (o, n) = (find(old), find(new));
+        for (metric, sel) in [("rmse", (|r: &MethodRow| r.rmse) as fn(&MethodRow) -> Option<f64>), ("mae", |r| r.mae), ("invalid_rate", |r| r.invalid_rate)] {
+            let (ov, nv) = (o.as_ref().and_then(sel), n.as_ref().and_then(sel));
+            if ov != nv {
+                out.push(DiffRow { stage: stage.clone(), method: method.clone(), metric, old: ov, new: nv });
+            }
+        }
+    }
+    out
+}
+
+/// The pinned `--json` object.
+pub fn to_json(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: Option<&[DiffRow]>) -> Value {
+    let methods: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "method": r.method, "stage": r.stage, "n": r.n, "rmse": r.rmse, "mae": r.mae,
+                "invalid_rate": r.invalid_rate, "rmse_ci95": r.rmse_ci95, "runs": r.runs,
+            })
+        })
+        .collect();
+    let stages: Vec<Value> = facts
+        .iter()
+        .map(|f| json!({"stage": f.stage, "kind": f.kind, "key": f.key, "wall_s": f.wall_s, "in_store": f.in_store}))
+        .collect();
+    let mut v = json!({"pipeline": pipeline, "methods": methods, "stages": stages});
+    if let Some(d) = diff {
+        v["diff"] = Value::Array(
+            d.iter()
+                .map(|x| json!({"stage": x.stage, "method": x.method, "metric": x.metric, "old": x.old, "new": x.new,
+                    "change": match (x.old, x.new) { (Some(a), Some(b)) => json!(b - a), _ => Value::Null }}))
+                .collect(),
+        );
+    }
+    v
+}
+
+/// The terminal table.
+pub fn to_text(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: Option<&[DiffRow]>) -> String {
+    let mut s = format!("pipeline {pipeline}\n\n");
+    let header = ["stage", "method", "n", "runs", "RMSE", "RMSE 95% CI", "MAE", "invalid"];
+    let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for r in rows {
+        table.push(vec![
+            r.stage.clone(),
+            r.method.clone(),
+            r.n.to_string(),
+            r.runs.to_string(),
+            fmt(r.rmse, 4),
+            fmt_ci(r.rmse_ci95),
+            fmt(r.mae, 4),
+            fmt(r.invalid_rate, 3),
+        ]);
+    }
+    if rows.is_empty() {
+        s.push_str("no eval or baselines metrics in the lock yet\n");
+    } else {
+        s.push_str(&columns(&table));
+    }
+    s.push_str("\nstages (timings from run records):\n");
+    let mut t2: Vec<Vec<String>> = vec![vec!["stage".into(), "kind".into(), "wall".into(), "cache".into()]];
+    for f in facts {
+        t2.push(vec![
+            f.stage.clone(),
+            f.kind.clone(),
+            f.wall_s.map_or("–".into(), |w| format!("{w:.1}s")),
+            if f.in_store { "hit on rerun".into() } else { "missing (reruns)".into() },
+        ]);
+    }
+    s.push_str(&columns(&t2));
+    if let Some(d) = diff {
+        s.push_str("\ndiff (old → new):\n");
+        if d.is_empty() {
+            s.push_str("no metric changed\n");
+        }
+        let mut t3: Vec<Vec<String>> = vec![vec!["stage".into(), "method".into(), "metric".into(), "old".into(), "new".into(), "change".into()]];
+        for x in d {
+            let change = match (x.old, x.new) {
+                (Some(a), Some(b)) => format!("{:+.4}", b - a),
+                _ => "–".into(),
+            };
+            t3.push(vec![x.stage.clone(), x.method.clone(), x.metric.into(), fmt(x.old, 4), fmt(x.new, 4), change]);
+        }
+        if !d.is_empty() {
+            s.push_str(&columns(&t3));
+        }
+    }
+    s
+}
+
+fn columns(t: &[Vec<String>]) -> String {
+    let k = t.iter().map(|r| r.len()).max().unwrap_or(0);
+    let w: Vec<usize> = (0..k).map(|c| t.iter().filter_map(|r| r.get(c)).map(|x| x.chars().count()).max().unwrap_or(0)).collect();
+    let mut s = String::new();
+    for r in t {
+        let line: Vec<String> = r.iter().enumerate().map(|(c, x)| format!("{x:<width$}", width = w[c])).collect();
+        s.push_str(line.join("  ").trim_end());
+        s.push('\n');
+    }
+    s
+}
+
+/// Reads the lock to compare with: an existing file, else `git show REV:PATH`
+/// of this pipeline's lock.
+fn other_lock(spec: &str, lock_file: &Path) -> anyhow::Result<LockFile> {
+    let p = PathBuf::from(spec);
+    if p.is_file() {
+        return Ok(LockFile::read(&p)?);
+    }
+    let dir = lock_file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = lock_file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // `REV:./NAME` is resolved relative to the current directory by git.
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .arg("show")
+        .arg(format!("{spec}:./{name}"))
+        .output()
+        .map_err(|e| anyhow::anyhow!("--diff {spec}: not a file, and git could not run: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "--diff {spec}: not a lock file, and not a git revision holding {}: {}",
+            lock_file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| anyhow::anyhow!("--diff {spec}: {} at that revision is not a lock file: {e}", name))
+}
+
+/// The `recflow show` entry point; returns the exit code (0; errors are
+/// bad input → the caller maps them to 2).
+pub fn show(pipeline_path: &Path, json: bool, diff: Option<&str>) -> anyhow::Result<i32> {
+    let text = render(pipeline_path, json, diff)?;
+    print!("{text}");
+    Ok(0)
+}
+
+/// What [`show`] prints.
+pub fn render(pipeline_path: &Path, json: bool, diff: Option<&str>) -> anyhow::Result<String> {
+    let lp = lock_path(pipeline_path);
+    if !lp.is_file() {
+        anyhow::bail!("{} has no lock file ({}): run the pipeline first (`recflow run {}`)", pipeline_path.display(), lp.display(), pipeline_path.display());
+    }
+    let lock = LockFile::read(&lp)?;
+    let dir = pipeline_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let store = Store::open(&crate::cache::store_dir(&crate::pipeline::project_root(&dir)));
+    let name = if lock.pipeline.is_empty() {
+        pipeline_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    } else {
+        lock.pipeline.clone()
+    };
+    let rows = group_matrix(&method_rows(&lock, &store));
+    let facts = stage_facts(&lock, &store);
+    let d = match diff {
+        Some(spec) => {
+            let old = other_lock(spec, &lp)?;
+            Some(diff_rows(&group_matrix(&method_rows(&old, &store)), &rows))
+        }
+        None => None,
+    };
+    Ok(if json {
+        let mut s = serde_json::to_string_pretty(&to_json(&name, &rows, &facts, d.as_deref()))?;
+        s.push('\n');
+        s
+    } else {
+        to_text(&name, &rows, &facts, d.as_deref())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::store::OutputRecord;
+    use crate::lock::LockStage;
+
+    fn put_object(store: &Store, bytes: &[u8]) -> String {
+        let hex = hash::sha256_hex(bytes);
+        let p = store.object_path(&hex);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        format!("sha256:{hex}")
+    }
+
+    fn stage(store: &Store, kind: &str, metrics: &str) -> LockStage {
+        let id = put_object(store, metrics.as_bytes());
+        let mut key_inputs: crate::cache::StageKeyInputs = serde_json::from_value(json!({
+            "schema": 1, "kind": kind, "version": 1, "config": {}, "inputs": {}, "env": {}, "device": null, "seed": 0
+        }))
+        .unwrap();
+        key_inputs.kind = kind.into();
+        LockStage {
+            key: format!("k-{kind}-{}", &id[7..15]),
+            key_inputs,
+            sources: Default::default(),
+            outputs: [("metrics".to_string(), OutputRecord { id, path: "metrics.json".into() })].into(),
+            metrics: json!({}),
+        }
+    }
+
+    #[test]
+    fn json_has_pinned_shape_and_groups_seeds() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(".git")).unwrap();
+        let store = Store::open(&dir.path().join("cache"));
+        let mut lock = LockFile { schema: 1, pipeline: "quick".into(), ..Default::default() };
+        lock.stages.insert(
+            "baselines".into(),
+            stage(&store, "baselines", r#"{"stage":"baselines","methods":[{"method":"bias","n":5,"rmse":1.0,"mae":0.8,"invalid_rate":0.0,"rmse_ci95":[0.9,1.1]}]}"#),
+        );
+        for (s, r) in [("eval@seed=1", 0.9), ("eval@seed=2", 1.1)] {
+            lock.stages.insert(s.into(), stage(&store, "eval", &format!(r#"{{"stage":"{s}","method":"grpo","n":5,"rmse":{r},"mae":0.7,"invalid_rate":0.0}}"#)));
+        }
+        let pipe = dir.path().join("quick.yaml");
+        std::fs::write(&pipe, "name: quick\n").unwrap();
+        lock.write(&lock_path(&pipe)).unwrap();
+        let v: Value = serde_json::from_str(&render(&pipe, true, None).unwrap()).unwrap();
+        assert_eq!(v["pipeline"], "quick", "pinned: pipeline name");
+        let m = v["methods"].as_array().expect("pinned: methods array");
+        assert_eq!(m.len(), 2, "one baseline row + one grouped eval row");
+        for f in ["method", "stage", "n", "rmse", "mae", "invalid_rate", "rmse_ci95"] {
+            assert!(m[0].get(f).is_some() && m[1].get(f).is_some(), "pinned field `{f}` in every row");
+        }
+        assert_eq!(m[0]["rmse_ci95"], json!([0.9, 1.1]), "baseline interval read from the store object");
+        assert_eq!(m[1]["stage"], "eval@*", "matrix expansions summarised");
+        assert_eq!(m[1]["runs"], 2);
+        assert!((m[1]["rmse"].as_f64().unwrap() - 1.0).abs() < 1e-12, "mean over seeds");
+
+        // --diff against a lock file where the baseline was worse.
+        let mut old = lock.clone();
+        old.stages.insert(
+            "baselines".into(),
+            stage(&store, "baselines", r#"{"stage":"baselines","methods":[{"method":"bias","n":5,"rmse":1.2,"mae":0.8,"invalid_rate":0.0}]}"#),
+        );
+        let old_path = dir.path().join("old.lock");
+        old.write(&old_path).unwrap();
+        let v: Value = serde_json::from_str(&render(&pipe, true, Some(old_path.to_str().unwrap())).unwrap()).unwrap();
+        let d = v["diff"].as_array().unwrap();
+        assert_eq!(d.len(), 1, "only the changed metric is listed: {d:?}");
+        assert!((d[0]["change"].as_f64().unwrap() + 0.2).abs() < 1e-12, "1.2 → 1.0 is −0.2");
+        let text = render(&pipe, false, None).unwrap();
+        assert!(text.contains("eval@*") && text.contains("bias"), "terminal table lists the methods");
+        assert!(render(&dir.path().join("nope.yaml"), false, None).unwrap_err().to_string().contains("run the pipeline first"));
+    }
+}

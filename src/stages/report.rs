@@ -1,0 +1,160 @@
+//! `report` stage: one self-contained HTML report of a pipeline's results.
+//!
+//! Inputs (all lists, `many`): `metrics` (eval / baselines metrics.json),
+//! `logs` (sft / grpo log Parquet), `stats` (teacher stats JSON).
+//! Output: `report` (dir with `index.html`).
+//! Config: `title`; the DAG either from `dag` (a mermaid or `a -> b` text
+//! file; path-valued, so its content enters the key) or from `dag_edges`
+//! (`["ingest -> split", …]`).
+//!
+//! The HTML is a pure function of the inputs' content and the config (no
+//! times, hosts or paths), so reruns and `verify` agree byte for byte.
+//! Key: the whole config, the DAG file's content and the inputs' hashes.
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{InputSpec, Metrics, OutputSpec, Stage, StageCtx, StageDef};
+use crate::report::html::{render, Log, ReportInputs};
+use crate::report::io::Table;
+use crate::report::svg::parse_edges;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub title: String,
+    /// Optional DAG file (mermaid `a --> b` or plain `a -> b` lines).
+    pub dag: Option<PathBuf>,
+    /// DAG edges written inline, `"from -> to"`.
+    pub dag_edges: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { title: "recflow report".into(), dag: None, dag_edges: Vec::new() }
+    }
+}
+
+pub struct Report;
+
+impl StageDef for Report {
+    type Config = Config;
+    const KIND: &'static str = "report";
+    const VERSION: u32 = 1;
+    const PATH_FIELDS: &'static [&'static str] = &["dag"];
+    fn inputs() -> Vec<InputSpec> {
+        vec![InputSpec::many("metrics"), InputSpec::many("logs"), InputSpec::many("stats")]
+    }
+    fn outputs(_cfg: &Config) -> Vec<OutputSpec> {
+        vec![OutputSpec::dir("report")]
+    }
+    fn validate(cfg: &Config) -> Result<(), String> {
+        for (i, e) in cfg.dag_edges.iter().enumerate() {
+            if parse_edges(e).is_empty() {
+                return Err(format!("`dag_edges[{i}]` = {e:?} is not an edge; write \"from -> to\""));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_json(path: &std::path::Path, what: &str) -> anyhow::Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {what} {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{what} {} is not valid JSON: {e}", path.display()))
+}
+
+/// Collects the report's inputs from the stage context (also used by tests).
+pub fn gather(cfg: &Config, ctx: &StageCtx) -> anyhow::Result<ReportInputs> {
+    let mut inp = ReportInputs { title: cfg.title.clone(), ..ReportInputs::default() };
+    for p in ctx.input_list("metrics") {
+        inp.metrics.push(read_json(p, "metrics file")?);
+    }
+    for p in ctx.input_list("logs") {
+        inp.logs.push(Log::read(&Table::read(p)?));
+    }
+    for p in ctx.input_list("stats") {
+        inp.stats.push(read_json(p, "teacher stats file")?);
+    }
+    if let Some(d) = &cfg.dag {
+        let text = std::fs::read_to_string(d).map_err(|e| anyhow::anyhow!("`dag`: cannot read {}: {e}", d.display()))?;
+        inp.dag = parse_edges(&text);
+    }
+    for e in &cfg.dag_edges {
+        inp.dag.extend(parse_edges(e));
+    }
+    Ok(inp)
+}
+
+impl Stage for Report {
+    fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
+        let inp = gather(cfg, ctx)?;
+        let html = render(&inp);
+        let dir = ctx.output("report")?;
+        std::fs::create_dir_all(&dir)?;
+        crate::util::write_atomic(&dir.join("index.html"), html.as_bytes())?;
+        ctx.log("info", format!("report: {}", dir.join("index.html").display()));
+        let mut m = Metrics::new();
+        m.insert("methods".into(), serde_json::json!(inp.metrics.len()));
+        m.insert("logs".into(), serde_json::json!(inp.logs.len()));
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::io::{arc, write_parquet};
+    use arrow::array::{Float64Array, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::collections::BTreeMap;
+
+    fn fixture(root: &std::path::Path) -> BTreeMap<String, Vec<PathBuf>> {
+        let b = root.join("b.json");
+        std::fs::write(&b, r#"{"stage":"baselines","methods":[{"method":"bias","n":3,"rmse":1.0,"mae":0.8,"invalid_rate":0.0,"rmse_ci95":[0.9,1.1]}]}"#).unwrap();
+        let e = root.join("e.json");
+        std::fs::write(&e, r#"{"stage":"eval","method":"grpo","n":3,"rmse":0.9,"mae":0.7,"invalid_rate":0.1,"confusion":{"labels":[1,2],"counts":[[1,0,0],[0,1,1]]},"by_history":[{"bucket":"0","n":3,"rmse":0.9,"mae":0.7}]}"#).unwrap();
+        let s = root.join("s.json");
+        std::fs::write(&s, r#"{"n_samples":10,"accepted":8,"rejected":2,"reasons":{"missing_tag":2}}"#).unwrap();
+        let log = root.join("grpo.parquet");
+        let schema = std::sync::Arc::new(Schema::new(vec![
+            Field::new("step", DataType::Int64, false),
+            Field::new("reward_mean", DataType::Float64, false),
+            Field::new("val_rmse", DataType::Float64, true),
+        ]));
+        write_parquet(&log, schema, vec![arc(Int64Array::from(vec![0, 1, 2])), arc(Float64Array::from(vec![1.0, 1.2, 1.3])), arc(Float64Array::from(vec![Some(1.1), None, Some(1.0)]))]).unwrap();
+        BTreeMap::from([
+            ("metrics".to_string(), vec![b, e]),
+            ("stats".to_string(), vec![s]),
+            ("logs".to_string(), vec![log]),
+        ])
+    }
+
+    #[test]
+    fn report_is_byte_identical_across_runs_and_shows_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = fixture(dir.path());
+        let cfg = Config { dag_edges: vec!["split -> eval".into(), "eval -> report".into()], ..Config::default() };
+        let mut out = Vec::new();
+        for run in 0..2 {
+            let root = dir.path().join(format!("run{run}"));
+            let mut ctx = StageCtx::for_test("report", &root, inputs.clone(), Report::outputs(&cfg));
+            Report::run(&cfg, &mut ctx).unwrap();
+            out.push(std::fs::read(ctx.output("report").unwrap().join("index.html")).unwrap());
+        }
+        assert_eq!(out[0], out[1], "same inputs → byte-identical index.html");
+        let html = String::from_utf8(out[0].clone()).unwrap();
+        assert!(html.contains("+10.0%"), "GRPO's 0.9 vs the best baseline's 1.0 shows as a 10% improvement");
+        assert!(html.contains("acceptance rate</th><td>0.800"), "teacher acceptance = 8/10");
+        assert!(html.contains("validation RMSE") && html.contains("<polyline"), "GRPO curves are drawn");
+        assert!(html.contains("Confusion matrix: eval / grpo"), "eval confusion matrix shown");
+        assert!(html.contains(">report</text>"), "DAG nodes drawn");
+        assert!(!html.contains(&dir.path().display().to_string()), "no input paths leak into the report");
+        assert!(!html.contains("<script"), "self-contained, no scripts");
+    }
+
+    #[test]
+    fn bad_dag_edge_is_rejected_with_field_name() {
+        let cfg = Config { dag_edges: vec!["lonely".into()], ..Config::default() };
+        assert!(Report::validate(&cfg).unwrap_err().contains("dag_edges[0]"));
+    }
+}
