@@ -231,3 +231,92 @@ fn context_length_and_bad_weights_fail_clearly() {
     let e = Model::load(d.path(), Device::Cpu, Kind::Float).unwrap_err().to_string();
     assert!(e.contains("gate_proj.weight") && e.contains("shape"), "a shape mismatch names the tensor: {e}");
 }
+
+/// The SmolLM2-135M-Instruct GGUF imported once per test process, plus
+/// transformers' reference on the same file.
+fn smollm() -> &'static (tempfile::TempDir, serde_json::Value) {
+    static S: OnceLock<(tempfile::TempDir, serde_json::Value)> = OnceLock::new();
+    S.get_or_init(|| {
+        let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(gguf.is_file(), "{} missing: run scripts/setup.sh", gguf.display());
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("model");
+        let s = recflow_ml::llm::import::import_model(&gguf, &out).expect("import GGUF");
+        assert_eq!(s.num_parameters, 134_515_008, "SmolLM2-135M parameter count");
+        let refj = d.path().join("ref.json");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/smollm_ref.py");
+        let o = std::process::Command::new(python()).arg(&script).arg(&gguf).arg(&out).arg(&refj).output().unwrap();
+        assert!(o.status.success(), "smollm_ref.py failed: {}", String::from_utf8_lossy(&o.stderr));
+        let v = serde_json::from_str(&std::fs::read_to_string(refj).unwrap()).unwrap();
+        (d, v)
+    })
+}
+
+#[test]
+fn smollm2_gguf_import_matches_transformers() {
+    let (d, r) = smollm();
+    let dir = d.path().join("model");
+    let tok = recflow_ml::llm::Tokenizer::load(&dir).unwrap();
+    let model = load(&dir);
+    for t in r["texts"].as_array().unwrap() {
+        let want_ids: Vec<i64> = t["ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+        let ids = tok.encode(t["text"].as_str().unwrap(), true).unwrap();
+        assert_eq!(ids, want_ids, "encode(text, true) equals HF tokenizer(text)");
+        let lp = token_logprobs(&model, &ids).unwrap();
+        let worst = lp
+            .iter()
+            .zip(t["logprobs"].as_array().unwrap())
+            .map(|(g, w)| (*g as f64 - w.as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 2e-4, "logprobs equal transformers' on the same dequantized GGUF (worst {worst})");
+    }
+    // Greedy continuation.
+    let ids = tok.encode("The capital of France is", true).unwrap();
+    let cfg = GenConfig { max_new_tokens: 6, temperature: 0.0, stop_ids: tok.stop_token_ids(), ..Default::default() };
+    let out = generate(&model, &[GenRequest::new(ids, 1, 0)], &cfg).unwrap();
+    let want: Vec<i64> = r["greedy_ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    assert_eq!(out[0][0].token_ids, want, "greedy tokens equal transformers' generate");
+    let text = tok.decode(&out[0][0].token_ids, true).unwrap();
+    assert!(text.starts_with(" Paris"), "greedy continuation starts with \" Paris\": {text:?}");
+    // Chat template.
+    for c in r["chats"].as_array().unwrap() {
+        let msgs: Vec<recflow_ml::llm::ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
+        let got = tok.apply_chat_template(&msgs, c["add_generation_prompt"].as_bool().unwrap()).unwrap();
+        assert_eq!(got, c["text"].as_str().unwrap(), "chat template renders exactly like transformers");
+    }
+    assert_eq!(tok.stop_token_ids(), vec![2], "<|im_end|> (id 2) ends generation");
+}
+
+fn worker(args: &[&str]) -> (i32, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_recflow-worker")).args(args).output().unwrap();
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+#[test]
+fn worker_model_commands_and_doctor() {
+    let (d, r) = smollm();
+    let dir = d.path().join("model");
+    let dir_s = dir.to_str().unwrap();
+    let (code, out, err) = worker(&["model", "score", "--model", dir_s, "--text", "The capital of France is", "--json"]);
+    assert_eq!(code, 0, "score succeeds: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["tokens"], r["texts"][0]["ids"], "--text encodes as HF's tokenizer(text)");
+    assert!(v["logprobs"][0].is_null(), "the first token has no logprob");
+    let (code, out, err) = worker(&[
+        "model", "generate", "--model", dir_s, "--prompt", "What is the capital of France?", "--chat",
+        "--max-new-tokens", "4", "--min-new-tokens", "4", "--temperature", "0.7", "--seed", "1", "--num-samples", "2", "--json",
+    ]);
+    assert_eq!(code, 0, "generate succeeds: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let samples = v["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 2);
+    assert!(samples.iter().all(|s| s["token_ids"].as_array().unwrap().len() == 4), "forced token count");
+    let (code, _, err) = worker(&["model", "score", "--model", dir_s, "--token-ids", "1,99999999", "--json"]);
+    assert_eq!(code, 2, "an out-of-vocabulary id is bad input");
+    assert!(err.contains("99999999"), "the error names the id: {err}");
+    let (code, out, err) = worker(&["doctor", "--json"]);
+    assert_eq!(code, 0, "doctor succeeds: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["libtorch_version"].as_str().unwrap().starts_with("2.11"), "libtorch 2.11 found: {out}");
+    assert!(v["threads"].as_i64().unwrap() >= 1);
+}

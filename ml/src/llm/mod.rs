@@ -31,6 +31,8 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod import;
+pub mod cli;
 pub mod linear;
 pub mod model;
 pub mod tokenizer;
