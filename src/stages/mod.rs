@@ -19,6 +19,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub mod meta;
+pub mod model_import;
+pub mod model_init;
 
 /// Every built-in stage kind whose run is torch-free. `recflow_ml::builtin_registry()`
 /// adds the libtorch kinds on top; a custom worker adds its own.
