@@ -3,19 +3,22 @@
 # Qwen2.5-0.5B's shape (~494M parameters, random weights), no HF download.
 # Runs in well under 5 minutes on one GPU. Prints tokens/s for
 #   16 prompts x 200 tokens x 256 new, and the GRPO shape 8 prompts x 8 samples x 256 new.
-# usage: benches/llm_cuda.sh   (env WORKER to use a pre-built worker)
+# usage: benches/llm_cuda.sh
+# Env: WORKER (a pre-built recflow-worker; default: build target/release/recflow-worker
+# after scripts/setup.sh), PYTHON (a python with torch + transformers; default the venv's).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-source scripts/setup.sh
-WORKER="${WORKER:-target/release/recflow-worker}"
-if [ ! -x "$WORKER" ]; then
-  cargo build --release -p recflow-ml --bin recflow-worker
+if [ -z "${WORKER:-}" ]; then
+  source scripts/setup.sh
+  WORKER=target/release/recflow-worker
+  [ -x "$WORKER" ] || cargo build --release -p recflow-ml --bin recflow-worker
 fi
+PYTHON="${PYTHON:-.venv/bin/python3}"
 "$WORKER" doctor
 WORK=.bench/llm_cuda
 mkdir -p "$WORK"
-.venv/bin/python3 - "$WORK" <<'PY'
+"$PYTHON" - "$WORK" <<'PY'
 import json, os, sys, torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
@@ -42,7 +45,7 @@ PY
 M="$WORK/qwen2-0.5b-random"
 for shape in "batch 1" "grpo 8"; do
   set -- $shape
-  echo "== $1: $(python3 -c "import json;print(len(json.load(open('$WORK/prompts_$1.json'))))") prompts x $2 samples x 256 new tokens, bf16, cuda"
+  echo "== $1: $("$PYTHON" -c "import json;print(len(json.load(open('$WORK/prompts_$1.json'))))") prompts x $2 samples x 256 new tokens, bf16, cuda"
   "$WORKER" model generate --model "$M" --prompts-file "$WORK/prompts_$1.json" --num-samples "$2" \
     --max-new-tokens 256 --min-new-tokens 256 --temperature 1 --device cuda --dtype bf16 \
     --max-batch-rows 128 --timing >/dev/null
