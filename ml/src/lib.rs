@@ -4,6 +4,7 @@
 //! training stages ([`train`]) and the worker's full stage registry
 //! ([`builtin_registry`]). Only the `recflow-worker` binary links this crate.
 
+pub mod eval;
 pub mod llm;
 
 /// Every built-in stage kind: the torch-free ones from `recflow` plus the
@@ -12,4 +13,5 @@ pub mod llm;
 pub fn builtin_registry() -> recflow::stages::Registry {
     recflow::stages::builtin_registry()
     // one line per libtorch kind: .with_run::<recflow::stages::sft::Sft>(train::sft::run)
+        .with_run::<recflow::stages::eval::Eval>(eval::run)
 }
