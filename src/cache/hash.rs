@@ -17,6 +17,22 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn hash_file(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
+    let len = f.metadata()?.len();
+    if len >= 1 << 20 {
+        // Large files are hashed straight from the page cache: no copy into a
+        // user buffer, which is what keeps us near `openssl dgst` speed.
+        // SAFETY: the map is read-only and dropped before returning. A file
+        // truncated by another process while we read would raise SIGBUS; store
+        // objects are read-only and inputs are not expected to change under a
+        // running stage (the stat cache re-checks them after hashing).
+        if let Ok(map) = unsafe { memmap2::Mmap::map(&f) } {
+            let _ = map.advise(memmap2::Advice::Sequential);
+            for chunk in map.chunks(8 << 20) {
+                h.update(chunk);
+            }
+            return Ok(hex::encode(h.finalize()));
+        }
+    }
     // 4 MiB reads: few syscalls, fits in L2/L3 next to the hash state.
     let mut buf = vec![0u8; 4 << 20];
     loop {
@@ -70,7 +86,10 @@ pub fn walk_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
             let name = e.file_name().to_string_lossy().into_owned();
             let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
             let ft = e.file_type()?;
-            if ft.is_dir() {
+            // Symlinked directories (e.g. model folders assembled from a
+            // download cache) count as the directories they point to.
+            let is_dir = ft.is_dir() || (ft.is_symlink() && std::fs::metadata(e.path()).map(|m| m.is_dir()).unwrap_or(false));
+            if is_dir {
                 stack.push((rel, e.path()));
             } else {
                 out.push((rel, e.path()));
@@ -105,6 +124,17 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
             "sha256(\"abc\") from FIPS 180-2"
         );
+    }
+
+    #[test]
+    fn walk_follows_symlinked_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("real")).unwrap();
+        std::fs::write(d.path().join("real/w.bin"), b"w").unwrap();
+        std::fs::create_dir_all(d.path().join("model")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("real"), d.path().join("model/sub")).unwrap();
+        let files: Vec<String> = walk_files(&d.path().join("model")).unwrap().into_iter().map(|x| x.0).collect();
+        assert_eq!(files, vec!["sub/w.bin".to_string()], "a symlinked directory is walked like a directory");
     }
 
     #[test]

@@ -131,6 +131,13 @@ impl Pipeline {
     }
 }
 
+/// Parses + validates a `with:` value (the kind's config type).
+pub type CheckFn = fn(&Value) -> Result<Value, String>;
+/// Outputs of a kind for a checked config.
+pub type OutputsFn = fn(&Value) -> Result<Vec<OutputSpec>, String>;
+/// Base stage → its expansions (matrix combination, expanded name).
+type Expansions = BTreeMap<String, Vec<(BTreeMap<String, Value>, String)>>;
+
 /// Runner-side metadata of a stage kind (built-in, or described by a custom worker).
 #[derive(Clone)]
 pub struct KindInfo {
@@ -140,8 +147,8 @@ pub struct KindInfo {
     pub path_fields: Vec<String>,
     pub uses_device: bool,
     pub inputs: Vec<InputSpec>,
-    pub check: Option<fn(&Value) -> Result<Value, String>>,
-    pub outputs_fn: Option<fn(&Value) -> Result<Vec<OutputSpec>, String>>,
+    pub check: Option<CheckFn>,
+    pub outputs_fn: Option<OutputsFn>,
     /// Outputs from `describe --json` (custom kinds).
     pub outputs: Vec<OutputSpec>,
 }
@@ -252,9 +259,9 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
     while let Some(i) = rest.find('$') {
         lit.push_str(&rest[..i]);
         let after = &rest[i..];
-        if after.starts_with("$${") {
+        if let Some(r) = after.strip_prefix("$${") {
             lit.push_str("${");
-            rest = &after[3..];
+            rest = r;
             continue;
         }
         if !after.starts_with("${") {
@@ -703,7 +710,7 @@ pub fn resolve(mut spec: PipelineSpec, opts: &Options) -> Result<Pipeline, Pipel
     // Expand and resolve each stage in order.
     let mut warnings = Vec::new();
     let mut resolved: Vec<ResolvedStage> = Vec::new();
-    let mut expansions: BTreeMap<String, Vec<(BTreeMap<String, Value>, String)>> = BTreeMap::new();
+    let mut expansions: Expansions = BTreeMap::new();
     let mut out_paths: BTreeMap<PathBuf, (String, String)> = BTreeMap::new();
     for name in &order {
         let st = spec.stages.iter().find(|s| &s.name == name).expect("ordered from spec");
@@ -769,7 +776,7 @@ fn resolve_stage(
     params: &Node,
     opts: &Options,
     kinds: &BTreeMap<String, KindInfo>,
-    expansions: &BTreeMap<String, Vec<(BTreeMap<String, Value>, String)>>,
+    expansions: &Expansions,
     done: &[ResolvedStage],
     out_paths: &mut BTreeMap<PathBuf, (String, String)>,
     warnings: &mut Vec<String>,
@@ -1184,7 +1191,7 @@ mod tests {
         assert!(t.contains(&Tok::Env("HOME".into())), "env var");
         assert!(t.contains(&Tok::Matrix("seed".into())), "matrix key");
         assert!(t.contains(&Tok::Out("st".into(), "out".into())), "stage output");
-        assert!(t.iter().any(|x| matches!(x, Tok::Lit(l) if l.contains("${lit}"))), "$${ escapes");
+        assert!(t.iter().any(|x| matches!(x, Tok::Lit(l) if l.contains("${lit}"))), "$${{ escapes");
         assert!(tokenize("${nodot}").is_err(), "a bare name is not a reference");
         assert!(tokenize("${a.b").is_err(), "unterminated reference");
     }

@@ -274,7 +274,9 @@ pub(crate) async fn execute(
                 kind: kind.clone(),
                 stage: stage.name.clone(),
                 config: stage.config_run.clone(),
-                inputs: paths.clone(),
+                // Path-valued `with:` fields are hashed as inputs `with.FIELD`
+                // but reach the stage through its config (absolute paths).
+                inputs: paths.iter().filter(|(k, _)| !k.starts_with("with.")).map(|(k, v)| (k.clone(), v.clone())).collect(),
                 out_dir: scratch_out.clone(),
                 work_dir: work.clone(),
                 seed: stage.seed,

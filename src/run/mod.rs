@@ -68,6 +68,7 @@ pub type Available = BTreeMap<String, BTreeMap<String, Avail>>;
 
 /// The key inputs of a stage, or why they cannot be known yet.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // built once per stage, moved, never stored in bulk
 pub enum KeyState {
     Known {
         ki: StageKeyInputs,

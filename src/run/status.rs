@@ -149,7 +149,7 @@ pub fn explain(p: &Pipeline, stage: &str) -> Result<String, RunError> {
             out.push_str(&format!(
                 "{}: up to date — key {} matches the last run\n",
                 t.name,
-                key.as_deref().map(|k| &k[..12]).unwrap_or("?")
+                key.as_deref().map(|k| k.get(..12).unwrap_or(k)).unwrap_or("?")
             ));
             continue;
         }

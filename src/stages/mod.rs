@@ -173,8 +173,12 @@ impl StageMeta {
         }
     }
 
-    /// Serializable form for `describe --json`.
+    /// Serializable form for `describe --json`. `outputs` (added for the
+    /// runner's structural checks of custom kinds) are those of the default
+    /// config (`{}`); kinds whose outputs depend on the config are described
+    /// by their defaults.
     pub fn describe(&self) -> serde_json::Value {
+        let outputs = (self.outputs)(&serde_json::json!({})).unwrap_or_default();
         serde_json::json!({
             "kind": self.kind,
             "version": self.version,
@@ -182,6 +186,7 @@ impl StageMeta {
             "path_fields": self.path_fields,
             "uses_device": self.uses_device,
             "inputs": self.inputs,
+            "outputs": outputs,
         })
     }
 }
