@@ -24,5 +24,6 @@ pub mod pipeline;
 pub mod report;
 pub mod run;
 pub mod stages;
+pub mod teacher;
 pub mod util;
 pub mod worker;

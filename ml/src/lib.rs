@@ -6,12 +6,15 @@
 
 pub mod eval;
 pub mod llm;
+pub mod teacher_local;
 
 /// Every built-in stage kind: the torch-free ones from `recflow` plus the
 /// libtorch ones from this crate. A custom worker adds its own:
 /// `recflow::worker::main(recflow_ml::builtin_registry().with::<MyStage>())`.
 pub fn builtin_registry() -> recflow::stages::Registry {
     recflow::stages::builtin_registry()
+        // the teacher's `local` backend needs the generation engine
+        .with_run::<recflow::stages::teacher::Teacher>(teacher_local::run)
     // one line per libtorch kind: .with_run::<recflow::stages::sft::Sft>(train::sft::run)
         .with_run::<recflow::stages::eval::Eval>(eval::run)
 }

@@ -15,6 +15,7 @@ pub fn builtin() -> Vec<StageMeta> {
         StageMeta::of::<super::baselines::Baselines>(),
         StageMeta::of::<super::eval::Eval>(),
         StageMeta::of::<super::report::Report>(),
+        StageMeta::of::<super::teacher::Teacher>(),
     ];
     v.sort_by_key(|m| m.kind);
     v

@@ -26,6 +26,7 @@ pub mod split;
 pub mod baselines;
 pub mod eval;
 pub mod report;
+pub mod teacher;
 
 /// Every built-in stage kind whose run is torch-free. `recflow_ml::builtin_registry()`
 /// adds the libtorch kinds on top; a custom worker adds its own.
@@ -38,6 +39,7 @@ pub fn builtin_registry() -> Registry {
         .with::<prompts::Prompts>()
         .with::<baselines::Baselines>()
         .with::<report::Report>()
+        .with::<teacher::Teacher>()
 }
 
 /// Flat map of scalar metrics a stage reports (written to `metrics.json` in

@@ -1,0 +1,301 @@
+//! The offline `cf` teacher: deterministic Think-before-Recommendation
+//! traces from a sample's own leak-free evidence, no API.
+//!
+//! Evidence of a sample (user u, item i, time t) comes only from the `train`
+//! interactions strictly earlier than t, excluding the pair (u, i) itself:
+//! the user's earlier ratings and their average, the attributes of the
+//! history items the user liked (≥ 4) or disliked (≤ 2) versus the target
+//! item's, and the item's earlier ratings and their average.
+//!
+//! Prediction: the user/item bias estimator shared with the baselines stage,
+//! [`crate::cf::predict_from_evidence`] (Koren's baseline predictor in closed
+//! form over earlier-only evidence), with μ = the mean of all train ratings
+//! before t (the scale midpoint if none) and the baselines' default
+//! shrinkage ([`crate::cf::BiasConfig::default`]). The evidence comes from
+//! the data module's leak-free [`HistoryIndex`]. The rating written in
+//! `<rate>` is ŷ clamped to the scale and rounded to a whole star.
+//!
+//! On a rationalization retry the hint is honoured structurally: the trace
+//! argues for the hinted rating from the same evidence (the signals that
+//! point that way), without mentioning that a rating was supplied.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::io::{Interaction, Item, Sample};
+use super::{AskFuture, Reply, Request, TeacherBackend, TeacherError, Usage};
+use crate::answer::Scale;
+use crate::data::history::HistoryIndex;
+
+/// Item attributes the reasoning quotes.
+#[derive(Debug, Clone, Default)]
+struct ItemMeta {
+    title: Option<String>,
+    categories: Vec<String>,
+    brand: Option<String>,
+}
+
+/// What the teacher knows about one target, all strictly before its time.
+struct Known {
+    mu: f64,
+    est: crate::cf::BiasEstimate,
+    y: f64,
+    /// The user's earlier (item, rating), oldest first.
+    hist: Vec<(String, f32)>,
+    item_ratings: Vec<f32>,
+}
+
+/// The `cf` backend.
+pub struct CfTeacher {
+    samples: Arc<Vec<Sample>>,
+    index: HistoryIndex,
+    items: HashMap<String, ItemMeta>,
+    scale: Scale,
+}
+
+impl CfTeacher {
+    pub fn new(samples: Arc<Vec<Sample>>, train: Vec<Interaction>, items: Vec<Item>, scale: Scale) -> Self {
+        let items = items
+            .into_iter()
+            .map(|it| {
+                let meta = ItemMeta { title: it.title, categories: it.categories.unwrap_or_default(), brand: it.brand };
+                (it.item_id, meta)
+            })
+            .collect();
+        CfTeacher { samples, index: HistoryIndex::new(train), items, scale }
+    }
+
+    /// Earlier-only evidence and the bias prediction for one sample.
+    fn known(&self, s: &Sample) -> Result<Known, TeacherError> {
+        let ev = self.index.evidence(&s.user_id, &s.item_id, s.timestamp, usize::MAX, usize::MAX);
+        let mu = self.index.global_mean_before(s.timestamp).unwrap_or((self.scale.min + self.scale.max) as f64 / 2.0);
+        let hist: Vec<(String, f32)> = ev.user_history.iter().map(|r| (r.item_id.clone(), r.rating)).collect();
+        let item_ratings: Vec<f32> = ev.item_history.iter().map(|r| r.rating).collect();
+        let user_ratings: Vec<f32> = hist.iter().map(|h| h.1).collect();
+        let reg = crate::cf::BiasConfig::default();
+        let est = crate::cf::predict_from_evidence(mu, &user_ratings, &item_ratings, reg.reg_user, reg.reg_item)
+            .map_err(|e| TeacherError::Fatal(format!("cf teacher: {e}")))?;
+        let y = est.clamped(self.scale.min as f64, self.scale.max as f64);
+        Ok(Known { mu, est, y, hist, item_ratings })
+    }
+
+    fn title(&self, item: &str) -> String {
+        self.items.get(item).and_then(|m| m.title.clone()).unwrap_or_else(|| format!("item {item}"))
+    }
+
+    fn cats(&self, item: &str) -> &[String] {
+        self.items.get(item).map_or(&[], |m| m.categories.as_slice())
+    }
+
+    /// The four-tag answer for one sample; `hint` = the rating to argue for.
+    pub fn answer(&self, s: &Sample, hint: Option<f32>) -> Result<String, TeacherError> {
+        let Known { mu, est, y, hist, item_ratings: item_r } = self.known(s)?;
+        let (b_u, b_i) = (est.user_bias, est.item_bias);
+        let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+        let target_cats = self.cats(&s.item_id);
+
+        // <analyze user>
+        let user_ratings: Vec<f32> = hist.iter().map(|h| h.1).collect();
+        let liked: Vec<&(String, f32)> = hist.iter().filter(|h| h.1 >= 4.0).collect();
+        let disliked: Vec<&(String, f32)> = hist.iter().filter(|h| h.1 <= 2.0).collect();
+        let list = |v: &[&(String, f32)]| {
+            v.iter().rev().take(3).map(|(j, r)| format!("\"{}\" ({})", self.title(j), fmt_r(*r))).collect::<Vec<_>>().join(", ")
+        };
+        let analyze_user = if hist.is_empty() {
+            format!("The user has no earlier ratings, so I treat them as a typical user; ratings so far average {mu:.2}.")
+        } else {
+            let recent: Vec<String> = user_ratings.iter().rev().take(8).map(|r| fmt_r(*r)).collect();
+            let mut t = format!(
+                "The user rated {} items before, averaging {:.2} (most recent first: {}).",
+                hist.len(),
+                mean(&user_ratings),
+                recent.join(", ")
+            );
+            if !liked.is_empty() {
+                t.push_str(&format!(" They liked {}.", list(&liked)));
+            }
+            if !disliked.is_empty() {
+                t.push_str(&format!(" They disliked {}.", list(&disliked)));
+            }
+            t
+        };
+
+        // <analyze item>
+        let mut analyze_item = format!("\"{}\"", self.title(&s.item_id));
+        if !target_cats.is_empty() {
+            analyze_item.push_str(&format!(" is in {}", target_cats.join(" / ")));
+        }
+        if let Some(b) = self.items.get(&s.item_id).and_then(|m| m.brand.as_deref()) {
+            analyze_item.push_str(&format!(" by {b}"));
+        }
+        analyze_item.push('.');
+        if item_r.is_empty() {
+            analyze_item.push_str(" It has no earlier ratings from other users.");
+        } else {
+            analyze_item.push_str(&format!(
+                " It has {} earlier ratings from other users, averaging {:.2}.",
+                item_r.len(),
+                mean(&item_r)
+            ));
+        }
+
+        // <match>
+        let overlap = |v: &[&(String, f32)]| -> Vec<String> {
+            let mut c: Vec<String> = v
+                .iter()
+                .flat_map(|(j, _)| self.cats(j).iter().filter(|c| target_cats.contains(c)).cloned())
+                .collect();
+            c.sort();
+            c.dedup();
+            c
+        };
+        let like_overlap = overlap(&liked);
+        let dislike_overlap = overlap(&disliked);
+        let mut matching = String::new();
+        if !like_overlap.is_empty() {
+            matching.push_str(&format!("It shares {} with items the user liked. ", like_overlap.join(", ")));
+        }
+        if !dislike_overlap.is_empty() {
+            matching.push_str(&format!("It shares {} with items the user disliked. ", dislike_overlap.join(", ")));
+        }
+        matching.push_str(&format!(
+            "A bias estimate from the earlier ratings (overall mean {mu:.2}, user offset {b_u:+.2}, item offset {b_i:+.2}) gives {y:.2}."
+        ));
+        let predicted = round_to_scale(y as f32, self.scale);
+        let rating = match hint {
+            None => predicted,
+            Some(h) => {
+                let h = round_to_scale(h, self.scale);
+                if h > predicted {
+                    let best = user_ratings.iter().copied().fold(f32::NAN, f32::max);
+                    let item_best = item_r.iter().filter(|&&r| r >= h).count();
+                    matching.push_str(" The estimate is pulled toward the middle, though: ");
+                    if best.is_finite() && best >= h {
+                        matching.push_str(&format!("this user does rate items they enjoy as high as {}", fmt_r(best)));
+                    } else {
+                        matching.push_str("nothing in the user's history argues against enjoying it");
+                    }
+                    if item_best > 0 {
+                        matching.push_str(&format!(", and {item_best} earlier raters rated it {} or more", fmt_r(h)));
+                    }
+                    matching.push_str(&format!(", so I expect the user to like it more than average, around {}.", fmt_r(h)));
+                } else if h < predicted {
+                    let worst = user_ratings.iter().copied().fold(f32::NAN, f32::min);
+                    let item_low = item_r.iter().filter(|&&r| r <= h).count();
+                    matching.push_str(" The estimate is generous, though: ");
+                    if worst.is_finite() && worst <= h {
+                        matching.push_str(&format!("this user has rated items as low as {}", fmt_r(worst)));
+                    } else {
+                        matching.push_str("the user is selective and this item is not an obvious fit");
+                    }
+                    if item_low > 0 {
+                        matching.push_str(&format!(", and {item_low} earlier raters rated it {} or less", fmt_r(h)));
+                    }
+                    matching.push_str(&format!(", so I expect a more critical response, around {}.", fmt_r(h)));
+                }
+                h
+            }
+        };
+        Ok(crate::answer::render(&analyze_user, &analyze_item, &matching, rating))
+    }
+}
+
+fn fmt_r(r: f32) -> String {
+    if r.fract() == 0.0 {
+        format!("{}", r as i64)
+    } else {
+        format!("{r}")
+    }
+}
+
+/// Rounds to a whole star inside the scale.
+pub fn round_to_scale(y: f32, scale: Scale) -> f32 {
+    y.round().clamp(scale.min.ceil(), scale.max.floor())
+}
+
+impl TeacherBackend for CfTeacher {
+    fn name(&self) -> String {
+        "cf".into()
+    }
+    fn endpoint(&self) -> String {
+        "cf".into()
+    }
+    fn cacheable(&self) -> bool {
+        false
+    }
+    fn ask<'a>(&'a self, req: &'a Request) -> AskFuture<'a> {
+        Box::pin(async move {
+            let s = self.samples.get(req.row).ok_or_else(|| {
+                super::TeacherError::Fatal(format!("cf teacher: no sample at row {} ({})", req.row, req.sample_id))
+            })?;
+            let content = self.answer(s, req.hint)?;
+            // Offline "tokens": whitespace words, so stats stay meaningful.
+            let prompt_tokens = req.messages.iter().map(|m| m.content.split_whitespace().count() as u64).sum();
+            let completion_tokens = content.split_whitespace().count() as u64;
+            Ok(Reply { content, reasoning_content: None, usage: Usage { prompt_tokens, completion_tokens } })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(u: &str, i: &str, rating: f32, t: i64) -> Interaction {
+        Interaction { user_id: u.into(), item_id: i.into(), rating, timestamp: t, review_title: None, review_text: None }
+    }
+
+    fn sample(u: &str, i: &str, t: i64, target: f32) -> Sample {
+        Sample {
+            sample_id: "s".into(),
+            user_id: u.into(),
+            item_id: i.into(),
+            timestamp: t,
+            messages: vec![],
+            target,
+            user_history_len: 0,
+            item_history_len: 0,
+        }
+    }
+
+    fn teacher() -> CfTeacher {
+        let train = vec![
+            r("u", "a", 5.0, 1),
+            r("u", "b", 1.0, 2),
+            r("v", "t", 2.0, 3),
+            r("u", "t", 4.0, 10), // the target itself
+            r("w", "t", 5.0, 20), // later than the target
+        ];
+        let items = vec![
+            Item { item_id: "a".into(), title: Some("Alpha".into()), categories: Some(vec!["Rock".into()]), ..Default::default() },
+            Item { item_id: "t".into(), title: Some("Target".into()), categories: Some(vec!["Rock".into()]), ..Default::default() },
+        ];
+        CfTeacher::new(Arc::new(vec![]), train, items, Scale::default())
+    }
+
+    #[test]
+    fn prediction_is_the_shared_bias_estimator_on_earlier_evidence() {
+        let t = teacher();
+        let s = sample("u", "t", 10, 4.0);
+        let k = t.known(&s).unwrap();
+        // Before t=10: 5, 1, 2 → μ = 8/3; user: [5, 1]; item t by others: [2] (the later 5 is unseen).
+        assert!((k.mu - 8.0 / 3.0).abs() < 1e-9, "global mean over earlier ratings only");
+        assert_eq!(k.item_ratings, vec![2.0], "later ratings of the item never leak in");
+        let reg = crate::cf::BiasConfig::default();
+        let want = crate::cf::predict_from_evidence(k.mu, &[5.0, 1.0], &[2.0], reg.reg_user, reg.reg_item).unwrap();
+        assert_eq!(k.est, want, "one estimator, shared with the baselines");
+        let a = crate::answer::parse(&t.answer(&s, None).unwrap(), Scale::default()).unwrap();
+        assert_eq!(a.rating, (want.clamped(1.0, 5.0) as f32).round());
+    }
+
+    #[test]
+    fn hinted_answers_argue_for_the_hint_without_leaking() {
+        let t = teacher();
+        let s = sample("u", "t", 10, 4.0);
+        for h in [1.0, 2.0, 3.0, 4.0, 5.0] {
+            let text = t.answer(&s, Some(h)).unwrap();
+            let a = crate::answer::parse(&text, Scale::default()).expect("valid format");
+            assert_eq!(a.rating, h, "the hinted rating is the conclusion");
+            assert_eq!(crate::teacher::leak::find_leak(&text), None, "cf never leaks the hint: {text}");
+        }
+    }
+}
