@@ -15,6 +15,8 @@ pub fn builtin_registry() -> recflow::stages::Registry {
     recflow::stages::builtin_registry()
         // the teacher's `local` backend needs the generation engine
         .with_run::<recflow::stages::teacher::Teacher>(teacher_local::run)
+        .with_run::<recflow::stages::model_import::ModelImport>(llm::stages::run_model_import)
+        .with_run::<recflow::stages::model_init::ModelInit>(llm::stages::run_model_init)
     // one line per libtorch kind: .with_run::<recflow::stages::sft::Sft>(train::sft::run)
         .with_run::<recflow::stages::eval::Eval>(eval::run)
 }

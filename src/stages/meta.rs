@@ -16,6 +16,8 @@ pub fn builtin() -> Vec<StageMeta> {
         StageMeta::of::<super::eval::Eval>(),
         StageMeta::of::<super::report::Report>(),
         StageMeta::of::<super::teacher::Teacher>(),
+        StageMeta::of::<super::model_import::ModelImport>(),
+        StageMeta::of::<super::model_init::ModelInit>(),
     ];
     v.sort_by_key(|m| m.kind);
     v

@@ -27,6 +27,8 @@ pub mod baselines;
 pub mod eval;
 pub mod report;
 pub mod teacher;
+pub mod model_import;
+pub mod model_init;
 
 /// Every built-in stage kind whose run is torch-free. `recflow_ml::builtin_registry()`
 /// adds the libtorch kinds on top; a custom worker adds its own.
