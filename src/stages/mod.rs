@@ -18,7 +18,9 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub mod grpo;
 pub mod meta;
+pub mod sft;
 
 /// Every built-in stage kind whose run is torch-free. `recflow_ml::builtin_registry()`
 /// adds the libtorch kinds on top; a custom worker adds its own.
