@@ -4,6 +4,8 @@
 //! training stages ([`train`]) and the worker's full stage registry
 //! ([`builtin_registry`]). Only the `recflow-worker` binary links this crate.
 
+pub mod llm;
+
 /// Every built-in stage kind: the torch-free ones from `recflow` plus the
 /// libtorch ones from this crate. A custom worker adds its own:
 /// `recflow::worker::main(recflow_ml::builtin_registry().with::<MyStage>())`.
