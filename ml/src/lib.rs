@@ -5,11 +5,15 @@
 //! ([`builtin_registry`]). Only the `recflow-worker` binary links this crate.
 
 pub mod llm;
+pub mod rl;
+pub mod train;
 
 /// Every built-in stage kind: the torch-free ones from `recflow` plus the
 /// libtorch ones from this crate. A custom worker adds its own:
 /// `recflow::worker::main(recflow_ml::builtin_registry().with::<MyStage>())`.
 pub fn builtin_registry() -> recflow::stages::Registry {
     recflow::stages::builtin_registry()
+        .with_run::<recflow::stages::sft::Sft>(train::sft::run)
+        .with_run::<recflow::stages::grpo::Grpo>(train::grpo::run)
     // one line per libtorch kind: .with_run::<recflow::stages::sft::Sft>(train::sft::run)
 }

@@ -18,6 +18,7 @@ use tch::{Device, Kind};
 
 pub mod checkpoint;
 pub mod data;
+pub mod grpo;
 pub mod logprobs;
 pub mod optim;
 pub mod rollout;
@@ -60,6 +61,22 @@ pub fn derive_seed(seed: u64, a: u64, b: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
+}
+
+/// Indices of the examples of optimizer step `step` (0-based): position
+/// `step·E ..` in the concatenation of per-epoch ChaCha permutations.
+pub fn step_indices(n: usize, per_step: usize, step: usize, seed: u64) -> Vec<usize> {
+    let mut out = Vec::with_capacity(per_step);
+    let mut pos = step * per_step;
+    while out.len() < per_step {
+        let epoch = pos / n;
+        let mut perm: Vec<usize> = (0..n).collect();
+        rand::seq::SliceRandom::shuffle(perm.as_mut_slice(), &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(derive_seed(seed, 0xe0c4, epoch as u64)));
+        let take = (n - pos % n).min(per_step - out.len());
+        out.extend_from_slice(&perm[pos % n..pos % n + take]);
+        pos += take;
+    }
+    out
 }
 
 /// `cpu`, `cuda`, `cuda:N` → a tch device (the runner resolved `auto`).

@@ -5,8 +5,6 @@
 //! normalised by the step's completion-token count so accumulation equals
 //! one big batch) → clip → AdamW → log → evaluate (val loss + greedy
 //! format-valid rate) → checkpoint.
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use recflow::stages::sft::Config;
 use recflow::stages::{Metrics, StageCtx};
 
@@ -15,7 +13,7 @@ use super::data::{read_examples, Example, Log};
 use super::logprobs::{self, RunOpts, SeqBatch};
 use super::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig, LrSchedule};
 use super::rollout::{encode_prompt, load_trainee, sample, write_outputs};
-use super::{derive_seed, parse_device, Precision, TrainError};
+use super::{derive_seed, parse_device, step_indices, Precision, TrainError};
 
 /// Pinned log columns (ARCHITECTURE "Logs").
 pub const LOG_COLUMNS: [&str; 5] = ["loss", "lr", "grad_norm", "val_loss", "val_valid_rate"];
@@ -50,22 +48,6 @@ fn is_val(sample_id: &str, frac: f64) -> bool {
     let h = sha2::Sha256::digest(sample_id.as_bytes());
     let x = u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
     (x as f64 / u64::MAX as f64) < frac
-}
-
-/// Indices of the examples of optimizer step `step` (0-based): position
-/// `step·E ..` in the concatenation of per-epoch ChaCha permutations.
-fn step_indices(n: usize, per_step: usize, step: usize, seed: u64) -> Vec<usize> {
-    let mut out = Vec::with_capacity(per_step);
-    let mut pos = step * per_step;
-    while out.len() < per_step {
-        let epoch = pos / n;
-        let mut perm: Vec<usize> = (0..n).collect();
-        perm.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(derive_seed(seed, 0xe0c4, epoch as u64)));
-        let take = (n - pos % n).min(per_step - out.len());
-        out.extend_from_slice(&perm[pos % n..pos % n + take]);
-        pos += take;
-    }
-    out
 }
 
 /// The fields that change results (checkpoint fingerprint).
