@@ -176,12 +176,14 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let mut log = Log::new(&columns);
     let mut state = State { step: 0, seed, fingerprint: fp.clone(), best_metric_bits: None, best_step: None };
     let mut best: Option<Vec<(String, Tensor)>> = None;
+    let mut resumed_from = 0u64;
     if let Some(l) = checkpoint::load(&ctx.work_dir, &fp, device)? {
         checkpoint::copy_into(&trainee.trainable, &l.trainable)?;
         l.restore_optimizer(&mut opt, device)?;
         log = l.log;
         best = l.best;
         state = l.state;
+        resumed_from = state.step;
         ctx.log("info", format!("grpo: resumed from the checkpoint at step {}", state.step));
     }
     ctx.log(
@@ -392,6 +394,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let wall = t0.elapsed().as_secs_f64();
     let mut m = Metrics::new();
     m.insert("steps".into(), serde_json::json!(total));
+    m.insert("resumed_from_step".into(), serde_json::json!(resumed_from));
     m.insert("best_step".into(), serde_json::json!(state.best_step));
     m.insert("best_val_rmse".into(), serde_json::json!(state.best_metric()));
     m.insert("nonfinite_steps".into(), serde_json::json!(nonfinite_steps));

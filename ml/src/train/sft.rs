@@ -122,12 +122,14 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let mut log = Log::new(&LOG_COLUMNS);
     let mut state = State { step: 0, seed, fingerprint: fp.clone(), best_metric_bits: None, best_step: None };
     let mut best: Option<Vec<(String, tch::Tensor)>> = None;
+    let mut resumed_from = 0u64;
     if let Some(l) = checkpoint::load(&ctx.work_dir, &fp, device)? {
         checkpoint::copy_into(&trainee.trainable, &l.trainable)?;
         l.restore_optimizer(&mut opt, device)?;
         log = l.log;
         best = l.best;
         state = l.state;
+        resumed_from = state.step;
         ctx.log("info", format!("sft: resumed from the checkpoint at step {}", state.step));
     }
     let model = &trainee.model;
@@ -220,6 +222,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     write_outputs(trainee, &mdir, &adir)?;
     let mut m = Metrics::new();
     m.insert("steps".into(), serde_json::json!(total));
+    m.insert("resumed_from_step".into(), serde_json::json!(resumed_from));
     m.insert("train_rows".into(), serde_json::json!(train.len()));
     m.insert("final_loss".into(), serde_json::json!(last_row.first().copied().flatten()));
     m.insert("best_step".into(), serde_json::json!(state.best_step));
