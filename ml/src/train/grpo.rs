@@ -209,6 +209,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let mut ro: Option<Rollouts> = None;
     let mut tokens_generated = 0usize;
     let mut nonfinite_steps = 0usize;
+    let mut step_times: Vec<f64> = Vec::new();
 
     // --- loop --------------------------------------------------------------------
     for step in state.step as usize..total {
@@ -217,6 +218,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
         }
         let lr = sched.lr(step);
         let iter = step % mu;
+        let ts = std::time::Instant::now();
 
         // Rollouts: B prompts × G completions, scored.
         if iter == 0 || ro.is_none() {
@@ -326,6 +328,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             opt.step(&trainee.trainable, lr)?;
         }
         t_train += tt.elapsed().as_secs_f64();
+        step_times.push(ts.elapsed().as_secs_f64());
         state.step = step as u64 + 1;
         let denom = n_mask.max(1.0);
         let kl = kl_sum / denom;
@@ -403,6 +406,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     m.insert("reference_s".into(), serde_json::json!(t_ref));
     m.insert("training_s".into(), serde_json::json!(t_train));
     m.insert("generated_tokens_per_s".into(), serde_json::json!(tokens_generated as f64 / t_gen.max(1e-9)));
+    m.insert("step_s_median".into(), serde_json::json!(super::median(&step_times)));
     m.insert("peak_rss_bytes".into(), serde_json::json!(super::peak_rss_bytes()));
     if device.is_cuda() {
         m.insert("note_cuda_determinism".into(), serde_json::json!("CUDA kernels (atomics in backward, sampling on GPU) are not bit-deterministic"));

@@ -121,6 +121,17 @@ impl Precision {
     }
 }
 
+/// Median of wall-clock samples (run-record statistic), None when empty.
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return None;
+    }
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    Some(if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 })
+}
+
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), for the
 /// run record. None elsewhere.
 pub fn peak_rss_bytes() -> Option<u64> {

@@ -135,6 +135,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let model = &trainee.model;
     let pad = trainee.tok.pad_token_id().unwrap_or(0);
     let mut tokens_seen = 0usize;
+    let mut step_times: Vec<f64> = Vec::new();
 
     // --- loop --------------------------------------------------------------------
     for step in state.step as usize..total {
@@ -143,6 +144,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             anyhow::bail!("sft cancelled at step {step}; checkpoint kept in the work dir");
         }
         let lr = sched.lr(step);
+        let ts = std::time::Instant::now();
         // Micro-batches: the step's examples, bucketed by length when asked.
         let mut idx = step_indices(train.len(), per_step, step, seed);
         if cfg.group_by_length {
@@ -175,6 +177,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             opt.step(&trainee.trainable, lr)?;
         }
         state.step = step as u64 + 1;
+        step_times.push(ts.elapsed().as_secs_f64());
 
         // Evaluation: every eval_steps and after the last step.
         let last = step + 1 == total;
@@ -229,6 +232,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     m.insert("best_val_metric".into(), serde_json::json!(state.best_metric()));
     m.insert("wall_s".into(), serde_json::json!(t0.elapsed().as_secs_f64()));
     m.insert("tokens_per_s".into(), serde_json::json!(tokens_seen as f64 / t0.elapsed().as_secs_f64().max(1e-9)));
+    m.insert("step_s_median".into(), serde_json::json!(super::median(&step_times)));
     m.insert("peak_rss_bytes".into(), serde_json::json!(super::peak_rss_bytes()));
     if device.is_cuda() {
         m.insert("note_cuda_determinism".into(), serde_json::json!("CUDA kernels (atomics in backward) are not bit-deterministic"));
