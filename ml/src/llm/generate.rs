@@ -91,8 +91,18 @@ pub struct GenRequest {
     /// G ≥ 1 samples sharing this prompt's prefill.
     pub num_samples: usize,
     /// Stable identity of the request: sample `j`'s random stream is
-    /// `U(seed, id, j, step)`.
+    /// `U(seed, id, sample_offset + j, step)`.
     pub id: u64,
+    /// Index of this request's first sample (0 normally): drawing samples
+    /// 4..8 of a prompt later reproduces exactly what one run of 8 would.
+    pub sample_offset: usize,
+}
+
+impl GenRequest {
+    /// `num_samples` samples of `prompt_ids`, identity `id`, offset 0.
+    pub fn new(prompt_ids: Vec<i64>, num_samples: usize, id: u64) -> Self {
+        GenRequest { prompt_ids, num_samples, id, sample_offset: 0 }
+    }
 }
 
 /// Why a sample ended.
@@ -221,7 +231,7 @@ fn generate_chunk(model: &Model, reqs: &[&GenRequest], cfg: &GenConfig) -> Resul
     for step in 0..cfg.max_new_tokens {
         let u: Vec<f64> = rows
             .iter()
-            .map(|r| uniform(cfg.seed, reqs[r.req].id, r.sample as u64, step as u64))
+            .map(|r| uniform(cfg.seed, reqs[r.req].id, (reqs[r.req].sample_offset + r.sample) as u64, step as u64))
             .collect();
         let block_stop = step < cfg.min_new_tokens && !cfg.stop_ids.is_empty();
         let (tok, lp) = sample(&logits, &u, cfg, if block_stop { Some(&stop_t) } else { None })?;

@@ -21,7 +21,7 @@
 //! let model = Model::load(dir, tch::Device::Cpu, tch::Kind::Float)?;
 //! let tok = Tokenizer::load(dir)?;
 //! let text = tok.apply_chat_template(&[ChatMessage::new("user", "Hi")], true)?;
-//! let req = GenRequest { prompt_ids: tok.encode(&text, false)?, num_samples: 4, id: 0 };
+//! let req = GenRequest::new(tok.encode(&text, false)?, 4, 0);
 //! let cfg = GenConfig { stop_ids: tok.stop_token_ids(), pad_id: tok.pad_token_id().unwrap_or(0), ..Default::default() };
 //! let out = generate(&model, &[req], &cfg)?; // out[0][j]: token_ids, logprobs, finish
 //! println!("{}", tok.decode(&out[0][0].token_ids, true)?);
@@ -31,6 +31,8 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod import;
+pub mod cli;
 pub mod linear;
 pub mod model;
 pub mod tokenizer;

@@ -1,4 +1,4 @@
-"""Reference data for ml/tests/llm_smollm.rs: the SmolLM2 GGUF loaded by
+"""Reference data for ml/tests/llm.rs (SmolLM2 tests): the SmolLM2 GGUF loaded by
 transformers (dequantized by the `gguf` package), and the chat template as
 transformers renders it.
 
@@ -11,7 +11,8 @@ import os
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
@@ -33,8 +34,15 @@ def main(gguf_file, conv_dir, out):
         for agp in (True, False):
             chats.append({"messages": msgs, "add_generation_prompt": agp,
                           "text": tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp)})
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(gguf_file)),
-                                                 gguf_file=os.path.basename(gguf_file), torch_dtype=torch.float32)
+    # transformers' own GGUF path (gguf-py dequantization + Q/K un-permutation),
+    # called directly: from_pretrained(gguf_file=...) would also need `accelerate`.
+    parsed = load_gguf_checkpoint(gguf_file, return_tensors=False)
+    config = AutoConfig.for_model(**parsed["config"])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(gguf_file, return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
+    model.tie_weights()
     model.eval()
     texts = []
     for t in TEXTS:
