@@ -106,7 +106,7 @@ pub fn sample(
     let reqs: Vec<GenRequest> = prompts
         .iter()
         .zip(req_ids)
-        .map(|(p, &id)| GenRequest { prompt_ids: p.clone(), num_samples: g, id })
+        .map(|(p, &id)| GenRequest { prompt_ids: p.clone(), num_samples: g, id, sample_offset: 0 })
         .collect();
     let was = model.lora_enabled();
     model.set_training(false);
