@@ -259,6 +259,8 @@ impl StageDef for Grpo {
         vec![OutputSpec::dir("model"), OutputSpec::dir("adapter"), OutputSpec::file("log", "parquet")]
     }
 
+    // `!(x > 0.0)` on purpose: NaN must fail validation too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     fn validate(c: &Config) -> Result<(), String> {
         check_device(&c.device)?;
         positive("prompts_per_step", c.prompts_per_step)?;

@@ -220,6 +220,8 @@ impl StageDef for Sft {
         vec![OutputSpec::dir("model"), OutputSpec::dir("adapter"), OutputSpec::file("log", "parquet")]
     }
 
+    // `!(x > 0.0)` on purpose: NaN must fail validation too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     fn validate(c: &Config) -> Result<(), String> {
         check_device(&c.device)?;
         positive("max_length", c.max_length)?;
@@ -259,6 +261,7 @@ pub(crate) fn check_device(d: &str) -> Result<(), String> {
     }
 }
 
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN must fail too
 pub(crate) fn check_optim(lr: f64, warmup_ratio: f64, wd: f64, b1: f64, b2: f64, eps: f64, clip: f64) -> Result<(), String> {
     if !(lr > 0.0 && lr.is_finite()) {
         return Err(format!("learning_rate must be > 0, got {lr}"));

@@ -87,7 +87,7 @@ impl Surrogate {
                 check_1d("ref_logp", r, n)?;
                 let d = r.detach() - logp; // log π_ref − log π_θ
                 let k3 = (d.f_exp()? - &d - 1.0).f_clamp(-KL_CLAMP, KL_CLAMP)?;
-                loss = loss + &k3 * self.beta;
+                loss += &k3 * self.beta;
                 k3.detach()
             }
             _ => logp.zeros_like().detach(),

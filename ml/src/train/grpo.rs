@@ -447,11 +447,17 @@ fn score(
             }
             rewards.push(sc.total);
             truncated.push(s.truncated);
-            // An empty completion cannot be scored: keep one stop token.
-            let ids = if s.ids.is_empty() { vec![prompts[b][prompts[b].len() - 1]] } else { s.ids };
-            let lp = if s.logprobs.len() == ids.len() { s.logprobs } else { vec![0.0; ids.len()] };
-            rows.push((prompts[b].clone(), ids));
-            sampled_lp.push(lp);
+            // The engine always returns ≥ 1 token with one log-prob each; anything
+            // else would silently misalign the loss, so it is an error.
+            if s.ids.is_empty() || s.logprobs.len() != s.ids.len() {
+                return Err(TrainError::Invalid(format!(
+                    "generation returned {} tokens with {} log-probs for prompt {b}",
+                    s.ids.len(),
+                    s.logprobs.len()
+                )));
+            }
+            rows.push((prompts[b].clone(), s.ids));
+            sampled_lp.push(s.logprobs);
         }
     }
     let n = rows.len();

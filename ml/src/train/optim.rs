@@ -230,7 +230,7 @@ mod tests {
         let params = vec![param(&[3.0, 4.0])];
         (&params[0].1 * 1.0).sum(Kind::Float).backward(); // g = [1, 1]
         let mut g = params[0].1.grad();
-        let _ = g.copy_(&Tensor::from_slice(&[3.0f32, 4.0]));
+        g.copy_(&Tensor::from_slice(&[3.0f32, 4.0]));
         let n = clip_grad_norm(&params, 1.0).unwrap();
         assert!((n - 5.0).abs() < 1e-9, "pre-clip norm is |(3,4)| = 5");
         let g: Vec<f32> = Vec::try_from(params[0].1.grad()).unwrap();

@@ -83,7 +83,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     }
     if train.is_empty() {
         // val_fraction took everything (tiny data): train on all, validate on the last.
-        train = held.drain(..).collect();
+        train = std::mem::take(&mut held);
     }
     if held.is_empty() && cfg.val_fraction > 0.0 && train.len() >= 2 {
         held.push(train.pop().ok_or_else(|| anyhow::anyhow!("no training rows"))?);
