@@ -89,7 +89,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             for r in chunk {
                 let msgs = messages.get(&r.sample_id).ok_or_else(|| anyhow::anyhow!("sample {} lost its messages", r.sample_id))?;
                 let text = tok.apply_chat_template(msgs, true)?;
-                reqs.push(GenRequest { prompt_ids: tok.encode(&text, false)?, num_samples: n, id: request_id(&r.sample_id) });
+                reqs.push(GenRequest::new(tok.encode(&text, false)?, n, request_id(&r.sample_id)));
             }
             let outs = generate(&model, &reqs, &gen)?;
             for (r, out) in chunk.iter().zip(outs) {

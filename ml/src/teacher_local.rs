@@ -144,7 +144,7 @@ fn serve(model: &Model, tok: &Tokenizer, rx: mpsc::Receiver<(Request, Answer)>, 
                 Ok(ids) if !ids.is_empty() => {
                     let d = Sha256::digest(r.identity("local").as_bytes());
                     let id = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
-                    reqs.push(GenRequest { prompt_ids: ids, num_samples: 1, id });
+                    reqs.push(GenRequest { prompt_ids: ids, num_samples: 1, id, sample_offset: 0 });
                     answers.push(ans);
                 }
                 Ok(_) => {
