@@ -4,8 +4,11 @@
 //! training stages ([`train`]) and the worker's full stage registry
 //! ([`builtin_registry`]). Only the `recflow-worker` binary links this crate.
 
+pub mod eval;
 pub mod llm;
 pub mod teacher_local;
+pub mod rl;
+pub mod train;
 
 /// Every built-in stage kind: the torch-free ones from `recflow` plus the
 /// libtorch ones from this crate. A custom worker adds its own:
@@ -16,5 +19,8 @@ pub fn builtin_registry() -> recflow::stages::Registry {
         .with_run::<recflow::stages::teacher::Teacher>(teacher_local::run)
         .with_run::<recflow::stages::model_import::ModelImport>(llm::stages::run_model_import)
         .with_run::<recflow::stages::model_init::ModelInit>(llm::stages::run_model_init)
+        .with_run::<recflow::stages::sft::Sft>(train::sft::run)
+        .with_run::<recflow::stages::grpo::Grpo>(train::grpo::run)
     // one line per libtorch kind: .with_run::<recflow::stages::sft::Sft>(train::sft::run)
+        .with_run::<recflow::stages::eval::Eval>(eval::run)
 }

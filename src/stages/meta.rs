@@ -18,6 +18,8 @@ pub fn builtin() -> Vec<StageMeta> {
         StageMeta::of::<super::teacher::Teacher>(),
         StageMeta::of::<super::model_import::ModelImport>(),
         StageMeta::of::<super::model_init::ModelInit>(),
+        StageMeta::of::<super::grpo::Grpo>(),
+        StageMeta::of::<super::sft::Sft>(),
     ];
     v.sort_by_key(|m| m.kind);
     v

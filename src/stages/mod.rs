@@ -29,6 +29,8 @@ pub mod report;
 pub mod teacher;
 pub mod model_import;
 pub mod model_init;
+pub mod grpo;
+pub mod sft;
 
 /// Every built-in stage kind whose run is torch-free. `recflow_ml::builtin_registry()`
 /// adds the libtorch kinds on top; a custom worker adds its own.

@@ -1,0 +1,160 @@
+//! Training: the `sft` and `grpo` stages and what they share.
+//!
+//! * [`optim`] — AdamW over tensors with savable state, LR schedules, clipping;
+//! * [`logprobs`] — layer-wise forward/backward with per-layer gradient
+//!   checkpointing and chunked log-probs (no `[B, T, V]` tensor);
+//! * [`checkpoint`] — atomic checkpoints in the stage's work dir (exact resume);
+//! * [`data`] — samples / coldstart Parquet reading, log Parquet writing;
+//! * [`sft`], [`grpo`] — the stage run functions.
+//!
+//! Determinism: every random draw derives from `(seed, step, …)` through
+//! [`derive_seed`] (torch's generator is re-seeded per step and per layer,
+//! data order is a ChaCha permutation per epoch), so a resumed run needs only
+//! the step counter to continue the exact random stream.
+use std::path::{Path, PathBuf};
+
+use recflow::stages::sft::DType;
+use tch::{Device, Kind};
+
+pub mod checkpoint;
+pub mod data;
+pub mod grpo;
+pub mod logprobs;
+pub mod optim;
+pub mod rollout;
+pub mod sft;
+pub mod toy;
+
+/// Errors of the training code.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Data { path: PathBuf, msg: String },
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Rl(#[from] crate::rl::RlError),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+impl TrainError {
+    pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+        move |source| TrainError::Io { path: path.to_path_buf(), source }
+    }
+    pub(crate) fn io_tch(path: &Path, e: tch::TchError) -> TrainError {
+        TrainError::Data { path: path.to_path_buf(), msg: e.to_string() }
+    }
+}
+
+/// splitmix64 over `(seed, a, b)`: independent, reproducible sub-seeds.
+pub fn derive_seed(seed: u64, a: u64, b: u64) -> u64 {
+    let mut x = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Indices of the examples of optimizer step `step` (0-based): position
+/// `step·E ..` in the concatenation of per-epoch ChaCha permutations.
+pub fn step_indices(n: usize, per_step: usize, step: usize, seed: u64) -> Vec<usize> {
+    let mut out = Vec::with_capacity(per_step);
+    let mut pos = step * per_step;
+    while out.len() < per_step {
+        let epoch = pos / n;
+        let mut perm: Vec<usize> = (0..n).collect();
+        rand::seq::SliceRandom::shuffle(perm.as_mut_slice(), &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(derive_seed(seed, 0xe0c4, epoch as u64)));
+        let take = (n - pos % n).min(per_step - out.len());
+        out.extend_from_slice(&perm[pos % n..pos % n + take]);
+        pos += take;
+    }
+    out
+}
+
+/// `cpu`, `cuda`, `cuda:N` → a tch device (the runner resolved `auto`).
+pub fn parse_device(s: &str) -> Result<Device, TrainError> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| TrainError::Invalid(format!("device must be cpu, cuda or cuda:N, got {s:?}"))),
+    }
+}
+
+/// How weights are stored and computed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Precision {
+    /// dtype the base weights are loaded in.
+    pub load: Kind,
+    /// bf16 autocast around forward passes (CUDA only; tch ignores it on CPU).
+    pub autocast: bool,
+}
+
+impl Precision {
+    /// Full fine-tuning keeps f32 master weights and autocasts to bf16 on
+    /// CUDA; LoRA keeps the frozen base in bf16 (half the memory) and the
+    /// adapters in f32. CPU computes in f32 unless bf16 is asked for.
+    pub fn resolve(dtype: DType, device: Device, lora: bool) -> Precision {
+        let cuda = device.is_cuda();
+        match dtype {
+            DType::Float32 => Precision { load: Kind::Float, autocast: false },
+            DType::Auto if !cuda => Precision { load: Kind::Float, autocast: false },
+            DType::Auto | DType::Bfloat16 => {
+                if lora {
+                    Precision { load: Kind::BFloat16, autocast: cuda }
+                } else {
+                    Precision { load: Kind::Float, autocast: cuda }
+                }
+            }
+        }
+    }
+}
+
+/// Median of wall-clock samples (run-record statistic), None when empty.
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return None;
+    }
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    Some(if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 })
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`), for the
+/// run record. None elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_seeds_differ_and_repeat() {
+        assert_eq!(derive_seed(1, 2, 3), derive_seed(1, 2, 3), "same inputs, same seed");
+        assert_ne!(derive_seed(1, 2, 3), derive_seed(1, 3, 2), "argument order matters");
+        assert_ne!(derive_seed(1, 2, 3), derive_seed(2, 2, 3));
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cuda:1").unwrap(), Device::Cuda(1));
+        assert!(parse_device("auto").is_err(), "the runner resolves auto before the worker");
+    }
+}

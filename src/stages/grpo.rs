@@ -1,0 +1,335 @@
+//! `grpo` — Group Relative Policy Optimization on the rule reward
+//! (RecZero / RecOne, arXiv 2510.23077 Sec. 3; GRPO: Shao et al. 2024).
+//!
+//! Inputs: `model` (HF-layout dir: the base model for RecZero, the `sft`
+//! output for RecOne), `samples` (samples Parquet: the training prompts and
+//! target ratings), `valid` (samples Parquet: greedy evaluation).
+//! Outputs: `model` (merged weights, HF layout), `adapter` (PEFT layout; with
+//! full fine-tuning only `adapter_config.json` with `"peft_type": null`),
+//! `log` (Parquet, one row per step: step, reward_mean, reward_std,
+//! frac_reward_zero_std, valid_fraction, kl, entropy, loss, clip_low,
+//! clip_high, completion_len_mean, truncated_fraction, grad_norm, lr,
+//! val_rmse, val_reward — the last two null between evaluations — plus
+//! `reward_<term>` per reward term, `batch_mae`, `batch_rmse` and
+//! `logprob_gap` (mean |sampling − training| log-prob of the sampled tokens)).
+//! Wall-clock figures (generation / reference / training seconds, tokens/s,
+//! peak memory) go to the stage metrics (run record), never into the log.
+//!
+//! Key: every field except [`Grpo::OPERATIONAL`] (`save_steps`,
+//! `max_tokens_per_microbatch`, `logprob_chunk_tokens`: micro-batching and
+//! chunking change memory and speed, not the maths — up to float summation
+//! order), plus `device` and `dtype`. Option names follow TRL's `GRPOConfig`
+//! (TRL 0.24) so configs carry across.
+use serde::{Deserialize, Serialize};
+
+use super::sft::{
+    check_device, check_lora, check_optim, d_adam_eps, d_beta1, d_beta2, d_device, d_dtype, d_eval_steps,
+    d_lora_alpha, d_lora_r, d_max_grad_norm, d_one, d_save_steps, d_true, positive, DType, LrSchedulerType,
+};
+use super::{InputSpec, OutputSpec, StageDef};
+use crate::answer::{RewardConfig, Scale};
+
+/// How the loss is normalised (TRL 0.24 `loss_type`, same meanings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossType {
+    /// Mean over each sequence's tokens, then over sequences (GRPO paper).
+    Grpo,
+    /// Mean over all tokens of the micro-batch.
+    Bnpo,
+    /// Sum over tokens / (sequences × max_completion_length) (Dr. GRPO).
+    DrGrpo,
+    /// Sum over tokens / all completion tokens of the step (DAPO).
+    Dapo,
+}
+
+/// Advantage scaling (TRL 0.24 `scale_rewards`; `none` is Dr. GRPO's choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleRewards {
+    /// Divide by each group's standard deviation.
+    Group,
+    /// Divide by the whole batch's standard deviation.
+    Batch,
+    /// Only centre on the group mean.
+    None,
+}
+
+fn d_lr() -> f64 {
+    1e-6
+}
+fn d_prompts() -> usize {
+    4
+}
+fn d_generations() -> usize {
+    8
+}
+fn d_max_prompt() -> usize {
+    1024
+}
+fn d_max_completion() -> usize {
+    512
+}
+fn d_temperature() -> f64 {
+    1.0
+}
+fn d_top_p() -> f64 {
+    1.0
+}
+fn d_epsilon() -> f64 {
+    0.2
+}
+fn d_loss_type() -> LossType {
+    LossType::Dapo
+}
+fn d_scale_rewards() -> ScaleRewards {
+    ScaleRewards::Group
+}
+fn d_max_steps() -> usize {
+    100
+}
+fn d_sched() -> LrSchedulerType {
+    LrSchedulerType::Constant
+}
+fn d_eval_samples() -> usize {
+    64
+}
+fn d_tokens_per_micro() -> usize {
+    8192
+}
+fn d_chunk() -> usize {
+    1024
+}
+fn d_kl_warn() -> f64 {
+    1.0
+}
+
+/// `with:` of a grpo stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    // --- placement ---------------------------------------------------------
+    /// `auto` | `cpu` | `cuda` | `cuda:N` (the runner resolves `auto`).
+    #[serde(default = "d_device")]
+    pub device: String,
+    /// `auto` (f32 on CPU, bf16 autocast on CUDA) | `float32` | `bfloat16`.
+    #[serde(default = "d_dtype")]
+    pub dtype: DType,
+    /// Overrides the pipeline seed for this stage (e.g. `${matrix.seed}`).
+    #[serde(default)]
+    pub seed: Option<u64>,
+
+    // --- rollouts ------------------------------------------------------------
+    /// B: prompts per step.
+    #[serde(default = "d_prompts")]
+    pub prompts_per_step: usize,
+    /// G: completions per prompt (the group).
+    #[serde(default = "d_generations")]
+    pub num_generations: usize,
+    /// Prompts longer than this are cut from the left (keeping the question).
+    #[serde(default = "d_max_prompt")]
+    pub max_prompt_length: usize,
+    #[serde(default = "d_max_completion")]
+    pub max_completion_length: usize,
+    /// Sampling temperature; logits are divided by it in training too.
+    #[serde(default = "d_temperature")]
+    pub temperature: f64,
+    #[serde(default = "d_top_p")]
+    pub top_p: f64,
+    /// 0 disables top-k.
+    #[serde(default)]
+    pub top_k: usize,
+    /// Optimizer steps (each: B × G rollouts, `num_iterations` updates).
+    #[serde(default = "d_max_steps")]
+    pub max_steps: usize,
+
+    // --- reward ----------------------------------------------------------------
+    /// Rule reward constants (paper defaults: valid → 1 + (1 − |ŷ − y| / 2), else −1).
+    #[serde(default)]
+    pub reward: RewardConfig,
+    /// Rating scale of valid answers.
+    #[serde(default)]
+    pub scale: Scale,
+
+    // --- objective (TRL 0.24 names and meanings) -----------------------------
+    #[serde(default = "d_loss_type")]
+    pub loss_type: LossType,
+    #[serde(default = "d_scale_rewards")]
+    pub scale_rewards: ScaleRewards,
+    /// KL coefficient against the reference (the initial model; with LoRA the
+    /// model with adapters off). 0 skips the reference forward entirely.
+    #[serde(default)]
+    pub beta: f64,
+    /// Lower clip: ratio ≥ 1 − epsilon.
+    #[serde(default = "d_epsilon")]
+    pub epsilon: f64,
+    /// Upper clip: ratio ≤ 1 + epsilon_high (defaults to `epsilon`; DAPO uses 0.28).
+    #[serde(default)]
+    pub epsilon_high: Option<f64>,
+    /// μ: optimizer updates per batch of rollouts (old log-probs recomputed
+    /// once before the first update when μ > 1).
+    #[serde(default = "d_one")]
+    pub num_iterations: usize,
+    /// Exclude completions that hit `max_completion_length` from the loss.
+    #[serde(default)]
+    pub mask_truncated_completions: bool,
+
+    // --- optimizer -------------------------------------------------------------
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    #[serde(default = "d_sched")]
+    pub lr_scheduler_type: LrSchedulerType,
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "d_adam_eps")]
+    pub adam_epsilon: f64,
+    #[serde(default = "d_max_grad_norm")]
+    pub max_grad_norm: f64,
+
+    // --- LoRA (PEFT names) -------------------------------------------------------
+    #[serde(default)]
+    pub use_peft: bool,
+    #[serde(default = "d_lora_r")]
+    pub lora_r: usize,
+    #[serde(default = "d_lora_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+
+    // --- memory ----------------------------------------------------------------
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    /// Micro-batches hold at most this many (prompt + completion) tokens
+    /// (at least one sequence). Operational.
+    #[serde(default = "d_tokens_per_micro")]
+    pub max_tokens_per_microbatch: usize,
+    /// Positions per chunk when turning hidden states into log-probs, so
+    /// `[B, T, vocab]` logits never exist at once. Operational.
+    #[serde(default = "d_chunk")]
+    pub logprob_chunk_tokens: usize,
+
+    // --- evaluation, diagnostics, checkpoints ---------------------------------
+    /// Greedy evaluation on `valid` every N steps (and after the last); 0 = only at the end.
+    #[serde(default = "d_eval_steps")]
+    pub eval_steps: usize,
+    #[serde(default = "d_eval_samples")]
+    pub eval_max_samples: usize,
+    /// Keep the weights with the lowest validation RMSE instead of the last.
+    #[serde(default = "d_true")]
+    pub load_best_model_at_end: bool,
+    /// Warn loudly when the mean KL to the reference exceeds this.
+    #[serde(default = "d_kl_warn")]
+    pub kl_warn_threshold: f64,
+    /// Checkpoint into the work dir every N steps (operational).
+    #[serde(default = "d_save_steps")]
+    pub save_steps: usize,
+}
+
+impl Config {
+    /// Upper clip range (`epsilon_high`, defaulting to `epsilon` as in TRL).
+    pub fn epsilon_high(&self) -> f64 {
+        self.epsilon_high.unwrap_or(self.epsilon)
+    }
+}
+
+/// Stage metadata of `grpo` (run function: `recflow_ml::train::grpo::run`).
+pub struct Grpo;
+
+impl StageDef for Grpo {
+    type Config = Config;
+    const KIND: &'static str = "grpo";
+    const VERSION: u32 = 1;
+    const OPERATIONAL: &'static [&'static str] =
+        &["save_steps", "max_tokens_per_microbatch", "logprob_chunk_tokens", "kl_warn_threshold"];
+    const USES_DEVICE: bool = true;
+
+    fn inputs() -> Vec<InputSpec> {
+        vec![InputSpec::one("model"), InputSpec::one("samples"), InputSpec::one("valid")]
+    }
+
+    fn outputs(_cfg: &Config) -> Vec<OutputSpec> {
+        vec![OutputSpec::dir("model"), OutputSpec::dir("adapter"), OutputSpec::file("log", "parquet")]
+    }
+
+    // `!(x > 0.0)` on purpose: NaN must fail validation too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn validate(c: &Config) -> Result<(), String> {
+        check_device(&c.device)?;
+        positive("prompts_per_step", c.prompts_per_step)?;
+        if c.num_generations < 2 {
+            return Err(format!(
+                "num_generations must be ≥ 2 (group advantages need at least two completions), got {}",
+                c.num_generations
+            ));
+        }
+        positive("max_prompt_length", c.max_prompt_length)?;
+        positive("max_completion_length", c.max_completion_length)?;
+        positive("max_steps", c.max_steps)?;
+        positive("num_iterations", c.num_iterations)?;
+        positive("max_tokens_per_microbatch", c.max_tokens_per_microbatch)?;
+        positive("logprob_chunk_tokens", c.logprob_chunk_tokens)?;
+        positive("save_steps", c.save_steps)?;
+        if !(c.temperature > 0.0 && c.temperature.is_finite()) {
+            return Err(format!("temperature must be > 0, got {}", c.temperature));
+        }
+        if !(c.top_p > 0.0 && c.top_p <= 1.0) {
+            return Err(format!("top_p must be within (0, 1], got {}", c.top_p));
+        }
+        if !(c.beta >= 0.0 && c.beta.is_finite()) {
+            return Err(format!("beta must be ≥ 0, got {}", c.beta));
+        }
+        if !(c.epsilon > 0.0 && c.epsilon < 1.0) {
+            return Err(format!("epsilon must be within (0, 1), got {}", c.epsilon));
+        }
+        if !(c.epsilon_high() > 0.0 && c.epsilon_high().is_finite()) {
+            return Err(format!("epsilon_high must be > 0, got {}", c.epsilon_high()));
+        }
+        if !(c.reward.error_scale > 0.0) {
+            return Err(format!("reward.error_scale must be > 0, got {}", c.reward.error_scale));
+        }
+        if !(c.scale.min < c.scale.max) {
+            return Err(format!("scale.min must be < scale.max, got {} ≥ {}", c.scale.min, c.scale.max));
+        }
+        check_optim(c.learning_rate, c.warmup_ratio, c.weight_decay, c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.max_grad_norm)?;
+        check_lora(c.use_peft, c.lora_r, c.lora_alpha, c.lora_dropout)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trl_defaults_and_names() {
+        let c: Config = serde_json::from_value(serde_json::json!({})).expect("all fields have defaults");
+        assert_eq!(c.loss_type, LossType::Dapo, "TRL 0.24's default loss_type");
+        assert_eq!(c.scale_rewards, ScaleRewards::Group, "TRL 0.24's default scale_rewards");
+        assert_eq!(c.epsilon_high(), 0.2, "epsilon_high defaults to epsilon as in TRL");
+        assert!(Grpo::validate(&c).is_ok());
+        let c: Config = serde_json::from_value(serde_json::json!({"loss_type": "dr_grpo", "scale_rewards": "none"}))
+            .expect("TRL spellings parse");
+        assert_eq!((c.loss_type, c.scale_rewards), (LossType::DrGrpo, ScaleRewards::None));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c: Config = serde_json::from_value(serde_json::json!({})).unwrap();
+        c.num_generations = 1;
+        assert!(Grpo::validate(&c).unwrap_err().contains("num_generations"));
+        c.num_generations = 4;
+        c.temperature = 0.0;
+        assert!(Grpo::validate(&c).unwrap_err().contains("temperature"));
+        c.temperature = 1.0;
+        c.reward.error_scale = 0.0;
+        assert!(Grpo::validate(&c).unwrap_err().contains("error_scale"));
+    }
+}

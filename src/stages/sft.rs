@@ -1,0 +1,329 @@
+//! `sft` — supervised fine-tuning on the teacher's traces (RecOne's cold
+//! start, arXiv 2510.23077 Sec. 3.2).
+//!
+//! Inputs: `model` (HF-layout dir), `data` (coldstart Parquet; only rows with
+//! `accepted = true` are trained on; the loss covers the completion tokens
+//! only; a deterministic `val_fraction` of them, chosen by a hash of
+//! `sample_id`, is held out for the validation loss), `valid` (samples
+//! Parquet: prompts for the greedy format-valid rate).
+//! Outputs: `model` (merged weights, HF layout), `adapter` (PEFT layout:
+//! `adapter_config.json` + `adapter_model.safetensors`; with full fine-tuning
+//! it holds only `adapter_config.json` with `"peft_type": null` so the output
+//! always exists), `log` (Parquet: step, loss, lr, grad_norm, val_loss,
+//! val_valid_rate — the last two null between evaluations).
+//!
+//! Key: every field except [`Sft::OPERATIONAL`] (checkpoint and logging
+//! intervals, which do not change results because resume is exact), plus
+//! `device` and `dtype` (USES_DEVICE). Option names follow TRL's `SFTConfig`
+//! / transformers' `TrainingArguments` so configs carry across.
+use serde::{Deserialize, Serialize};
+
+use super::{InputSpec, OutputSpec, StageDef};
+
+/// Learning-rate schedule after warmup (transformers' `lr_scheduler_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedulerType {
+    /// Half-cosine from the peak to 0 at the last step.
+    Cosine,
+    /// Linear decay from the peak to 0 at the last step.
+    Linear,
+    /// Constant at the peak.
+    Constant,
+}
+
+/// Numeric type of the trainable computation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DType {
+    /// float32 on CPU, bfloat16 autocast on CUDA.
+    Auto,
+    Float32,
+    Bfloat16,
+}
+
+pub(crate) fn d_device() -> String {
+    "auto".into()
+}
+pub(crate) fn d_dtype() -> DType {
+    DType::Auto
+}
+pub(crate) fn d_true() -> bool {
+    true
+}
+pub(crate) fn d_lora_r() -> usize {
+    16
+}
+pub(crate) fn d_lora_alpha() -> f64 {
+    32.0
+}
+pub(crate) fn d_beta1() -> f64 {
+    0.9
+}
+pub(crate) fn d_beta2() -> f64 {
+    0.999
+}
+pub(crate) fn d_adam_eps() -> f64 {
+    1e-8
+}
+pub(crate) fn d_max_grad_norm() -> f64 {
+    1.0
+}
+pub(crate) fn d_save_steps() -> usize {
+    50
+}
+pub(crate) fn d_eval_steps() -> usize {
+    50
+}
+pub(crate) fn d_one() -> usize {
+    1
+}
+fn d_lr() -> f64 {
+    2e-5
+}
+fn d_batch() -> usize {
+    4
+}
+fn d_max_length() -> usize {
+    1024
+}
+fn d_epochs() -> f64 {
+    1.0
+}
+fn d_eval_samples() -> usize {
+    64
+}
+fn d_eval_new_tokens() -> usize {
+    256
+}
+fn d_val_fraction() -> f64 {
+    0.05
+}
+fn d_sched() -> LrSchedulerType {
+    LrSchedulerType::Cosine
+}
+
+/// `with:` of an sft stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    // --- placement ---------------------------------------------------------
+    /// `auto` | `cpu` | `cuda` | `cuda:N` (the runner resolves `auto`).
+    #[serde(default = "d_device")]
+    pub device: String,
+    /// `auto` (f32 on CPU, bf16 autocast on CUDA) | `float32` | `bfloat16`.
+    #[serde(default = "d_dtype")]
+    pub dtype: DType,
+    /// Overrides the pipeline seed for this stage (e.g. `${matrix.seed}`).
+    #[serde(default)]
+    pub seed: Option<u64>,
+
+    // --- data --------------------------------------------------------------
+    /// Prompt + completion tokens kept per example (longer ones are cut from the end).
+    #[serde(default = "d_max_length")]
+    pub max_length: usize,
+    /// Examples per micro-batch.
+    #[serde(default = "d_batch")]
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches summed into one optimizer step.
+    #[serde(default = "d_one")]
+    pub gradient_accumulation_steps: usize,
+    /// Length bucketing: each optimizer step's micro-batches are built from
+    /// examples of similar length, so padding is small (transformers' name).
+    #[serde(default = "d_true")]
+    pub group_by_length: bool,
+    /// Passes over the accepted rows; ignored when `max_steps` is set.
+    #[serde(default = "d_epochs")]
+    pub num_train_epochs: f64,
+    /// Optimizer steps; overrides `num_train_epochs`.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+
+    // --- optimizer (AdamW, decoupled weight decay) --------------------------
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    #[serde(default = "d_sched")]
+    pub lr_scheduler_type: LrSchedulerType,
+    /// Fraction of steps of linear warmup (used when `warmup_steps` is 0).
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "d_adam_eps")]
+    pub adam_epsilon: f64,
+    /// Global L2 gradient-norm clip; 0 disables.
+    #[serde(default = "d_max_grad_norm")]
+    pub max_grad_norm: f64,
+
+    // --- LoRA (PEFT names) ---------------------------------------------------
+    /// LoRA on all linear layers of the decoder; false = full fine-tuning.
+    #[serde(default)]
+    pub use_peft: bool,
+    #[serde(default = "d_lora_r")]
+    pub lora_r: usize,
+    #[serde(default = "d_lora_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+
+    // --- memory -------------------------------------------------------------
+    /// Recompute each decoder layer's forward in the backward pass.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+
+    // --- evaluation and checkpoints ------------------------------------------
+    /// Validation loss and greedy format-valid rate every N optimizer steps
+    /// (and after the last); 0 = only at the end.
+    #[serde(default = "d_eval_steps")]
+    pub eval_steps: usize,
+    /// Fraction of accepted coldstart rows held out for the validation loss
+    /// (by a hash of `sample_id`, so stable across runs; at least one row
+    /// when there are two or more).
+    #[serde(default = "d_val_fraction")]
+    pub val_fraction: f64,
+    /// Validation prompts used for the greedy format-valid rate (first N rows).
+    #[serde(default = "d_eval_samples")]
+    pub eval_max_samples: usize,
+    /// Generation budget of the greedy validation answers.
+    #[serde(default = "d_eval_new_tokens")]
+    pub eval_max_new_tokens: usize,
+    /// Keep the weights of the best evaluation (lowest val_loss) as the
+    /// output instead of the last step's.
+    #[serde(default = "d_true")]
+    pub load_best_model_at_end: bool,
+    /// Checkpoint into the work dir every N optimizer steps (operational).
+    #[serde(default = "d_save_steps")]
+    pub save_steps: usize,
+}
+
+/// Stage metadata of `sft` (run function: `recflow_ml::train::sft::run`).
+pub struct Sft;
+
+impl StageDef for Sft {
+    type Config = Config;
+    const KIND: &'static str = "sft";
+    const VERSION: u32 = 1;
+    const OPERATIONAL: &'static [&'static str] = &["save_steps"];
+    const USES_DEVICE: bool = true;
+
+    fn inputs() -> Vec<InputSpec> {
+        vec![InputSpec::one("model"), InputSpec::one("data"), InputSpec::one("valid")]
+    }
+
+    fn outputs(_cfg: &Config) -> Vec<OutputSpec> {
+        vec![OutputSpec::dir("model"), OutputSpec::dir("adapter"), OutputSpec::file("log", "parquet")]
+    }
+
+    // `!(x > 0.0)` on purpose: NaN must fail validation too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    fn validate(c: &Config) -> Result<(), String> {
+        check_device(&c.device)?;
+        positive("max_length", c.max_length)?;
+        positive("per_device_train_batch_size", c.per_device_train_batch_size)?;
+        positive("gradient_accumulation_steps", c.gradient_accumulation_steps)?;
+        if let Some(0) = c.max_steps {
+            return Err("max_steps must be ≥ 1 (or left out to use num_train_epochs)".into());
+        }
+        if c.max_steps.is_none() && !(c.num_train_epochs > 0.0 && c.num_train_epochs.is_finite()) {
+            return Err(format!("num_train_epochs must be > 0, got {}", c.num_train_epochs));
+        }
+        check_optim(c.learning_rate, c.warmup_ratio, c.weight_decay, c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.max_grad_norm)?;
+        check_lora(c.use_peft, c.lora_r, c.lora_alpha, c.lora_dropout)?;
+        positive("save_steps", c.save_steps)?;
+        if !(0.0..0.5).contains(&c.val_fraction) {
+            return Err(format!("val_fraction must be within [0, 0.5), got {}", c.val_fraction));
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn positive(field: &str, v: usize) -> Result<(), String> {
+    if v == 0 {
+        Err(format!("{field} must be ≥ 1"))
+    } else {
+        Ok(())
+    }
+}
+
+pub(crate) fn check_device(d: &str) -> Result<(), String> {
+    let ok = matches!(d, "auto" | "cpu" | "cuda")
+        || d.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("device must be auto, cpu, cuda or cuda:N, got {d:?}"))
+    }
+}
+
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN must fail too
+pub(crate) fn check_optim(lr: f64, warmup_ratio: f64, wd: f64, b1: f64, b2: f64, eps: f64, clip: f64) -> Result<(), String> {
+    if !(lr > 0.0 && lr.is_finite()) {
+        return Err(format!("learning_rate must be > 0, got {lr}"));
+    }
+    if !(0.0..=1.0).contains(&warmup_ratio) {
+        return Err(format!("warmup_ratio must be within [0, 1], got {warmup_ratio}"));
+    }
+    if !(wd >= 0.0 && wd.is_finite()) {
+        return Err(format!("weight_decay must be ≥ 0, got {wd}"));
+    }
+    for (name, b) in [("adam_beta1", b1), ("adam_beta2", b2)] {
+        if !(0.0..1.0).contains(&b) {
+            return Err(format!("{name} must be within [0, 1), got {b}"));
+        }
+    }
+    if !(eps > 0.0) {
+        return Err(format!("adam_epsilon must be > 0, got {eps}"));
+    }
+    if !(clip >= 0.0 && clip.is_finite()) {
+        return Err(format!("max_grad_norm must be ≥ 0 (0 disables clipping), got {clip}"));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_lora(use_peft: bool, r: usize, alpha: f64, dropout: f64) -> Result<(), String> {
+    if !use_peft {
+        return Ok(());
+    }
+    positive("lora_r", r)?;
+    if !(alpha > 0.0 && alpha.is_finite()) {
+        return Err(format!("lora_alpha must be > 0, got {alpha}"));
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(format!("lora_dropout must be within [0, 1), got {dropout}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_and_unknown_fields_are_rejected() {
+        let c: Config = serde_json::from_value(serde_json::json!({})).expect("all fields have defaults");
+        assert_eq!(c.learning_rate, 2e-5, "TRL's SFT default learning rate");
+        assert!(Sft::validate(&c).is_ok(), "defaults must validate");
+        let e = serde_json::from_value::<Config>(serde_json::json!({"learning_rat": 1e-4})).unwrap_err();
+        assert!(e.to_string().contains("learning_rat"), "a typo must be named: {e}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c: Config = serde_json::from_value(serde_json::json!({})).unwrap();
+        c.use_peft = true;
+        c.lora_dropout = 1.5;
+        assert!(Sft::validate(&c).unwrap_err().contains("lora_dropout"));
+        c.lora_dropout = 0.0;
+        c.device = "gpu".into();
+        assert!(Sft::validate(&c).unwrap_err().contains("device"));
+        c.device = "cuda:1".into();
+        c.max_steps = Some(0);
+        assert!(Sft::validate(&c).unwrap_err().contains("max_steps"));
+    }
+}
