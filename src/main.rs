@@ -139,10 +139,18 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    // ------------------------------------------------------------------
-    // `show` goes here: `Show { pipeline, --json }` calling
-    // `recflow::report::show` (provided by the eval engineer; the lead wires it).
-    // ------------------------------------------------------------------
+    /// Metrics table of every eval stage and baseline method (with 95%
+    /// intervals; matrix seeds as mean ± interval), plus timings and cache state.
+    Show {
+        /// Pipeline YAML file (its lock file is read).
+        pipeline: PathBuf,
+        /// Print the pinned JSON shape instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Compare metrics with another lock file or a git revision's lock.
+        #[arg(long, value_name = "LOCK_OR_GIT_REV")]
+        diff: Option<String>,
+    },
     /// Internal: supervises one stage process (see run::supervise).
     #[command(name = "__supervise", hide = true)]
     Supervise {
@@ -293,7 +301,9 @@ fn real_main(cli: Cli) -> Result<i32, RunError> {
                 Ok(1)
             }
         }
-        Cmd::Model { .. } | Cmd::Doctor { .. } | Cmd::Supervise { .. } => unreachable!("dispatched in main"),
+        Cmd::Model { .. } | Cmd::Doctor { .. } | Cmd::Supervise { .. } | Cmd::Show { .. } => {
+            unreachable!("dispatched in main")
+        }
     }
 }
 
@@ -319,6 +329,15 @@ fn main() -> ExitCode {
             let mut a = vec!["model".to_string()];
             a.extend(args.iter().cloned());
             return exec_worker(&a);
+        }
+        Cmd::Show { pipeline, json, diff } => {
+            return match recflow::report::show::show(pipeline, *json, diff.as_deref()) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
         }
         Cmd::Doctor { args } => {
             doctor_facts();
