@@ -11,7 +11,8 @@ cd "$ROOT"
 STEPS=${1:-4}
 PY=.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-.venv/bin/pip install -q "trl==0.24.0" datasets accelerate pyarrow
+# Pinned so the peers never move the project's test dependencies (transformers 4.57.1, see scripts/setup.sh).
+.venv/bin/pip install -q "trl==0.24.0" "transformers==4.57.1" "datasets==4.0.0" accelerate pyarrow
 source .venv/bin/activate
 # RECFLOW_WORKER=path uses an existing worker binary instead of building the release one.
 if [ -z "${RECFLOW_WORKER:-}" ]; then
