@@ -13,6 +13,8 @@ pub mod train;
 /// `recflow::worker::main(recflow_ml::builtin_registry().with::<MyStage>())`.
 pub fn builtin_registry() -> recflow::stages::Registry {
     recflow::stages::builtin_registry()
+        .with_run::<recflow::stages::model_import::ModelImport>(llm::stages::run_model_import)
+        .with_run::<recflow::stages::model_init::ModelInit>(llm::stages::run_model_init)
         .with_run::<recflow::stages::sft::Sft>(train::sft::run)
         .with_run::<recflow::stages::grpo::Grpo>(train::grpo::run)
     // one line per libtorch kind: .with_run::<recflow::stages::sft::Sft>(train::sft::run)

@@ -320,3 +320,70 @@ fn worker_model_commands_and_doctor() {
     assert!(v["libtorch_version"].as_str().unwrap().starts_with("2.11"), "libtorch 2.11 found: {out}");
     assert!(v["threads"].as_i64().unwrap() >= 1);
 }
+
+fn run_stage(kind: &str, with: serde_json::Value, inputs: &[(&str, &Path)], seed: u64, root: &Path) -> PathBuf {
+    let reg = recflow_ml::builtin_registry();
+    let (meta, _) = reg.get(kind).expect("kind registered");
+    let config = (meta.check)(&with).expect("config checks");
+    let spec = recflow::worker::ExecSpec {
+        kind: kind.into(),
+        stage: kind.into(),
+        config,
+        inputs: inputs.iter().map(|(n, p)| (n.to_string(), vec![p.to_path_buf()])).collect(),
+        out_dir: root.join("out"),
+        work_dir: root.join("work"),
+        seed,
+        device: "cpu".into(),
+    };
+    recflow::worker::exec(&reg, &spec, Default::default()).unwrap_or_else(|e| panic!("{kind} failed: {e:#}"));
+    root.join("out")
+}
+
+#[test]
+fn model_init_and_import_stages() {
+    use arrow::array::{RecordBatch, StringArray};
+    let d = tempfile::tempdir().unwrap();
+    let corpus = d.path().join("corpus.parquet");
+    let texts: Vec<String> = (0..200)
+        .map(|i| format!("User {i} rated the album {} stars. <analyze user>likes jazz</analyze user> <rate>{}</rate>", i % 5 + 1, i % 5 + 1))
+        .collect();
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new("text", arrow::datatypes::DataType::Utf8, false)]));
+    let batch = RecordBatch::try_new(schema.clone(), vec![std::sync::Arc::new(StringArray::from(texts))]).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&corpus).unwrap(), schema, None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let with = serde_json::json!({"vocab_size": 300, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48});
+    let a = run_stage("model_init", with.clone(), &[("corpus", &corpus)], 7, &d.path().join("a"));
+    let b = run_stage("model_init", with.clone(), &[("corpus", &corpus)], 7, &d.path().join("b"));
+    for f in ["model/model.safetensors", "model/tokenizer.json", "model/config.json", "model/tokenizer_config.json"] {
+        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f} is a pure function of config, corpus and seed");
+    }
+    let c = run_stage("model_init", with, &[("corpus", &corpus)], 8, &d.path().join("c"));
+    assert_ne!(std::fs::read(a.join("model/model.safetensors")).unwrap(), std::fs::read(c.join("model/model.safetensors")).unwrap(), "another seed, other weights");
+    let dir = a.join("model");
+    let model = load(&dir);
+    let tok = recflow_ml::llm::Tokenizer::load(&dir).unwrap();
+    assert_eq!(model.config().vocab_size as usize, tok.vocab_size(), "config vocab = tokenizer vocab");
+    let ids = tok.encode("User 3 rated the album", false).unwrap();
+    assert!(ids.len() < "User 3 rated the album".len(), "BPE learned merges from the corpus");
+    assert_eq!(tok.decode(&ids, false).unwrap(), "User 3 rated the album", "byte-level BPE round-trips text");
+    let chat = tok.apply_chat_template(&[recflow_ml::llm::ChatMessage::new("user", "hi")], true).unwrap();
+    assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "ChatML template");
+    assert_eq!(tok.stop_token_ids(), vec![2], "<|im_end|> stops generation");
+    let out = generate(&model, &[GenRequest::new(tok.encode(&chat, false).unwrap(), 2, 0)], &GenConfig { max_new_tokens: 5, ..Default::default() }).unwrap();
+    assert_eq!(out[0].len(), 2, "the random model samples");
+    let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["vocab_size"].as_i64().unwrap(), model.config().vocab_size);
+    // model_import of an HF dir: validated and copied.
+    let imp = run_stage("model_import", serde_json::json!({"source": dir.to_str().unwrap()}), &[], 0, &d.path().join("imp"));
+    let again = load(&imp.join("model"));
+    assert_eq!(again.config(), model.config(), "imported config equals the source's");
+    // A bad source fails with its path in the message.
+    let reg = recflow_ml::builtin_registry();
+    let spec = recflow::worker::ExecSpec {
+        kind: "model_import".into(), stage: "imp".into(), config: serde_json::json!({"source": "/nonexistent/x.gguf"}),
+        inputs: Default::default(), out_dir: d.path().join("bad/out"), work_dir: d.path().join("bad/work"), seed: 0, device: "cpu".into(),
+    };
+    let e = format!("{:#}", recflow::worker::exec(&reg, &spec, Default::default()).unwrap_err());
+    assert!(e.contains("/nonexistent/x.gguf"), "error names the source: {e}");
+}

@@ -8,6 +8,8 @@ use super::StageMeta;
 pub fn builtin() -> Vec<StageMeta> {
     let mut v: Vec<StageMeta> = vec![
         // one line per kind: StageMeta::of::<super::KIND_MODULE::Def>(),
+        StageMeta::of::<super::model_import::ModelImport>(),
+        StageMeta::of::<super::model_init::ModelInit>(),
         StageMeta::of::<super::grpo::Grpo>(),
         StageMeta::of::<super::sft::Sft>(),
     ];

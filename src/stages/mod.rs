@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod grpo;
 pub mod meta;
+pub mod model_import;
+pub mod model_init;
 pub mod sft;
 
 /// Every built-in stage kind whose run is torch-free. `recflow_ml::builtin_registry()`

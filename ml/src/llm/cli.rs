@@ -3,9 +3,9 @@
 //!
 //! ```text
 //! model import SRC OUT_DIR
-//! model generate --model DIR --prompt TEXT [--chat] [--max-new-tokens N] [--min-new-tokens N]
+//! model generate --model DIR (--prompt TEXT | --prompts-file F.json) [--chat] [--max-new-tokens N] [--min-new-tokens N]
 //!                [--temperature T] [--top-p P] [--top-k K] [--seed S] [--num-samples G] [--json]
-//!                [--device D] [--dtype T]
+//!                [--max-batch-rows N] [--threads N] [--timing] [--device D] [--dtype T]
 //! model score --model DIR (--text TEXT | --token-ids 1,2,3) [--json] [--device D] [--dtype T]
 //! doctor [--json]
 //! ```
@@ -42,8 +42,22 @@ enum ModelCmd {
     Generate {
         #[arg(long)]
         model: PathBuf,
+        /// The prompt (or use --prompts-file).
+        #[arg(long, required_unless_present = "prompts_file", conflicts_with = "prompts_file")]
+        prompt: Option<String>,
+        /// JSON array of prompts: strings, or arrays of token ids (used as is).
+        /// All are generated in one batched call; output lists them in order.
         #[arg(long)]
-        prompt: String,
+        prompts_file: Option<PathBuf>,
+        /// Rows decoded together (requests chunked to fit; 0 = no limit).
+        #[arg(long, default_value_t = 64)]
+        max_batch_rows: usize,
+        /// libtorch intra-op threads (default: libtorch's choice / OMP_NUM_THREADS).
+        #[arg(long)]
+        threads: Option<i32>,
+        /// Print generation time and tokens/s to stderr as JSON.
+        #[arg(long)]
+        timing: bool,
         /// Wrap the prompt as one user message in the model's chat template.
         #[arg(long)]
         chat: bool,
@@ -114,6 +128,10 @@ fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
         ModelCmd::Generate {
             model,
             prompt,
+            prompts_file,
+            max_batch_rows,
+            threads,
+            timing,
             chat,
             max_new_tokens,
             min_new_tokens,
@@ -125,14 +143,36 @@ fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
             json,
             place,
         } => {
+            if let Some(n) = threads {
+                tch::set_num_threads(n);
+            }
             let tok = Tokenizer::load(&model)?;
             let m = Model::load(&model, parse_device(&place.device)?, parse_kind(&place.dtype)?)?;
-            let ids = if chat {
-                let text = tok.apply_chat_template(&[ChatMessage::new("user", &prompt)], true)?;
-                tok.encode(&text, false)?
-            } else {
-                tok.encode(&prompt, true)?
+            let prompts: Vec<serde_json::Value> = match (&prompt, &prompts_file) {
+                (Some(p), _) => vec![serde_json::Value::String(p.clone())],
+                (None, Some(f)) => {
+                    let text = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
+                    serde_json::from_str(&text)
+                        .map_err(|e| LlmError::Invalid(format!("{}: expected a JSON array of prompts: {e}", f.display())))?
+                }
+                (None, None) => anyhow::bail!(LlmError::Invalid("give --prompt or --prompts-file".into())),
             };
+            let mut reqs = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                let ids = match p {
+                    serde_json::Value::String(p) if chat => {
+                        let text = tok.apply_chat_template(&[ChatMessage::new("user", p)], true)?;
+                        tok.encode(&text, false)?
+                    }
+                    serde_json::Value::String(p) => tok.encode(p, true)?,
+                    serde_json::Value::Array(a) => a
+                        .iter()
+                        .map(|x| x.as_i64().ok_or_else(|| LlmError::Invalid(format!("prompt {i}: token ids must be integers"))))
+                        .collect::<Result<Vec<i64>, _>>()?,
+                    _ => anyhow::bail!(LlmError::Invalid(format!("prompt {i}: a string or an array of token ids"))),
+                };
+                reqs.push(GenRequest::new(ids, num_samples, i as u64));
+            }
             let cfg = GenConfig {
                 max_new_tokens,
                 min_new_tokens,
@@ -142,25 +182,40 @@ fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
                 stop_ids: tok.stop_token_ids(),
                 pad_id: tok.pad_token_id().unwrap_or(0),
                 seed,
-                max_batch_rows: 64,
+                max_batch_rows,
             };
-            let out = generate(&m, &[GenRequest::new(ids.clone(), num_samples, 0)], &cfg)?;
-            let mut samples = Vec::new();
-            for o in &out[0] {
-                let text = tok.decode(&o.token_ids, true)?;
-                if json {
-                    samples.push(serde_json::json!({
-                        "text": text, "token_ids": o.token_ids, "logprobs": o.logprobs, "finish_reason": o.finish,
-                    }));
-                } else {
-                    println!("{text}");
-                    if num_samples > 1 {
-                        println!("---");
+            let t0 = std::time::Instant::now();
+            let out = generate(&m, &reqs, &cfg)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let n_tok: usize = out.iter().flatten().map(|o| o.token_ids.len()).sum();
+            if timing {
+                eprintln!("{}", serde_json::json!({"generated_tokens": n_tok, "seconds": secs, "tokens_per_s": n_tok as f64 / secs,
+                    "threads": tch::get_num_threads()}));
+            }
+            let mut all = Vec::new();
+            for (req, outs) in reqs.iter().zip(&out) {
+                let mut samples = Vec::new();
+                for o in outs {
+                    let text = tok.decode(&o.token_ids, true)?;
+                    if json {
+                        samples.push(serde_json::json!({
+                            "text": text, "token_ids": o.token_ids, "logprobs": o.logprobs, "finish_reason": o.finish,
+                        }));
+                    } else {
+                        println!("{text}");
+                        if num_samples > 1 || reqs.len() > 1 {
+                            println!("---");
+                        }
                     }
                 }
+                all.push(serde_json::json!({"prompt_token_ids": req.prompt_ids, "samples": samples}));
             }
             if json {
-                println!("{}", serde_json::json!({"prompt_token_ids": ids, "samples": samples}));
+                if prompt.is_some() {
+                    println!("{}", all.pop().unwrap_or_default());
+                } else {
+                    println!("{}", serde_json::Value::Array(all));
+                }
             }
         }
         ModelCmd::Score { model, text, token_ids, json, place } => {

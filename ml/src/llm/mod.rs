@@ -34,6 +34,7 @@ pub mod gguf;
 pub mod import;
 pub mod cli;
 pub mod linear;
+pub mod stages;
 pub mod model;
 pub mod tokenizer;
 pub mod weights;

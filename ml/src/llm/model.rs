@@ -136,16 +136,28 @@ impl DecoderLayer {
             Some(c) => c.append(self.index, &k, &v), // [B, Hkv, S, D]
             None => (k, v),
         };
-        let o = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            ctx.mask.as_ref(),
-            0.0,
-            ctx.is_causal && t > 1,
-            None,
-            at.n_heads != at.n_kv,
-        ); // [B, Hq, T, D]
+        let g = at.n_heads / at.n_kv;
+        let o = if t == 1 && g > 1 {
+            // Decode step with GQA: the G query heads sharing a KV head
+            // (head h uses KV head h / G, HF's repeat_kv order) become G
+            // query rows of that KV head, so K/V are never repeated — the
+            // masked SDPA path would otherwise copy the whole cache G times
+            // per layer and step. A [B, 1, 1, S] mask broadcasts over the rows.
+            let qg = q.view([b, at.n_kv, g, at.head_dim]); // [B, Hkv, G, D]
+            Tensor::scaled_dot_product_attention(&qg, &k, &v, ctx.mask.as_ref(), 0.0, false, None, false)
+                .view([b, at.n_heads, 1, at.head_dim]) // [B, Hq, 1, D]
+        } else {
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                ctx.mask.as_ref(),
+                0.0,
+                ctx.is_causal && t > 1,
+                None,
+                g > 1,
+            ) // [B, Hq, T, D]
+        };
         let o = o.transpose(1, 2).reshape([b, t, at.n_heads * at.head_dim]);
         at.o_proj.forward(&o)
     }

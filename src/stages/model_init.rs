@@ -1,0 +1,165 @@
+//! `model_init` — a small randomly initialised decoder (Llama or Qwen2
+//! architecture) with a byte-level BPE tokenizer trained on a corpus, in HF
+//! layout: for tests, the quickstart and CPU-sized experiments.
+//!
+//! Input: `corpus` — a Parquet table (e.g. `prompts` samples or teacher
+//! coldstart): every string column and every `messages[].content` is
+//! tokenizer training text.
+//! Output: `model` — HF directory: `config.json`, `model.safetensors`,
+//! `tokenizer.json` (byte-level BPE with `<|endoftext|>`, `<|im_start|>`,
+//! `<|im_end|>` as ids 0, 1, 2), `tokenizer_config.json` (ChatML template),
+//! `generation_config.json` (eos = `<|im_end|>`).
+//!
+//! Key: every config field and the corpus content; the stage seed. Weights
+//! are drawn N(0, initializer_range²) from a ChaCha stream of the seed
+//! (independent of libtorch's generator), biases 0, norms 1 — HF's
+//! `_init_weights`. Runs on CPU: the device does not change the outputs.
+use serde::{Deserialize, Serialize};
+
+use super::{InputSpec, OutputSpec, StageDef};
+
+fn d_arch() -> String {
+    "qwen2".into()
+}
+fn d_hidden() -> i64 {
+    64
+}
+fn d_layers() -> i64 {
+    2
+}
+fn d_heads() -> i64 {
+    4
+}
+fn d_kv() -> i64 {
+    2
+}
+fn d_inter() -> i64 {
+    128
+}
+fn d_vocab() -> usize {
+    512
+}
+fn d_ctx() -> i64 {
+    4096
+}
+fn d_theta() -> f64 {
+    10000.0
+}
+fn d_true() -> bool {
+    true
+}
+fn d_init() -> f64 {
+    0.02
+}
+fn d_eps() -> f64 {
+    1e-6
+}
+fn d_minfreq() -> u64 {
+    2
+}
+fn d_dtype() -> String {
+    "float32".into()
+}
+
+/// `with:` of a `model_init` stage (HF `config.json` names where they exist).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `llama` or `qwen2` (Qwen2 adds q/k/v biases).
+    #[serde(default = "d_arch")]
+    pub architecture: String,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: i64,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: i64,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: i64,
+    #[serde(default = "d_kv")]
+    pub num_key_value_heads: i64,
+    #[serde(default = "d_inter")]
+    pub intermediate_size: i64,
+    /// Target BPE vocabulary size (the 3 special tokens and 256 bytes included);
+    /// a small corpus may yield fewer tokens (`config.json` gets the real size).
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    /// BPE merges need at least this many occurrences.
+    #[serde(default = "d_minfreq")]
+    pub min_frequency: u64,
+    #[serde(default = "d_ctx")]
+    pub max_position_embeddings: i64,
+    #[serde(default = "d_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "d_true")]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "d_init")]
+    pub initializer_range: f64,
+    #[serde(default = "d_eps")]
+    pub rms_norm_eps: f64,
+    /// Stored weight dtype: `float32` or `bfloat16`.
+    #[serde(default = "d_dtype")]
+    pub dtype: String,
+}
+
+pub struct ModelInit;
+
+impl StageDef for ModelInit {
+    type Config = Config;
+    const KIND: &'static str = "model_init";
+    const VERSION: u32 = 1;
+    fn inputs() -> Vec<InputSpec> {
+        vec![InputSpec::one("corpus")]
+    }
+    fn outputs(_cfg: &Config) -> Vec<OutputSpec> {
+        vec![OutputSpec::dir("model")]
+    }
+    fn validate(c: &Config) -> Result<(), String> {
+        if c.architecture != "llama" && c.architecture != "qwen2" {
+            return Err(format!("`architecture` must be \"llama\" or \"qwen2\", got {:?}", c.architecture));
+        }
+        for (k, v) in [
+            ("hidden_size", c.hidden_size),
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("num_attention_heads", c.num_attention_heads),
+            ("num_key_value_heads", c.num_key_value_heads),
+            ("intermediate_size", c.intermediate_size),
+            ("max_position_embeddings", c.max_position_embeddings),
+        ] {
+            if v <= 0 {
+                return Err(format!("`{k}` must be > 0, got {v}"));
+            }
+        }
+        if c.hidden_size % c.num_attention_heads != 0 || (c.hidden_size / c.num_attention_heads) % 2 != 0 {
+            return Err(format!(
+                "`hidden_size` {} must be a multiple of `num_attention_heads` {} with an even head size",
+                c.hidden_size, c.num_attention_heads
+            ));
+        }
+        if c.num_attention_heads % c.num_key_value_heads != 0 {
+            return Err("`num_attention_heads` must be a multiple of `num_key_value_heads`".into());
+        }
+        if c.vocab_size < 259 + 1 {
+            return Err(format!("`vocab_size` must be ≥ 260 (256 bytes + 3 specials + merges), got {}", c.vocab_size));
+        }
+        if !(c.initializer_range > 0.0) || !(c.rope_theta > 0.0) || !(c.rms_norm_eps > 0.0) {
+            return Err("`initializer_range`, `rope_theta` and `rms_norm_eps` must be > 0".into());
+        }
+        if c.dtype != "float32" && c.dtype != "bfloat16" {
+            return Err(format!("`dtype` must be \"float32\" or \"bfloat16\", got {:?}", c.dtype));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_bad_fields_are_named() {
+        let c: Config = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert!(ModelInit::validate(&c).is_ok(), "defaults are valid");
+        let c: Config = serde_json::from_value(serde_json::json!({"num_key_value_heads": 3})).unwrap();
+        assert!(ModelInit::validate(&c).unwrap_err().contains("num_key_value_heads"));
+        assert!(serde_json::from_value::<Config>(serde_json::json!({"hiden_size": 3})).is_err(), "unknown fields rejected");
+    }
+}
