@@ -11,10 +11,16 @@ cd "$ROOT"
 STEPS=${1:-4}
 PY=.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-.venv/bin/pip install -q "trl==0.24.0" datasets accelerate pyarrow
+# Pinned so the peers never move the project's test dependencies (transformers 4.57.1, see scripts/setup.sh).
+.venv/bin/pip install -q "trl==0.24.0" "transformers==4.57.1" "datasets==4.0.0" accelerate pyarrow
 source .venv/bin/activate
-cargo build --release -q -p recflow-ml --bin recflow-worker
-WORKER=$ROOT/target/release/recflow-worker
+# RECFLOW_WORKER=path uses an existing worker binary instead of building the release one.
+if [ -z "${RECFLOW_WORKER:-}" ]; then
+  cargo build --release -q -p recflow-ml --bin recflow-worker
+fi
+WORKER=${RECFLOW_WORKER:-$ROOT/target/release/recflow-worker}
+# BENCH_MODELS / BENCH_SFT select rows (default: both GRPO rows and the SFT row).
+MODELS=${BENCH_MODELS:-"tiny_qwen2 smollm2"}
 WORK=${BENCH_WORK:-$ROOT/target/bench-train}
 mkdir -p "$WORK"
 $PY benches/train_bench.py prepare "$WORK"
@@ -35,7 +41,7 @@ JSON
 ratio() { $PY -c "import json,sys; p=json.loads(sys.argv[1]); r=json.loads(sys.argv[2]); print(f\"{sys.argv[3]}: peer {p['step_s_median']:.3f} s/step ({p['peak_rss_mb']:.0f} MB)  recflow {r['step_s_median']:.3f} s/step ({r['peak_rss_mb']:.0f} MB)  peer/recflow = {p['step_s_median']/r['step_s_median']:.2f}x\")" "$1" "$2" "$3"; }
 
 GRPO_CFG="{\"prompts_per_step\": 4, \"num_generations\": 4, \"max_completion_length\": 64, \"max_prompt_length\": 64, \"max_steps\": $STEPS, \"learning_rate\": 1e-6, \"beta\": 0.0, \"loss_type\": \"dapo\", \"eval_steps\": 0, \"eval_max_samples\": 0, \"save_steps\": 1000}"
-for M in tiny_qwen2 smollm2; do
+for M in $MODELS; do
   IN="{\"model\": [\"$WORK/$M\"], \"samples\": [\"$WORK/samples.parquet\"], \"valid\": [\"$WORK/valid.parquet\"]}"
   OURS=$(run_stage grpo "grpo_$M" "$GRPO_CFG" "$IN")
   PEER=$($PY benches/train_bench.py trl "$WORK/$M" "$WORK" "$STEPS" 2>/dev/null | tail -1)
@@ -43,6 +49,7 @@ for M in tiny_qwen2 smollm2; do
   ratio "$PEER" "$OURS" "GRPO $M (TRL GRPOTrainer vs recflow grpo)"
 done
 
+[ "${BENCH_SFT:-1}" = 1 ] || exit 0
 SFT_CFG="{\"per_device_train_batch_size\": 16, \"max_length\": 320, \"max_steps\": $STEPS, \"learning_rate\": 1e-5, \"eval_steps\": 0, \"eval_max_samples\": 0, \"val_fraction\": 0.0, \"group_by_length\": false, \"save_steps\": 1000}"
 IN="{\"model\": [\"$WORK/smollm2\"], \"data\": [\"$WORK/coldstart.parquet\"], \"valid\": [\"$WORK/valid.parquet\"]}"
 OURS=$(run_stage sft sft_smollm2 "$SFT_CFG" "$IN")

@@ -21,6 +21,5 @@ pub fn builtin_registry() -> recflow::stages::Registry {
         .with_run::<recflow::stages::model_init::ModelInit>(llm::stages::run_model_init)
         .with_run::<recflow::stages::sft::Sft>(train::sft::run)
         .with_run::<recflow::stages::grpo::Grpo>(train::grpo::run)
-    // one line per libtorch kind: .with_run::<recflow::stages::sft::Sft>(train::sft::run)
         .with_run::<recflow::stages::eval::Eval>(eval::run)
 }

@@ -7,7 +7,6 @@ use super::StageMeta;
 /// All built-in stage kinds, sorted by kind name.
 pub fn builtin() -> Vec<StageMeta> {
     let mut v: Vec<StageMeta> = vec![
-        // one line per kind: StageMeta::of::<super::KIND_MODULE::Def>(),
         StageMeta::of::<super::ingest::Ingest>(),
         StageMeta::of::<super::filter::Filter>(),
         StageMeta::of::<super::split::Split>(),
