@@ -7,9 +7,14 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 DEV=${1:-cuda}
-PY=.venv/bin/python
-source .venv/bin/activate
-cargo build --release -q -p recflow-ml --bin recflow-worker
+# WORKER / PY: a pre-built worker and a python with torch + transformers
+# (e.g. on a lent GPU machine with no toolchain); default: build here.
+if [ -z "${WORKER:-}" ]; then
+  source scripts/setup.sh
+  cargo build --release -q -p recflow-ml --bin recflow-worker
+  WORKER=target/release/recflow-worker
+fi
+PY=${PY:-.venv/bin/python}
 WORK=${BENCH_WORK:-$ROOT/target/bench-train-cuda}
 mkdir -p "$WORK"
 $PY benches/train_bench.py cuda_model "$WORK"
@@ -34,7 +39,7 @@ PEAK_FILE="$D/gpu_mem.txt"; echo 0 > "$PEAK_FILE"
 POLL=$!
 trap 'kill $POLL 2>/dev/null || true' EXIT
 BASE=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-timeout 280 target/release/recflow-worker exec-stage "$D/spec.json" > "$D/events.jsonl"
+timeout 280 "$WORKER" exec-stage "$D/spec.json" > "$D/events.jsonl"
 kill $POLL 2>/dev/null || true
 $PY - "$D/out/metrics.json" "$PEAK_FILE" "$BASE" <<'PYEOF'
 import json, sys
