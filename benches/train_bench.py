@@ -91,7 +91,11 @@ def cuda_model(work):
     os.makedirs(work, exist_ok=True)
     d = os.path.join(work, "qwen2_0p5b_random")
     if not os.path.isdir(d):
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
+        # BENCH_TOKENIZER: a saved HF tokenizer dir (a GPU machine without models/).
+        if os.environ.get("BENCH_TOKENIZER"):
+            tok = AutoTokenizer.from_pretrained(os.environ["BENCH_TOKENIZER"])
+        else:
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
         torch.manual_seed(0)
         cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                           num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,

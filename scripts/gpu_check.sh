@@ -17,4 +17,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 echo "=== generation (bf16)"
 WORKER="$W" PYTHON="$PY" bash benches/llm_cuda.sh 2>&1 | tee "$LOG/llm_cuda.txt"
 echo "=== GRPO (bf16, LoRA, gradient checkpointing)"
+[ -d .gpu/smol_tok ] && export BENCH_TOKENIZER="$PWD/.gpu/smol_tok"
 WORKER="$W" PY="$PY" BENCH_WORK=/tmp/train_cuda bash benches/train_cuda.sh cuda 2>&1 | tee "$LOG/train_cuda.txt"
