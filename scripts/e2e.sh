@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # End-to-end checks through the real binaries (called by scripts/test.sh):
-#  1. every shipped pipeline validates with `run --dry-run --allow-missing`;
-#  2. the quickstart pipeline runs every stage kind end to end
+#  1. `status --check` of the quickstart against its committed lock, before
+#     anything runs: code or configs changed without regenerating the lock
+#     fail here (the data is absent; the lock's recorded hashes are trusted);
+#  2. every shipped pipeline validates with `run --dry-run --allow-missing`;
+#  3. the quickstart pipeline runs every stage kind end to end
 #     (synthetic → … → SFT → GRPO → eval + baselines → report);
-#  3. a rerun is all cache hits (asserted through `status --check`; the
+#  4. a rerun is all cache hits (asserted through `status --check`; the
 #     rerun's time is printed, not asserted);
-#  4. `verify --stage eval_sft` re-executes eval into a scratch store and
+#  5. `verify --stage eval_sft` re-executes eval into a scratch store and
 #     compares output hashes;
-#  5. `show` prints the methods table.
-# The learning gates of the quickstart (SFT valid rate, GRPO reward trend,
-# GRPO vs SFT) are printed by `show`; asserting them is open work (issue 7).
+#  6. the learning gates (scripts/gates.py): SFT valid rate ≥ 90%, GRPO's
+#     reward trend, GRPO's sampled test reward above SFT's; the table of
+#     every method's RMSE/MAE is printed next to them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 R=./target/debug/recflow
 export RECFLOW_CACHE="${RECFLOW_E2E_CACHE:-$ROOT/target/e2e-cache}"
 rm -rf "$RECFLOW_CACHE"
+
+echo "--- status --check against the committed lock (before running)"
+"$R" status --check pipelines/quickstart.yaml "$@"
 
 echo "--- dry-run of every shipped pipeline"
 for p in pipelines/*.yaml; do
@@ -39,3 +45,7 @@ echo "--- verify: eval re-executed in a scratch store"
 
 echo "--- show"
 "$R" show pipelines/quickstart.yaml
+
+echo "--- learning gates"
+"$R" show --json pipelines/quickstart.yaml > "$RECFLOW_CACHE/show.json"
+python3 scripts/gates.py pipelines/quickstart.lock "$RECFLOW_CACHE/show.json"

@@ -45,15 +45,18 @@ fn grads(checkpointing: bool, chunk: usize, lora: bool) -> Vec<Tensor> {
     write_toy_model(dir.path(), ToySpec::default()).unwrap();
     let mut m = Model::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
     let params = if lora {
-        tch::manual_seed(1);
-        m.add_lora(&recflow_ml::llm::LoraConfig { r: 4, alpha: 8.0, dropout: 0.2, target_modules: vec!["all-linear".into()] })
-            .unwrap();
-        // Non-zero B so the adapters carry gradient into A as well.
-        for (_, t) in m.lora_parameters() {
-            tch::no_grad(|| {
-                let _ = t.shallow_clone().normal_(0.0, 0.05);
-            });
-        }
+        // Seeded under the process-wide RNG lock: the other test of this
+        // binary draws from torch's global generator at the same time.
+        recflow_ml::train::with_torch_seed(1, || {
+            m.add_lora(&recflow_ml::llm::LoraConfig { r: 4, alpha: 8.0, dropout: 0.2, target_modules: vec!["all-linear".into()] })
+                .unwrap();
+            // Non-zero B so the adapters carry gradient into A as well.
+            for (_, t) in m.lora_parameters() {
+                tch::no_grad(|| {
+                    let _ = t.shallow_clone().normal_(0.0, 0.05);
+                });
+            }
+        });
         m.set_training(true);
         m.lora_parameters()
     } else {

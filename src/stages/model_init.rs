@@ -7,7 +7,8 @@
 //! tokenizer training text.
 //! Output: `model` — HF directory: `config.json`, `model.safetensors`,
 //! `tokenizer.json` (byte-level BPE with `<|endoftext|>`, `<|im_start|>`,
-//! `<|im_end|>` as ids 0, 1, 2), `tokenizer_config.json` (ChatML template),
+//! `<|im_end|>` as ids 0, 1, 2, and by default the answer grammar's tags as
+//! single tokens after the merges), `tokenizer_config.json` (ChatML template),
 //! `generation_config.json` (eos = `<|im_end|>`).
 //!
 //! Key: every config field and the corpus content; the stage seed. Weights
@@ -98,6 +99,12 @@ pub struct Config {
     /// Stored weight dtype: `float32` or `bfloat16`.
     #[serde(default = "d_dtype")]
     pub dtype: String,
+    /// The answer grammar's eight tags (`<analyze user>` … `</rate>`) become
+    /// single tokens of the vocabulary (added, not special: they decode as
+    /// text). A model trained from scratch then learns the format as eight
+    /// symbols instead of ~40 byte-pieces.
+    #[serde(default = "d_true")]
+    pub answer_tokens: bool,
 }
 
 pub struct ModelInit;

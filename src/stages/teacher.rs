@@ -120,6 +120,11 @@ pub struct Config {
     /// Appended to the last user message on hinted attempts; `{rating}` is replaced.
     #[serde(default = "d_hint")]
     pub hint_template: String,
+    /// `backend: cf`: `verbose` (full sentences, recent ratings and titles
+    /// quoted) or `concise` (the same evidence in about a third of the
+    /// tokens, for small students with short completion budgets).
+    #[serde(default)]
+    pub cf_style: crate::teacher::cf::CfStyle,
     // --- operational (outside the key) --------------------------------------
     #[serde(default = "d_concurrency")]
     pub concurrency: usize,
@@ -212,6 +217,9 @@ impl StageDef for Teacher {
                 }
             }
             Backend::Cf => {}
+        }
+        if c.backend != Backend::Cf && c.cf_style != crate::teacher::cf::CfStyle::default() {
+            return Err("`cf_style` applies to backend: cf only".into());
         }
         if c.backend != Backend::Local && (c.device.is_some() || c.dtype.is_some()) {
             return Err("`device` and `dtype` apply to backend: local only".into());

@@ -18,6 +18,12 @@
 //! On a rationalization retry the hint is honoured structurally: the trace
 //! argues for the hinted rating from the same evidence (the signals that
 //! point that way), without mentioning that a rating was supplied.
+//!
+//! Two styles ([`CfStyle`]) write the same evidence: `verbose` in full
+//! sentences quoting recent ratings and titles (~250 tokens of a small BPE),
+//! `concise` as short clauses with one-decimal numbers and the liked /
+//! disliked *attributes* instead of titles (~60–90 tokens), so a small
+//! student with a short completion budget can learn the whole answer.
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -44,12 +50,22 @@ struct Known {
     item_ratings: Vec<f32>,
 }
 
+/// How the `cf` teacher writes its reasoning (`with.cf_style`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CfStyle {
+    #[default]
+    Verbose,
+    Concise,
+}
+
 /// The `cf` backend.
 pub struct CfTeacher {
     samples: Arc<Vec<Sample>>,
     index: HistoryIndex,
     items: HashMap<String, ItemMeta>,
     scale: Scale,
+    style: CfStyle,
 }
 
 impl CfTeacher {
@@ -61,7 +77,12 @@ impl CfTeacher {
                 (it.item_id, meta)
             })
             .collect();
-        CfTeacher { samples, index: HistoryIndex::new(train), items, scale }
+        CfTeacher { samples, index: HistoryIndex::new(train), items, scale, style: CfStyle::default() }
+    }
+
+    pub fn with_style(mut self, style: CfStyle) -> Self {
+        self.style = style;
+        self
     }
 
     /// Earlier-only evidence and the bias prediction for one sample.
@@ -88,6 +109,101 @@ impl CfTeacher {
 
     /// The four-tag answer for one sample; `hint` = the rating to argue for.
     pub fn answer(&self, s: &Sample, hint: Option<f32>) -> Result<String, TeacherError> {
+        match self.style {
+            CfStyle::Verbose => self.answer_verbose(s, hint),
+            CfStyle::Concise => self.answer_concise(s, hint),
+        }
+    }
+
+    /// Attributes (categories) of `items`, most frequent first (ties by
+    /// name), at most `k`.
+    fn top_attributes<'a>(&self, items: impl Iterator<Item = &'a str>, k: usize) -> Vec<String> {
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for j in items {
+            for c in self.cats(j) {
+                *count.entry(c.as_str()).or_default() += 1;
+            }
+        }
+        let mut v: Vec<(&str, usize)> = count.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        v.into_iter().take(k).map(|(c, _)| c.to_string()).collect()
+    }
+
+    /// The `concise` style: the verbose trace's evidence as short clauses.
+    fn answer_concise(&self, s: &Sample, hint: Option<f32>) -> Result<String, TeacherError> {
+        let Known { mu, est: _, y, hist, item_ratings: item_r } = self.known(s)?;
+        let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+        let target_cats = self.cats(&s.item_id);
+        let user_ratings: Vec<f32> = hist.iter().map(|h| h.1).collect();
+        let liked = self.top_attributes(hist.iter().filter(|h| h.1 >= 4.0).map(|h| h.0.as_str()), 2);
+        let disliked = self.top_attributes(hist.iter().filter(|h| h.1 <= 2.0).map(|h| h.0.as_str()), 2);
+
+        // <analyze user>
+        let mut analyze_user = if hist.is_empty() {
+            format!("No earlier ratings; a typical user (mean {mu:.1}).")
+        } else {
+            format!("Average {:.1} over {}", mean(&user_ratings), ratings(hist.len()))
+        };
+        if !hist.is_empty() {
+            if !liked.is_empty() {
+                analyze_user.push_str(&format!("; likes {}", liked.join(", ")));
+            }
+            if !disliked.is_empty() {
+                analyze_user.push_str(&format!("; dislikes {}", disliked.join(", ")));
+            }
+            analyze_user.push('.');
+        }
+
+        // <analyze item>
+        let what = if target_cats.is_empty() { self.title(&s.item_id) } else { target_cats.join(", ") };
+        let analyze_item = if item_r.is_empty() {
+            format!("{what}; no earlier ratings.")
+        } else {
+            format!("{what}; average {:.1} over {}.", mean(&item_r), ratings(item_r.len()))
+        };
+
+        // <match>
+        let fits: Vec<&String> = target_cats.iter().filter(|c| liked.contains(c)).collect();
+        let clashes: Vec<&String> = target_cats.iter().filter(|c| disliked.contains(c)).collect();
+        let mut matching = String::new();
+        if !fits.is_empty() {
+            matching.push_str(&format!("Fits liked {}. ", fits.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ")));
+        }
+        if !clashes.is_empty() {
+            matching.push_str(&format!("Has disliked {}. ", clashes.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ")));
+        }
+        if fits.is_empty() && clashes.is_empty() {
+            matching.push_str("No clear taste signal. ");
+        }
+        matching.push_str(&format!("Estimate {y:.1}."));
+        let predicted = round_to_scale(y as f32, self.scale);
+        let rating = match hint {
+            None => predicted,
+            Some(h) => {
+                let h = round_to_scale(h, self.scale);
+                if h > predicted {
+                    let best = user_ratings.iter().copied().fold(f32::NAN, f32::max);
+                    if best.is_finite() && best >= h {
+                        matching.push_str(&format!(" They give up to {}, so higher: {}.", fmt_r(best), fmt_r(h)));
+                    } else {
+                        matching.push_str(&format!(" Nothing argues against it, so higher: {}.", fmt_r(h)));
+                    }
+                } else if h < predicted {
+                    let worst = user_ratings.iter().copied().fold(f32::NAN, f32::min);
+                    if worst.is_finite() && worst <= h {
+                        matching.push_str(&format!(" They give as low as {}, so lower: {}.", fmt_r(worst), fmt_r(h)));
+                    } else {
+                        matching.push_str(&format!(" Not an obvious fit, so lower: {}.", fmt_r(h)));
+                    }
+                }
+                h
+            }
+        };
+        Ok(crate::answer::render(&analyze_user, &analyze_item, &matching, rating))
+    }
+
+    /// The `verbose` style.
+    fn answer_verbose(&self, s: &Sample, hint: Option<f32>) -> Result<String, TeacherError> {
         let Known { mu, est, y, hist, item_ratings: item_r } = self.known(s)?;
         let (b_u, b_i) = (est.user_bias, est.item_bias);
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
@@ -199,6 +315,15 @@ impl CfTeacher {
     }
 }
 
+/// "1 rating", "3 ratings".
+fn ratings(n: usize) -> String {
+    if n == 1 {
+        "1 rating".into()
+    } else {
+        format!("{n} ratings")
+    }
+}
+
 fn fmt_r(r: f32) -> String {
     if r.fract() == 0.0 {
         format!("{}", r as i64)
@@ -289,13 +414,31 @@ mod tests {
 
     #[test]
     fn hinted_answers_argue_for_the_hint_without_leaking() {
-        let t = teacher();
-        let s = sample("u", "t", 10, 4.0);
-        for h in [1.0, 2.0, 3.0, 4.0, 5.0] {
-            let text = t.answer(&s, Some(h)).unwrap();
-            let a = crate::answer::parse(&text, Scale::default()).expect("valid format");
-            assert_eq!(a.rating, h, "the hinted rating is the conclusion");
-            assert_eq!(crate::teacher::leak::find_leak(&text), None, "cf never leaks the hint: {text}");
+        for style in [CfStyle::Verbose, CfStyle::Concise] {
+            let t = teacher().with_style(style);
+            let s = sample("u", "t", 10, 4.0);
+            for h in [1.0, 2.0, 3.0, 4.0, 5.0] {
+                let text = t.answer(&s, Some(h)).unwrap();
+                let a = crate::answer::parse(&text, Scale::default()).expect("valid format");
+                assert_eq!(a.rating, h, "{style:?}: the hinted rating is the conclusion");
+                assert_eq!(crate::teacher::leak::find_leak(&text), None, "cf never leaks the hint: {text}");
+            }
         }
+    }
+
+    #[test]
+    fn concise_style_carries_the_same_evidence_in_fewer_words() {
+        let s = sample("u", "t", 10, 4.0);
+        let verbose = teacher().answer(&s, None).unwrap();
+        let concise = teacher().with_style(CfStyle::Concise).answer(&s, None).unwrap();
+        let a = crate::answer::parse(&concise, Scale::default()).expect("valid format");
+        let b = crate::answer::parse(&verbose, Scale::default()).unwrap();
+        assert_eq!(a.rating, b.rating, "both styles conclude with the same bias prediction");
+        // User: ratings 5 (Alpha, Rock) and 1 (b, no metadata) → average 3.0, likes Rock.
+        assert!(a.analyze_user.contains("Average 3.0 over 2 ratings") && a.analyze_user.contains("likes Rock"), "user evidence: {}", a.analyze_user);
+        // Item t: one earlier rating by another user (2), the later 5 unseen.
+        assert!(a.analyze_item.contains("Rock; average 2.0 over 1 rating."), "item evidence, earlier only: {}", a.analyze_item);
+        assert!(a.matching.contains("Fits liked Rock"), "taste match: {}", a.matching);
+        assert!(concise.len() * 2 < verbose.len(), "concise is much shorter:\n{concise}\n{verbose}");
     }
 }

@@ -455,7 +455,7 @@ pub fn default_backend(cfg: &Config, inp: &BackendInputs) -> anyhow::Result<Arc<
         Backend::Cf => {
             let train = crate::data::io::read_interactions(&inp.train)?;
             let items = crate::data::io::read_items(&inp.items)?;
-            Ok(Arc::new(super::cf::CfTeacher::new(inp.samples.clone(), train, items, cfg.scale)))
+            Ok(Arc::new(super::cf::CfTeacher::new(inp.samples.clone(), train, items, cfg.scale).with_style(cfg.cf_style)))
         }
         Backend::Local => anyhow::bail!(
             "backend: local runs a model with recflow's generation engine, which lives in recflow-worker \

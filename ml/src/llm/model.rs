@@ -542,7 +542,8 @@ impl Model {
     }
 
     /// Adds a LoRA adapter to every targeted linear layer of every block
-    /// (draws `A` from tch's global generator: call `tch::manual_seed` first).
+    /// (draws `A` from tch's global generator: seed it with
+    /// `train::with_torch_seed` around this call).
     pub fn add_lora(&mut self, cfg: &LoraConfig) -> Result<()> {
         if cfg.r <= 0 {
             return Err(LlmError::Invalid(format!("LoRA r must be > 0, got {}", cfg.r)));

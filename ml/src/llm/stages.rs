@@ -63,8 +63,9 @@ pub fn corpus_texts(path: &Path) -> anyhow::Result<Vec<String>> {
 pub const INIT_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 /// Trains a byte-level BPE tokenizer on `texts` and writes `tokenizer.json`
-/// into `dir`; returns the vocabulary size.
-pub fn train_bpe(texts: &[String], vocab_size: usize, min_frequency: u64, dir: &Path) -> anyhow::Result<usize> {
+/// into `dir`; `extra` are added (non-special) tokens appended after the
+/// merges, each kept whole by the pre-tokenizer. Returns the vocabulary size.
+pub fn train_bpe(texts: &[String], vocab_size: usize, min_frequency: u64, extra: &[&str], dir: &Path) -> anyhow::Result<usize> {
     use tokenizers::models::bpe::{BpeTrainer, BPE};
     use tokenizers::models::{ModelWrapper, TrainerWrapper};
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -86,6 +87,8 @@ pub fn train_bpe(texts: &[String], vocab_size: usize, min_frequency: u64, dir: &
     );
     tok.train(&mut trainer, texts.iter()).map_err(|e| anyhow::anyhow!("BPE training failed: {e}"))?;
     tok.add_special_tokens(&specials);
+    let extra: Vec<AddedToken> = extra.iter().map(|t| AddedToken::from(t.to_string(), false).normalized(false)).collect();
+    tok.add_tokens(&extra);
     let path = dir.join("tokenizer.json");
     tok.save(&path, true).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     Ok(tok.get_vocab_size(true))
@@ -109,7 +112,12 @@ fn normal(rng: &mut rand_chacha::ChaCha8Rng, shape: &[i64], std: f64) -> Tensor 
 /// Writes a randomly initialised model + trained tokenizer into `out`.
 pub fn init_model(cfg: &InitConfig, texts: &[String], seed: u64, out: &Path) -> anyhow::Result<ModelConfig> {
     std::fs::create_dir_all(out)?;
-    let vocab = train_bpe(texts, cfg.vocab_size, cfg.min_frequency, out)?;
+    let tags: Vec<&str> = if cfg.answer_tokens {
+        recflow::answer::TAGS.iter().flat_map(|(_, open, close)| [*open, *close]).collect()
+    } else {
+        Vec::new()
+    };
+    let vocab = train_bpe(texts, cfg.vocab_size, cfg.min_frequency, &tags, out)?;
     let arch = if cfg.architecture == "llama" { "LlamaForCausalLM" } else { "Qwen2ForCausalLM" };
     let mut j = serde_json::json!({
         "architectures": [arch], "model_type": cfg.architecture, "vocab_size": vocab,

@@ -172,6 +172,14 @@ impl Log {
         Ok(())
     }
 
+    /// The non-null values of column `name`, in step order (empty when absent).
+    pub fn column(&self, name: &str) -> Vec<f64> {
+        match self.columns.iter().position(|c| c == name) {
+            Some(j) => self.rows.iter().filter_map(|r| r[j]).collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// Keeps the first `n` rows (resume: rows past the checkpoint are redone).
     pub fn truncate(&mut self, n: usize) {
         self.steps.truncate(n);

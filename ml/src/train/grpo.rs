@@ -401,6 +401,15 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     m.insert("best_step".into(), serde_json::json!(state.best_step));
     m.insert("best_val_rmse".into(), serde_json::json!(state.best_metric()));
     m.insert("nonfinite_steps".into(), serde_json::json!(nonfinite_steps));
+    // The learning trend, from the log (deterministic: no timings): mean
+    // sampled reward over the first and the last 10% of steps (at least one
+    // step each), and the mean fraction of zero-variance groups.
+    let rewards = log.column("reward_mean");
+    let k = rewards.len().div_ceil(10).max(1);
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    m.insert("reward_first_decile".into(), serde_json::json!(mean(&rewards[..k.min(rewards.len())])));
+    m.insert("reward_last_decile".into(), serde_json::json!(mean(&rewards[rewards.len().saturating_sub(k)..])));
+    m.insert("frac_reward_zero_std_mean".into(), serde_json::json!(mean(&log.column("frac_reward_zero_std"))));
     m.insert("wall_s".into(), serde_json::json!(wall));
     m.insert("generation_s".into(), serde_json::json!(t_gen));
     m.insert("reference_s".into(), serde_json::json!(t_ref));

@@ -99,9 +99,13 @@ pub struct RunOpts {
     pub dropout_seed: Option<u64>,
 }
 
-fn seed_layer(opts: &RunOpts, layer: usize) {
-    if let Some(s) = opts.dropout_seed {
-        tch::manual_seed(super::derive_seed(s, layer as u64, 0x1a7e) as i64 & i64::MAX);
+/// Runs layer `layer`'s forward `f`; with a dropout seed, torch's generator
+/// is re-seeded to `seed + layer` first (under the process-wide RNG lock), so
+/// the recomputed forward of checkpointing draws the same masks.
+fn seeded_layer<T>(opts: &RunOpts, layer: usize, f: impl FnOnce() -> T) -> T {
+    match opts.dropout_seed {
+        Some(s) => super::with_torch_seed(super::derive_seed(s, layer as u64, 0x1a7e), f),
+        None => f(),
     }
 }
 
@@ -174,15 +178,13 @@ pub fn backward(
         let mut h = tch::autocast(opts.autocast, || model.embed(&batch.ids));
         for (i, l) in layers.iter().enumerate() {
             saved.push(h.shallow_clone());
-            seed_layer(opts, i);
-            h = tch::autocast(opts.autocast, || l.forward(&h, &ctx, None));
+            h = seeded_layer(opts, i, || tch::autocast(opts.autocast, || l.forward(&h, &ctx, None)));
         }
         trunk_out = h.detach().set_requires_grad(true);
     } else {
         let mut h = tch::autocast(opts.autocast, || model.embed(&batch.ids));
         for (i, l) in layers.iter().enumerate() {
-            seed_layer(opts, i);
-            h = tch::autocast(opts.autocast, || l.forward(&h, &ctx, None));
+            h = seeded_layer(opts, i, || tch::autocast(opts.autocast, || l.forward(&h, &ctx, None)));
         }
         trunk_out = h;
     }
@@ -226,8 +228,7 @@ pub fn backward(
                     break;
                 }
                 let x = saved[i].detach().set_requires_grad(true);
-                seed_layer(opts, i);
-                let y = tch::autocast(opts.autocast, || layers[i].forward(&x, &ctx, None)); // recompute
+                let y = seeded_layer(opts, i, || tch::autocast(opts.autocast, || layers[i].forward(&x, &ctx, None))); // recompute
                 grad_into(&y, &grad_h)?;
                 grad_h = x.grad();
             }

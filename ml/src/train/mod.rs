@@ -55,6 +55,21 @@ impl TrainError {
     }
 }
 
+/// torch's random generator is process-global. A worker process runs one
+/// stage, but the test harness runs several trainings in one process at once,
+/// and another thread drawing between our `manual_seed` and our draws would
+/// change the numbers (the cause of a flaky gradient test). Every "seed, then
+/// draw" section runs inside [`with_torch_seed`], which holds this lock.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f` with torch's global generator seeded to `seed`, no other
+/// [`with_torch_seed`] section interleaving.
+pub fn with_torch_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed((seed & i64::MAX as u64) as i64);
+    f()
+}
+
 /// splitmix64 over `(seed, a, b)`: independent, reproducible sub-seeds.
 pub fn derive_seed(seed: u64, a: u64, b: u64) -> u64 {
     let mut x = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);

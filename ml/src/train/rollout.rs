@@ -36,10 +36,8 @@ pub fn load_trainee(
     let tok = Tokenizer::load(dir).map_err(llm)?;
     let trainable = match lora {
         Some((r, alpha, dropout)) => {
-            tch::manual_seed(super::derive_seed(seed, 0x10ea, 0) as i64 & i64::MAX);
-            model
-                .add_lora(&LoraConfig { r: r as i64, alpha, dropout, target_modules: vec!["all-linear".into()] })
-                .map_err(llm)?;
+            let cfg = LoraConfig { r: r as i64, alpha, dropout, target_modules: vec!["all-linear".into()] };
+            super::with_torch_seed(super::derive_seed(seed, 0x10ea, 0), || model.add_lora(&cfg)).map_err(llm)?;
             model.lora_parameters()
         }
         None => {

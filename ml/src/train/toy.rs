@@ -97,7 +97,10 @@ pub fn write_toy_model(dir: &Path, spec: ToySpec) -> Result<(), TrainError> {
         }),
     )?;
     // Weights: N(0, 0.02) like HF's `initializer_range`, norms at 1.
-    tch::manual_seed(spec.seed);
+    super::with_torch_seed(spec.seed as u64, || write_toy_weights(dir, spec, v))
+}
+
+fn write_toy_weights(dir: &Path, spec: ToySpec, v: i64) -> Result<(), TrainError> {
     let hd = spec.hidden / spec.heads;
     let n = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, tch::Device::Cpu)) * 0.02;
     let mut t: Vec<(String, Tensor)> = vec![("model.embed_tokens.weight".into(), n(&[v, spec.hidden]))];
