@@ -41,6 +41,18 @@ impl StageDef for ScaleLines {
         }
         Ok(())
     }
+    /// Described to the runner, which then rejects a bad `with:` when it
+    /// plans (file:line:col, exit 2) instead of when the stage runs.
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(serde_json::json!({
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {
+                "factor": {"type": "integer", "minimum": 1, "maximum": 1000},
+                "log_every": {"type": "integer", "minimum": 1}
+            }
+        }))
+    }
 }
 
 impl Stage for ScaleLines {

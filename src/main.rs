@@ -218,8 +218,12 @@ fn real_main(cli: Cli) -> Result<i32, RunError> {
             let sel = Selection { only, from, force };
             if dry_run {
                 let pl = load(&p, allow_missing, false)?;
-                print!("{}", exec::dry_run(&pl, &sel)?);
-                return Ok(0);
+                let (plan, errors) = exec::dry_run(&pl, &sel, allow_missing)?;
+                print!("{plan}");
+                for e in &errors {
+                    eprintln!("error: {e}");
+                }
+                return Ok(if errors.is_empty() { 0 } else { 2 });
             }
             let pl = load(&p, false, false)?;
             for w in &pl.warnings {

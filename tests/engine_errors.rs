@@ -118,3 +118,123 @@ fn bad_flags_and_overrides() {
     let o = p.run(&["run", "nope.yaml"]);
     assert_eq!(o.status.code(), Some(2), "missing pipeline file is bad input");
 }
+
+/// A minimal valid GGUF header (version 3, one tensor, one metadata entry).
+fn gguf_bytes() -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.extend(std::iter::repeat_n(0u8, 64));
+    b
+}
+
+/// A minimal HF model dir: config.json + a one-tensor safetensors file.
+fn write_hf_model(p: &Proj, dir: &str) {
+    p.write(&format!("{dir}/config.json"), r#"{"model_type": "qwen2"}"#);
+    let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header);
+    b.extend_from_slice(&[0, 0, 128, 63]);
+    std::fs::write(p.path(&format!("{dir}/model.safetensors")), b).unwrap();
+}
+
+#[test]
+fn dry_run_checks_that_models_are_readable() {
+    let p = Proj::new();
+    p.write("samples.parquet", "x");
+    p.write("train.parquet", "x");
+    let yaml = "stages:\n  imp:\n    uses: model_import\n    with:\n      source: m.gguf\n  ev:\n    uses: eval\n    inputs:\n      model: base\n      samples: samples.parquet\n      train: train.parquet\n";
+    p.write("p.yaml", yaml);
+    p.write("m.gguf", "this is text, not a model");
+    write_hf_model(&p, "base");
+    let o = p.run(&["run", "p.yaml", "--dry-run"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "an unreadable GGUF source is bad input: {err}");
+    assert!(err.contains("p.yaml:5:7") && err.contains("neither a GGUF"), "names the field's position and what is wrong: {err}");
+    std::fs::write(p.path("m.gguf"), gguf_bytes()).unwrap();
+    let o = p.run(&["run", "p.yaml", "--dry-run"]);
+    assert_eq!(o.status.code(), Some(0), "a readable GGUF and HF dir pass: {}", String::from_utf8_lossy(&o.stderr));
+    // The eval model without weights: the dry run says so (and which input).
+    std::fs::remove_file(p.path("base/model.safetensors")).unwrap();
+    let o = p.run(&["run", "p.yaml", "--dry-run"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "a model dir without weights is bad input: {err}");
+    assert!(err.contains("p.yaml:9:7") && err.contains("no model.safetensors"), "points at `model:` and names the missing file: {err}");
+    std::fs::remove_file(p.path("base/config.json")).unwrap();
+    let o = p.run(&["run", "p.yaml", "--dry-run", "--allow-missing"]);
+    assert_eq!(o.status.code(), Some(2), "--allow-missing never excuses a present but unreadable model");
+    // Absent models are external inputs: warnings with --allow-missing.
+    std::fs::remove_dir_all(p.path("base")).unwrap();
+    std::fs::remove_file(p.path("m.gguf")).unwrap();
+    let o = p.run(&["run", "p.yaml", "--dry-run", "--allow-missing"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "absent models are warnings with --allow-missing: {out}");
+    assert!(out.contains("warning") && out.contains("m.gguf") && out.contains("base"), "both absent models are named: {out}");
+    let o = p.run(&["run", "p.yaml", "--dry-run"]);
+    assert_eq!(o.status.code(), Some(2), "absent models are errors without --allow-missing");
+    assert!(!p.path("cache/records").exists() && !p.path("cache/objects").exists(), "a dry run stores nothing");
+}
+
+fn teacher_samples(n: usize) -> Vec<recflow::data::Sample> {
+    (0..n)
+        .map(|i| recflow::data::Sample {
+            sample_id: format!("s{i}"),
+            user_id: format!("u{i}"),
+            item_id: format!("i{i}"),
+            timestamp: i as i64,
+            messages: vec![recflow::teacher::Message { role: "user".into(), content: "x".repeat(400 + 40 * i) }],
+            target: 4.0,
+            user_history_len: 1,
+            item_history_len: 1,
+        })
+        .collect()
+}
+
+#[test]
+fn dry_run_previews_the_teachers_cost_and_checks_its_key() {
+    let server = recflow::teacher::testserver::TestServer::start(Default::default()).unwrap();
+    let p = Proj::new();
+    let samples = teacher_samples(3);
+    recflow::data::io::write_samples(&p.path("samples.parquet"), &samples).unwrap();
+    p.write("train.parquet", "x");
+    p.write("items.parquet", "x");
+    let yaml = format!(
+        "stages:\n  t:\n    uses: teacher\n    inputs: {{samples: samples.parquet, train: train.parquet, items: items.parquet}}\n    with:\n      backend: openai\n      base_url: {}\n      model: m\n      api_key_env: RF_TEST_TEACHER_KEY\n      max_tokens: 100\n      max_rationalize: 1\n      price_in_per_mtok: 1.5\n      price_out_per_mtok: 6\n",
+        server.base_url()
+    );
+    p.write("p.yaml", &yaml);
+    let run = |extra: &[&str], key: Option<&str>| {
+        let mut args = vec!["run", "p.yaml", "--dry-run"];
+        args.extend_from_slice(extra);
+        let mut c = p.cmd(&args);
+        c.env_remove("RF_TEST_TEACHER_KEY");
+        if let Some(k) = key {
+            c.env("RF_TEST_TEACHER_KEY", k);
+        }
+        c.output().unwrap()
+    };
+    let o = run(&[], None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "an unset API key variable is bad input: {err}");
+    assert!(err.contains("p.yaml:9:7") && err.contains("RF_TEST_TEACHER_KEY"), "names the variable and where it is set: {err}");
+    let o = run(&["--allow-missing"], None);
+    assert_eq!(o.status.code(), Some(0), "an absent key is a warning with --allow-missing");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("warning"), "and is still reported");
+    let o = run(&[], Some("sk-test"));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "with the key set the dry run passes: {}", String::from_utf8_lossy(&o.stderr));
+    // The printed numbers are the teacher's own preview of this config.
+    let cfg: recflow::stages::teacher::Config = serde_json::from_value(serde_json::json!({
+        "backend": "openai", "base_url": server.base_url(), "model": "m", "api_key_env": "RF_TEST_TEACHER_KEY",
+        "max_tokens": 100, "max_rationalize": 1, "price_in_per_mtok": 1.5, "price_out_per_mtok": 6.0
+    }))
+    .unwrap();
+    let pv = recflow::teacher::run::preview(&cfg, &samples);
+    assert!(pv.paid && pv.est_cost_first_usd > 0.0, "the preview of a paid backend has a cost");
+    let want = format!("3 samples → 3 requests (≤ 6 with rationalization), ~{} prompt tokens, ≤ 300 completion tokens", pv.est_tokens_in);
+    assert!(out.contains(&want), "the dry run prints requests and tokens ({want}): {out}");
+    assert!(out.contains(&format!("est. cost ${:.4}", pv.est_cost_first_usd)), "and the estimated cost: {out}");
+    assert!(!out.contains("sk-test"), "the key never appears in the output");
+    assert_eq!(server.total_requests(), 0, "nothing is bought by a dry run");
+}

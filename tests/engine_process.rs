@@ -261,12 +261,22 @@ stages:
     assert_eq!(out("two"), 2, "stages/KIND.yaml defaults apply automatically");
     assert_eq!(out("three"), 3, "`extends:` picks another defaults file, which may extend the kind's");
     assert_eq!(out("own"), 1, "`with:` wins over defaults");
+    // A custom kind's config is checked when the runner plans, from the
+    // schema in its worker's (cached) `describe --json`: bad input, exit 2,
+    // pointing at the field, before any stage runs.
+    let records_before = std::fs::read_dir(p.path("cache/records")).unwrap().count();
     p.write("p.yaml", &yaml.replace("with: {factor: 1}", "with: {factor: 0}"));
-    let o = p.run(&["run", "p.yaml"]);
-    // A custom kind's config is checked by its worker (the runner only has
-    // its described structure): the stage fails and shows the kind's message.
-    assert_eq!(o.status.code(), Some(1), "a config the custom kind rejects fails the stage");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("`factor` must be between 1 and 1000"), "the kind's own message is shown");
+    for args in [&["run", "p.yaml"][..], &["run", "p.yaml", "--dry-run"][..]] {
+        let o = p.run(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "`{}`: a config outside the kind's schema is bad input: {err}", args.join(" "));
+        assert!(err.contains("p.yaml:14:12"), "the error points at the field in `with:`: {err}");
+        assert!(err.contains("`factor` must be ≥ 1"), "names the field and the bound: {err}");
+    }
+    p.write("p.yaml", &yaml.replace("with: {factor: 1}", "with: {factr: 2}"));
+    let err = String::from_utf8_lossy(&p.run(&["run", "p.yaml"]).stderr).into_owned();
+    assert!(err.contains("unknown field `factr`"), "an unknown field of a custom kind is caught at plan time: {err}");
+    assert_eq!(std::fs::read_dir(p.path("cache/records")).unwrap().count(), records_before, "nothing ran or was recorded");
 }
 
 #[test]
@@ -290,4 +300,127 @@ fn two_pipelines_in_two_projects_share_one_store_via_recflow_cache() {
     assert_eq!(n, 1, "the shared key ran once; the other pipeline waited and reused it");
     assert_eq!((p1.read("out.txt"), p2.read("out.txt")), ("same\n".into(), "same\n".into()), "both workspaces get the output");
     assert!(!p1.path("cache").exists(), "RECFLOW_CACHE moves the store out of the project");
+}
+
+/// Objects in the store (each one is written by a commit).
+fn object_count(p: &Proj) -> usize {
+    store_objects(p.dir.path()).len()
+}
+
+/// A stage whose output is a directory of `N_FILES` distinct files, so that
+/// committing it (one fsynced object per file, then the manifest, the
+/// record and the lock) takes long enough to kill the runner inside it.
+/// `v` changes every file's content: each attempt commits new objects.
+const N_FILES: usize = 1000;
+fn many_files_pipeline(v: u32) -> String {
+    format!(
+        r#"
+stages:
+  first:
+    cmd: "echo x >> .count_first; echo 1 > first.txt"
+    outs: [first.txt]
+  many:
+    cmd: 'mkdir -p many; i=0; while [ $i -lt {N_FILES} ]; do echo "$i v{v}" > many/f$i.txt; i=$((i+1)); done; echo {v} > many.done'
+    deps: [first.txt]
+    outs: [many, many.done]
+  after:
+    cmd: "ls many | wc -l > after.txt; cat many/f7.txt many.done >> after.txt"
+    deps: [many, many.done]
+    outs: [after.txt]
+"#
+    )
+}
+
+/// Every file under `dir` with its bytes, sorted by relative path.
+fn tree_bytes(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(e.path());
+            } else {
+                let rel = e.path().strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                v.push((rel, std::fs::read(e.path()).unwrap_or_default()));
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn kill_runner_while_it_commits_outputs_then_rerun() {
+    // Reference: an uninterrupted run in a project of its own.
+    let reference = Proj::new();
+    let p = Proj::new();
+    // The upstream stage completes first, so every kill below lands in `many`'s commit.
+    let full = many_files_pipeline(0);
+    p.write("p.yaml", &full[..full.find("  many:").unwrap()]);
+    p.ok(&["run", "p.yaml", "-q"]);
+    // Kill points, as fractions of the objects this attempt commits: the
+    // first object, the middle, the last files (then manifest, record, lock).
+    for (v, frac) in [(1u32, 0.0), (2, 0.5), (3, 0.97)] {
+        reference.write("p.yaml", &many_files_pipeline(v));
+        reference.ok(&["run", "p.yaml", "-q"]);
+        p.write("p.yaml", &many_files_pipeline(v));
+        let before = object_count(&p);
+        let target = before + 1 + (frac * N_FILES as f64) as usize;
+        let mut child = p.cmd(&["run", "p.yaml", "-q"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+        // Poll tightly: the commit of one attempt takes a fraction of a second to seconds.
+        let t0 = std::time::Instant::now();
+        while object_count(&p) < target && t0.elapsed() < Duration::from_secs(120) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // SAFETY: signals the runner we started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        // Whatever the kill interrupted, the store holds only whole objects.
+        let o = p.run(&["cache", "verify"]);
+        assert!(
+            o.status.success(),
+            "v{v}: a runner killed while committing leaves no corrupt object: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        p.ok(&["run", "p.yaml", "-q"]);
+        assert_eq!(p.count("first"), 1, "v{v}: the completed upstream stage is reused, never rerun");
+        assert_eq!(
+            tree_bytes(&p.path("many")),
+            tree_bytes(&reference.path("many")),
+            "v{v}: the directory output equals an uninterrupted run's"
+        );
+        assert_eq!(p.read("after.txt"), reference.read("after.txt"), "v{v}: the downstream output equals an uninterrupted run's");
+        assert_eq!(p.read("many.done"), format!("{v}\n"), "v{v}: the second output of the stage is there");
+        let o = p.run(&["cache", "verify"]);
+        assert!(o.status.success(), "v{v}: the store is intact after the rerun: {}", String::from_utf8_lossy(&o.stdout));
+        p.ok(&["status", "p.yaml", "--check"]);
+        let again = p.ok(&["run", "p.yaml"]);
+        assert!(!again.contains(" ran "), "v{v}: after the rerun everything is cached: {again}");
+    }
+}
+
+#[test]
+fn stages_receive_the_resolved_store_location() {
+    let p = Proj::new();
+    p.write(
+        "p.yaml",
+        "stages:\n  where:\n    cmd: 'printf \"%s\" \"$RECFLOW_CACHE\" > where.txt'\n    outs: [where.txt]\n",
+    );
+    p.ok(&["run", "p.yaml", "-q"]);
+    assert_eq!(
+        p.read("where.txt"),
+        p.path("cache").to_string_lossy(),
+        "the default store (project root's cache/) is exported as RECFLOW_CACHE"
+    );
+    let store = tempfile::tempdir().unwrap();
+    let o = p.cmd(&["run", "p.yaml", "-q"]).env("RECFLOW_CACHE", store.path()).output().unwrap();
+    assert!(o.status.success(), "run with a moved store: {o:?}");
+    assert_eq!(p.read("where.txt"), store.path().to_string_lossy(), "a store moved by RECFLOW_CACHE is what stages see");
+    // verify re-executes into a scratch store, but stages still see the
+    // project's store (the teacher's response cache must be reused, not re-bought).
+    let o = p.cmd(&["verify", "p.yaml"]).env("RECFLOW_CACHE", store.path()).output().unwrap();
+    assert!(o.status.success(), "verify sees the same RECFLOW_CACHE as the run: {}", String::from_utf8_lossy(&o.stdout));
 }

@@ -10,6 +10,7 @@
 //! it to exit code 2 before anything touches the store.
 pub mod graph;
 pub mod resolve;
+pub mod schema;
 pub mod spec;
 pub mod yaml;
 

@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::spec::{Body, Outs, PipelineSpec, StageSpec};
 use super::yaml::{self, Loc, Node, Pos, Val};
 use super::PipelineError;
+use crate::stages::model_files::ModelForm;
 use crate::stages::{InputSpec, OutputKind, OutputSpec};
 
 /// How to resolve: overrides and leniency.
@@ -87,6 +88,11 @@ pub struct ResolvedStage {
     pub gpus: u32,
     /// Upstream expanded stages.
     pub deps: Vec<String>,
+    /// Inputs (names as in [`Self::inputs`]) that hold models, and their form.
+    pub model_inputs: BTreeMap<String, ModelForm>,
+    /// Where each input (by name) and each top-level `with:` field (as
+    /// `with.FIELD`) was written, for messages about their content.
+    pub positions: BTreeMap<String, Pos>,
 }
 
 impl ResolvedStage {
@@ -146,11 +152,15 @@ pub struct KindInfo {
     pub operational: Vec<String>,
     pub path_fields: Vec<String>,
     pub uses_device: bool,
+    /// Inputs holding models (checked readable by `--dry-run`).
+    pub model_inputs: BTreeMap<String, ModelForm>,
     pub inputs: Vec<InputSpec>,
     pub check: Option<CheckFn>,
     pub outputs_fn: Option<OutputsFn>,
     /// Outputs from `describe --json` (custom kinds).
     pub outputs: Vec<OutputSpec>,
+    /// Config schema from `describe --json` (custom kinds; checked at plan time).
+    pub config_schema: Option<Value>,
 }
 
 impl KindInfo {
@@ -161,10 +171,12 @@ impl KindInfo {
             operational: m.operational.iter().map(|s| s.to_string()).collect(),
             path_fields: m.path_fields.iter().map(|s| s.to_string()).collect(),
             uses_device: m.uses_device,
+            model_inputs: m.model_inputs.iter().map(|(n, f)| (n.to_string(), *f)).collect(),
             inputs: m.inputs.clone(),
             check: Some(m.check),
             outputs_fn: Some(m.outputs),
             outputs: vec![],
+            config_schema: None,
         }
     }
 
@@ -182,12 +194,17 @@ impl KindInfo {
             operational: s("operational")?,
             path_fields: s("path_fields")?,
             uses_device: v.get("uses_device").and_then(|k| k.as_bool()).unwrap_or(false),
+            model_inputs: match v.get("model_inputs") {
+                None | Some(Value::Null) => BTreeMap::new(),
+                Some(x) => serde_json::from_value(x.clone()).map_err(|e| format!("`model_inputs`: {e}"))?,
+            },
             inputs: serde_json::from_value(v.get("inputs").cloned().unwrap_or(Value::Array(vec![])))
                 .map_err(|e| format!("`inputs`: {e}"))?,
             check: None,
             outputs_fn: None,
             outputs: serde_json::from_value(v.get("outputs").cloned().unwrap_or(Value::Array(vec![])))
                 .map_err(|e| format!("`outputs`: {e}"))?,
+            config_schema: v.get("config_schema").filter(|s| !s.is_null()).cloned(),
         })
     }
 
@@ -841,6 +858,8 @@ fn resolve_stage(
     };
 
     let mut inputs: BTreeMap<String, Vec<InputRef>> = BTreeMap::new();
+    let mut model_inputs = BTreeMap::new();
+    let mut positions: BTreeMap<String, Pos> = BTreeMap::new();
     let (action, config_key, config_run, device) = match &st.body {
         Body::Builtin { uses, uses_pos, inputs: ins, with, extends } => {
             let info = kinds.get(uses).ok_or_else(|| {
@@ -887,6 +906,7 @@ fn resolve_stage(
                     return Err(here(inode.pos, format!("input `{iname}` of kind `{uses}` takes one path, not a list")));
                 }
                 inputs.insert(iname.clone(), srcs);
+                positions.insert(iname.clone(), *ipos);
             }
             for i in &info.inputs {
                 if i.required && !inputs.contains_key(&i.name) {
@@ -909,6 +929,9 @@ fn resolve_stage(
             }
             // Config check (defaults, types, ranges) on the run value.
             let with_pos = with.pos;
+            if let Val::Map(m) = &with.val {
+                positions.extend(m.iter().map(|(k, p, _)| (format!("with.{k}"), *p)));
+            }
             let full_run = match info.check {
                 Some(check) => check(&r).map_err(|m| {
                     // Point at the offending field when serde names it.
@@ -918,6 +941,15 @@ fn resolve_stage(
                 None => {
                     if !r.is_object() {
                         return Err(here(with_pos, "`with:` must be a mapping".into()));
+                    }
+                    // A custom kind: its described schema, at plan time.
+                    if let Some(schema) = &info.config_schema {
+                        super::schema::check(schema, &r).map_err(|v| {
+                            let first = v.path.split('.').next().unwrap_or_default();
+                            let pos = with.key_pos(first).unwrap_or(with_pos);
+                            let field = if v.path.is_empty() { String::new() } else { format!("`{}` ", v.path) };
+                            here(pos, format!("stage `{}` (kind `{uses}`): invalid `with:`: {field}{}", st.name, v.msg))
+                        })?;
                     }
                     r.clone()
                 }
@@ -947,6 +979,7 @@ fn resolve_stage(
                     }
                 }
             }
+            model_inputs = info.model_inputs.clone();
             let action = Action::Builtin { kind: uses.clone(), version: info.version, uses_device: info.uses_device, outputs };
             (action, full_key, full_run, device)
         }
@@ -1053,6 +1086,8 @@ fn resolve_stage(
         device,
         gpus: st.gpus,
         deps,
+        model_inputs,
+        positions,
     })
 }
 

@@ -95,12 +95,17 @@ pub(crate) struct Engine {
     pub scratch: bool,
     /// Update the lock file after each stage.
     pub write_lock: bool,
+    /// The project's store, exported to every stage as `RECFLOW_CACHE` (the
+    /// teacher's response cache lives there). Verify's scratch store differs:
+    /// re-execution reuses bought answers instead of paying for them again.
+    pub home: PathBuf,
 }
 
 impl Engine {
     pub fn new(p: Pipeline, store: Store, quiet: bool) -> Self {
         let sc = StatCache::load(&store.dir);
         let mp = MultiProgress::new();
+        let home = store.dir.clone();
         if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             mp.set_draw_target(ProgressDrawTarget::hidden());
         }
@@ -114,6 +119,7 @@ impl Engine {
             quiet,
             scratch: false,
             write_lock: true,
+            home,
         }
     }
 
@@ -335,6 +341,9 @@ pub(crate) async fn execute(
         .env("RECFLOW_WORK_DIR", &work)
         .env("RECFLOW_SEED", stage.seed.to_string())
         .env("RECFLOW_STAGE", &stage.name)
+        // Always the resolved location, so a stage never guesses it from
+        // the work dir's position (a store moved by RECFLOW_CACHE, verify).
+        .env("RECFLOW_CACHE", &eng.home)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::from(logf));
@@ -717,8 +726,13 @@ fn cancel(eng: &Engine) {
     }
 }
 
-/// `run --dry-run`: what would run and why, touching nothing.
-pub fn dry_run(p: &Pipeline, sel: &Selection) -> Result<String, RunError> {
+/// `run --dry-run`: what would run and why, touching nothing but the stat
+/// cache. Validates what a run would need ([`super::preflight`]): models
+/// readable, API keys set, the teacher's cost preview. Every bad input found
+/// is reported at once; with `allow_missing` absent external inputs and keys
+/// are warnings. Returns the plan text and the bad-input errors (the CLI
+/// prints both and exits 2 when there are errors).
+pub fn dry_run(p: &Pipeline, sel: &Selection, allow_missing: bool) -> Result<(String, Vec<String>), RunError> {
     let store = Store::open(&crate::cache::store_dir(&p.root));
     let lock = LockFile::read(&lock_path(&p.file))?;
     let nodes: Vec<plan::Node> =
@@ -727,6 +741,7 @@ pub fn dry_run(p: &Pipeline, sel: &Selection) -> Result<String, RunError> {
     let mut sc = StatCache::load(&store.dir);
     let mut avail: Available = BTreeMap::new();
     let mut out = String::new();
+    let mut errors: Vec<String> = Vec::new();
     let worker_needed = p.stages.iter().any(|s| matches!(s.action, Action::Builtin { .. }));
     for w in &p.warnings {
         out.push_str(&format!("warning: {w}\n"));
@@ -738,10 +753,11 @@ pub fn dry_run(p: &Pipeline, sel: &Selection) -> Result<String, RunError> {
         }
     }
     for (s, (_, mode)) in p.stages.iter().zip(plan.stages.iter()) {
+        let mut will_run = true;
         let line = match key_inputs(s, &avail, &mut sc, None) {
             Err(e) => {
-                if p.warnings.is_empty() {
-                    return Err(e);
+                if !allow_missing {
+                    errors.push(e.to_string());
                 }
                 format!("{}: would fail: {e}", s.name)
             }
@@ -752,6 +768,7 @@ pub fn dry_run(p: &Pipeline, sel: &Selection) -> Result<String, RunError> {
                 match (rec, mode) {
                     (_, Mode::Force) => format!("{}: will run (forced)", s.name),
                     (Some(r), _) => {
+                        will_run = false;
                         let a = r
                             .outputs
                             .iter()
@@ -786,7 +803,16 @@ pub fn dry_run(p: &Pipeline, sel: &Selection) -> Result<String, RunError> {
         };
         out.push_str(&line);
         out.push('\n');
+        let f = super::preflight::check_stage(p, s, &avail, will_run, allow_missing);
+        for n in &f.notes {
+            out.push_str(n);
+            out.push('\n');
+        }
+        for w in &f.warnings {
+            out.push_str(&format!("warning: {w}\n"));
+        }
+        errors.extend(f.errors);
     }
     sc.save();
-    Ok(out)
+    Ok((out, errors))
 }

@@ -16,6 +16,7 @@ use crate::pipeline::PipelineError;
 pub mod exec;
 pub mod gc;
 pub mod plan;
+pub mod preflight;
 pub mod status;
 pub mod supervise;
 pub mod verify;

@@ -62,6 +62,7 @@ pub fn verify(p: Pipeline, stages: &[String], tolerance: Option<f64>) -> Result<
     let mut eng = Engine::new(p.clone(), Store::open(&scratch_dir), true);
     eng.scratch = true;
     eng.write_lock = false;
+    eng.home = real.dir.clone();
     let eng = Arc::new(eng);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

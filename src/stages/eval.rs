@@ -91,6 +91,7 @@ impl StageDef for Eval {
     const VERSION: u32 = 1;
     const OPERATIONAL: &'static [&'static str] = &["batch_size", "progress_every"];
     const USES_DEVICE: bool = true;
+    const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] = &[("model", super::model_files::ModelForm::HfDir)];
     fn inputs() -> Vec<InputSpec> {
         vec![InputSpec::one("model"), InputSpec::one("samples"), InputSpec::one("train")]
     }

@@ -251,6 +251,7 @@ impl StageDef for Grpo {
         &["save_steps", "max_tokens_per_microbatch", "logprob_chunk_tokens", "kl_warn_threshold"];
     const USES_DEVICE: bool = true;
 
+    const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] = &[("model", super::model_files::ModelForm::HfDir)];
     fn inputs() -> Vec<InputSpec> {
         vec![InputSpec::one("model"), InputSpec::one("samples"), InputSpec::one("valid")]
     }

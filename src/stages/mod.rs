@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub mod filter;
 pub mod ingest;
 pub mod meta;
+pub mod model_files;
 pub mod prompts;
 pub mod split;
 pub mod baselines;
@@ -119,11 +120,24 @@ pub trait StageDef {
     const PATH_FIELDS: &'static [&'static str] = &[];
     /// Outputs depend on `device`/`dtype` (both then enter the key).
     const USES_DEVICE: bool = false;
+    /// Inputs (by name, or `with.FIELD` for a path-valued field) that hold a
+    /// model: `run --dry-run` checks that they are readable
+    /// ([`model_files::check`]) before anything runs.
+    const MODEL_INPUTS: &'static [(&'static str, model_files::ModelForm)] = &[];
     fn inputs() -> Vec<InputSpec>;
     fn outputs(cfg: &Self::Config) -> Vec<OutputSpec>;
     /// Semantic checks beyond serde (ranges, combinations). Message names the field.
     fn validate(_cfg: &Self::Config) -> Result<(), String> {
         Ok(())
+    }
+    /// JSON Schema of `Config`, given in `describe --json` so the runner
+    /// checks a custom kind's `with:` when it plans (see
+    /// `pipeline::schema` for the keywords it checks). Built-in kinds need
+    /// none: the runner has their config types. Write it by hand or derive
+    /// it (e.g. `schemars`); without one a custom kind's config is checked
+    /// only when the stage runs.
+    fn config_schema() -> Option<serde_json::Value> {
+        None
     }
 }
 
@@ -140,12 +154,15 @@ pub struct StageMeta {
     pub operational: &'static [&'static str],
     pub path_fields: &'static [&'static str],
     pub uses_device: bool,
+    pub model_inputs: &'static [(&'static str, model_files::ModelForm)],
     pub inputs: Vec<InputSpec>,
     /// Parses + validates a `with:` value; returns the full config with
     /// defaults filled in (canonical form used for keys) or a message.
     pub check: fn(&serde_json::Value) -> Result<serde_json::Value, String>,
     /// Outputs for a (checked) config.
     pub outputs: fn(&serde_json::Value) -> Result<Vec<OutputSpec>, String>,
+    /// [`StageDef::config_schema`].
+    pub config_schema: fn() -> Option<serde_json::Value>,
 }
 
 impl std::fmt::Debug for StageMeta {
@@ -173,9 +190,11 @@ impl StageMeta {
             operational: D::OPERATIONAL,
             path_fields: D::PATH_FIELDS,
             uses_device: D::USES_DEVICE,
+            model_inputs: D::MODEL_INPUTS,
             inputs: D::inputs(),
             check: check_config::<D>,
             outputs: outputs_of::<D>,
+            config_schema: D::config_schema,
         }
     }
 
@@ -191,8 +210,10 @@ impl StageMeta {
             "operational": self.operational,
             "path_fields": self.path_fields,
             "uses_device": self.uses_device,
+            "model_inputs": self.model_inputs.iter().map(|(n, f)| (n.to_string(), *f)).collect::<BTreeMap<String, model_files::ModelForm>>(),
             "inputs": self.inputs,
             "outputs": outputs,
+            "config_schema": (self.config_schema)(),
         })
     }
 }

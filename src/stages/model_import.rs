@@ -24,6 +24,8 @@ impl StageDef for ModelImport {
     const KIND: &'static str = "model_import";
     const VERSION: u32 = 1;
     const PATH_FIELDS: &'static [&'static str] = &["source"];
+    const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] =
+        &[("with.source", super::model_files::ModelForm::HfDirOrGguf)];
     fn inputs() -> Vec<InputSpec> {
         vec![]
     }

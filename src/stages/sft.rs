@@ -212,6 +212,7 @@ impl StageDef for Sft {
     const OPERATIONAL: &'static [&'static str] = &["save_steps"];
     const USES_DEVICE: bool = true;
 
+    const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] = &[("model", super::model_files::ModelForm::HfDir)];
     fn inputs() -> Vec<InputSpec> {
         vec![InputSpec::one("model"), InputSpec::one("data"), InputSpec::one("valid")]
     }

@@ -192,6 +192,8 @@ impl StageDef for Teacher {
     const VERSION: u32 = 1;
     const OPERATIONAL: &'static [&'static str] = OPERATIONAL;
     const PATH_FIELDS: &'static [&'static str] = &["model_dir"];
+    const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] =
+        &[("with.model_dir", super::model_files::ModelForm::HfDir)];
 
     fn inputs() -> Vec<InputSpec> {
         vec![InputSpec::one("samples"), InputSpec::one("train"), InputSpec::one("items")]
