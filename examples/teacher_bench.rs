@@ -55,13 +55,14 @@ fn main() -> anyhow::Result<()> {
             if !holds.is_empty() {
                 let q = |p: f64| holds[((holds.len() - 1) as f64 * p).round() as usize];
                 eprintln!(
-                    "server ({} timer): {} answers held median {:.3} ms, mean {:.3} ms, p99 {:.3} ms; {} connections accepted",
+                    "server ({} timer): {} answers held median {:.3} ms, mean {:.3} ms, p99 {:.3} ms; {} connections accepted; server CPU {:.3} ms/answer",
                     if tokio_timer { "tokio" } else { "precise" },
                     holds.len(),
                     q(0.5),
                     holds.iter().sum::<f64>() / holds.len() as f64,
                     q(0.99),
-                    server.connections()
+                    server.connections(),
+                    cpu_seconds() * 1e3 / holds.len() as f64
                 );
             }
             drop(server);
