@@ -1,7 +1,10 @@
 //! Teacher throughput benchmark (driven by benches/teacher_throughput.sh).
 //!
-//! `teacher_bench server DELAY_MS` — runs the fault-free test server (Rust,
-//! answering after DELAY_MS), prints its base URL, serves until stdin closes.
+//! `teacher_bench server DELAY_MS [tokio]` — runs the fault-free test server
+//! (Rust, answering after DELAY_MS; `tokio`: timed with tokio's millisecond
+//! timer instead of the precise one, for comparison), prints its base URL,
+//! serves until stdin closes, then prints to stderr how long it held the
+//! answers and how many connections it accepted.
 //! `teacher_bench client BASE_URL N CONCURRENCY DIR` — runs the real teacher
 //! stage (openai backend, fresh response cache under DIR) over N samples and
 //! prints one JSON line: wall seconds, client CPU seconds per request,
@@ -42,10 +45,26 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("server") => {
             let delay: u64 = args.get(1).map_or(Ok(20), |s| s.parse())?;
-            let server = TestServer::start(Plan { delay: Duration::from_millis(delay), ..Default::default() })?;
+            let tokio_timer = args.get(2).is_some_and(|a| a == "tokio");
+            let server = TestServer::start(Plan { delay: Duration::from_millis(delay), tokio_timer, ..Default::default() })?;
             println!("{}", server.base_url());
             let mut sink = Vec::new();
             let _ = std::io::stdin().read_to_end(&mut sink);
+            let mut holds: Vec<f64> = server.holds().iter().map(|d| d.as_secs_f64() * 1e3).collect();
+            holds.sort_by(f64::total_cmp);
+            if !holds.is_empty() {
+                let q = |p: f64| holds[((holds.len() - 1) as f64 * p).round() as usize];
+                eprintln!(
+                    "server ({} timer): {} answers held median {:.3} ms, mean {:.3} ms, p99 {:.3} ms; {} connections accepted; server CPU {:.3} ms/answer",
+                    if tokio_timer { "tokio" } else { "precise" },
+                    holds.len(),
+                    q(0.5),
+                    holds.iter().sum::<f64>() / holds.len() as f64,
+                    q(0.99),
+                    server.connections(),
+                    cpu_seconds() * 1e3 / holds.len() as f64
+                );
+            }
             drop(server);
             Ok(())
         }
@@ -125,25 +144,27 @@ fn client(url: &str, n: usize, concurrency: usize, dir: &Path) -> anyhow::Result
         .filter_map(|e| e["log"]["msg"].as_str().map(String::from))
         .find(|m| m.contains("fsyncs"))
         .unwrap_or_default();
-    // Time inside the request loop (the last progress event: done / rate).
-    let drive_s = events
+    // The stage's own phase timing: "timing: setup X ms, requests Y ms, outputs Z ms".
+    let timing = events
         .lock()
         .map_err(|_| anyhow::anyhow!("events lock"))?
         .iter()
-        .rev()
-        .find_map(|e| Some(e["progress"]["done"].as_f64()? / e["progress"]["rate"].as_f64()?))
-        .unwrap_or(f64::NAN);
-    let nums: Vec<f64> = journal
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| s.parse().ok())
-        .collect();
+        .filter_map(|e| e["log"]["msg"].as_str().map(String::from))
+        .find(|m| m.starts_with("timing:"))
+        .unwrap_or_default();
+    let numbers = |s: &str| -> Vec<f64> {
+        s.split(|c: char| !(c.is_ascii_digit() || c == '.')).filter_map(|s| s.parse().ok()).collect()
+    };
+    let phases = numbers(&timing);
+    let phase = |i: usize| phases.get(i).copied().unwrap_or(f64::NAN);
+    let nums = numbers(&journal);
     let (answers, fsyncs) = (nums.first().copied().unwrap_or(0.0), nums.get(1).copied().unwrap_or(0.0));
     println!(
         "{}",
         serde_json::json!({
             "n": n, "concurrency": concurrency, "accepted": m.get("accepted"),
-            "wall_s": wall, "loop_s": drive_s, "cpu_ms_per_request": cpu * 1000.0 / n as f64,
+            "wall_s": wall, "setup_ms": phase(0), "requests_ms": phase(1), "outputs_ms": phase(2),
+            "cpu_ms_per_request": cpu * 1000.0 / n as f64,
             "answers_journaled": answers, "fsyncs": fsyncs,
             "fsyncs_per_answer": if answers > 0.0 { fsyncs / answers } else { f64::NAN },
         })

@@ -184,11 +184,15 @@ fn faults_every_sample_accounted_for_stats_and_retry_after() {
             Fault::Reset,
         ],
         fault_one_in: 2,
-        api_key: None,
+        ..Default::default()
     })
     .unwrap();
     let cache = tmp.path().join("responses");
-    let s1 = spec(tmp.path(), "run1", &inputs, openai_config(&server, &cache));
+    // `record`: the always-broken sample becomes a rejected row (the default,
+    // `fail`, is covered by request_failures_fail_the_stage_and_rerun_retries_only_them).
+    let mut cfg = openai_config(&server, &cache);
+    cfg["on_request_failure"] = json!("record");
+    let s1 = spec(tmp.path(), "run1", &inputs, cfg.clone());
     exec(&s1).expect("stage succeeds despite faults");
     let (rows, stats) = outputs(&s1);
 
@@ -264,7 +268,7 @@ fn faults_every_sample_accounted_for_stats_and_retry_after() {
 
     // A rerun (new out dir, same cache) buys nothing and writes the same outputs.
     let before = server.total_requests();
-    let s2 = spec(tmp.path(), "run2", &inputs, openai_config(&server, &cache));
+    let s2 = spec(tmp.path(), "run2", &inputs, cfg);
     exec(&s2).expect("rerun from cache");
     // Only the sample whose request failed (never answered, so never stored) is asked again.
     let broken = recflow::teacher::Request {
@@ -282,6 +286,63 @@ fn faults_every_sample_accounted_for_stats_and_retry_after() {
     let (rows2, stats2) = outputs(&s2);
     assert_eq!(rows2, rows, "outputs from cached answers equal the original outputs");
     assert_eq!(stats2, stats);
+}
+
+#[test]
+fn request_failures_fail_the_stage_and_rerun_retries_only_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let samples: Vec<Sample> = (0..24).map(|i| sample(i, "right")).collect();
+    let inputs = write_inputs(&tmp.path().join("in"), &samples);
+    // A third of the identities fail on their first visit; with no retries
+    // allowed those samples end as request failures in the first run.
+    let server = TestServer::start(Plan {
+        faults: vec![Fault::Garbage, Fault::ServerError],
+        fault_one_in: 3,
+        ..Default::default()
+    })
+    .unwrap();
+    let cache = tmp.path().join("responses");
+    let mut cfg = openai_config(&server, &cache);
+    cfg["max_retries"] = json!(0);
+    cfg["max_malformed_retries"] = json!(0);
+    let s1 = spec(tmp.path(), "a", &inputs, cfg.clone());
+    let msg = format!("{:#}", exec(&s1).expect_err("unanswered samples must fail the stage by default"));
+    assert!(!s1.out_dir.join("coldstart.parquet").exists(), "no output is committed as if complete");
+    let first: HashMap<String, u64> = server.counts();
+    assert_eq!(first.len(), 24, "every sample was asked once");
+    // The message names how many failed, why, and what to do.
+    let n_failed: usize = msg
+        .split(" of 24 samples got no answer")
+        .next()
+        .and_then(|p| p.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the error says how many samples failed: {msg}"));
+    assert!(n_failed > 0 && n_failed < 24, "some but not all samples failed ({n_failed}): {msg}");
+    assert!(msg.contains("server_error") || msg.contains("malformed_json"), "the error names the failure codes: {msg}");
+    assert!(msg.contains("on_request_failure: record"), "the error names the alternative: {msg}");
+    assert_eq!(ResponseCache::open(&cache).unwrap().len(), 24 - n_failed, "every answer bought is kept");
+
+    // The server has recovered: the rerun asks exactly the failed samples again.
+    let s2 = spec(tmp.path(), "b", &inputs, cfg.clone());
+    exec(&s2).expect("the rerun completes once the server answers");
+    let counts = server.counts();
+    let resent = counts.values().filter(|&&c| c == 2).count();
+    assert_eq!(resent, n_failed, "only the failed samples are asked again");
+    assert!(counts.values().all(|&c| c <= 2), "nothing answered is bought twice");
+    let (rows, stats) = outputs(&s2);
+    assert_eq!(rows.len(), 24);
+    assert!(rows.iter().all(|r| r.accepted), "the rerun's output is complete");
+    assert!(!stats.reasons.contains_key("request_failed"), "no failure rows in a committed default output");
+
+    // `record` is the explicit opt-in to committing failure rows.
+    let server2 = TestServer::start(Plan { faults: vec![Fault::ServerError], fault_one_in: 3, ..Default::default() }).unwrap();
+    let mut rec = openai_config(&server2, &tmp.path().join("responses2"));
+    rec["max_retries"] = json!(0);
+    rec["on_request_failure"] = json!("record");
+    let s3 = spec(tmp.path(), "c", &inputs, rec);
+    exec(&s3).expect("record mode commits");
+    let (_, st3) = outputs(&s3);
+    assert!(st3.reasons.get("request_failed").is_some_and(|&n| n > 0), "record keeps failures as rejected rows");
 }
 
 #[test]
@@ -331,7 +392,7 @@ fn budget_cap_stops_cleanly_and_rerun_continues_without_repeats() {
     let cache = tmp.path().join("responses");
     let mut cfg = openai_config(&server, &cache);
     cfg["concurrency"] = json!(1);
-    cfg["budget_tokens"] = json!(300);
+    cfg["budget_tokens"] = json!(1500);
     let s1 = spec(tmp.path(), "a", &inputs, cfg.clone());
     let err = exec(&s1).expect_err("the budget cap must stop the stage");
     let msg = format!("{err:#}");
@@ -341,6 +402,17 @@ fn budget_cap_stops_cleanly_and_rerun_continues_without_repeats() {
     assert!(bought > 0 && bought < 30, "it stopped part-way ({bought} requests)");
     let stored = ResponseCache::open(&cache).unwrap().len();
     assert_eq!(stored, bought, "every answer bought before the stop is kept");
+
+    // The budget caps the dataset's total: rerunning with the same budget
+    // counts the cached answers and buys (almost) nothing more. A per-run
+    // budget would buy another ~budget's worth here.
+    let s_same = spec(tmp.path(), "same", &inputs, cfg.clone());
+    let msg = format!("{:#}", exec(&s_same).expect_err("the same budget is still exhausted"));
+    assert!(msg.contains("reused from the response cache"), "the error says the cache counts: {msg}");
+    let again = server.total_requests() - bought;
+    // Two sample tasks per network slot may each pass the check before the
+    // other's cached tokens are counted.
+    assert!(again <= 2, "rerunning with an exhausted budget bought {again} more answers");
 
     cfg.as_object_mut().unwrap().remove("budget_tokens");
     let s2 = spec(tmp.path(), "b", &inputs, cfg);
@@ -478,4 +550,59 @@ fn local_backend_in_the_torch_free_worker_is_a_clear_error_and_preview_counts() 
     assert_eq!((p.n_samples, p.requests_min, p.requests_max), (4, 4, 12), "preview request counts");
     assert_eq!(p.est_tokens_out_max, 400);
     assert!(p.est_cost_first_usd > 0.0 && p.est_cost_max_usd > p.est_cost_first_usd);
+}
+
+#[test]
+fn through_the_runner_the_key_reaches_no_lock_store_log_or_output_and_stats_keys_are_pinned() {
+    const KEY: &str = "sk-runner-SECRET-77aa55cc33";
+    let bin = Path::new(env!("CARGO_BIN_EXE_recflow"));
+    let worker = bin.parent().unwrap().join("examples/torch_free_worker");
+    assert!(worker.is_file(), "the torch_free_worker example must be built first (`cargo build --example torch_free_worker`)");
+    let proj = tempfile::tempdir().unwrap();
+    std::fs::write(proj.path().join("recflow.toml"), "").unwrap();
+    let samples: Vec<Sample> = (0..12).map(|i| sample(i, if i % 3 == 0 { "wrong" } else { "right" })).collect();
+    write_inputs(&proj.path().join("in"), &samples);
+    let server = TestServer::start(Plan { api_key: Some(KEY.into()), ..Default::default() }).unwrap();
+    let yaml = format!(
+        "worker: {}\nstages:\n  teacher:\n    uses: teacher\n    inputs: {{samples: in/samples.parquet, train: in/train.parquet, items: in/items.parquet}}\n    with:\n      backend: openai\n      base_url: {}\n      model: t\n      api_key_env: RECFLOW_TEST_TEACHER_KEY\n      max_rationalize: 1\n      price_in_per_mtok: 1.0\n",
+        worker.display(),
+        server.base_url()
+    );
+    std::fs::write(proj.path().join("p.yaml"), yaml).unwrap();
+    let recflow = |args: &[&str]| {
+        std::process::Command::new(bin)
+            .args(args)
+            .current_dir(proj.path())
+            .env_remove("RECFLOW_CACHE")
+            .env_remove("RECFLOW_WORKER")
+            .env("RECFLOW_TEST_TEACHER_KEY", KEY)
+            .output()
+            .unwrap()
+    };
+    let mut texts: Vec<(String, Vec<u8>)> = Vec::new();
+    for args in [&["run", "p.yaml", "--dry-run"][..], &["run", "p.yaml"], &["status", "p.yaml"], &["show", "p.yaml"], &["run", "p.yaml"]] {
+        let o = recflow(args);
+        assert!(o.status.success(), "`recflow {}` succeeds: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+        texts.push((format!("`{}` stdout", args.join(" ")), o.stdout));
+        texts.push((format!("`{}` stderr", args.join(" ")), o.stderr));
+    }
+    assert!(proj.path().join("p.lock").is_file(), "the run wrote its lock file");
+    let shown = String::from_utf8_lossy(&recflow(&["show", "p.yaml"]).stdout).into_owned();
+    assert!(shown.contains("teacher cost") && shown.contains("$0.0"), "`recflow show` reports the teacher's cost: {shown}");
+    for f in all_files(proj.path()) {
+        texts.push((f.display().to_string(), std::fs::read(&f).unwrap()));
+    }
+    for (name, bytes) in &texts {
+        assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()), "the API key leaked into {name}");
+    }
+    assert!(server.raw_seen().0.iter().any(|h| h.contains(KEY)), "the key did reach the server, as a header");
+
+    // The stats output carries the pinned keys (ARCHITECTURE.md, Teacher `stats`).
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(proj.path().join("runs/p/teacher/stats.json")).unwrap()).unwrap();
+    for k in ["n_samples", "accepted", "rejected", "first_try_accuracy", "attempts_hist", "reasons", "tokens_in", "tokens_out"] {
+        assert!(stats.get(k).is_some(), "stats.json lacks the pinned key `{k}`: {stats}");
+    }
+    assert_eq!(stats["n_samples"], 12);
+    assert_eq!(stats["attempts_hist"], json!({"1": 8, "2": 4}), "4 samples needed the hint");
 }

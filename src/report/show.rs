@@ -31,6 +31,29 @@ pub struct StageFacts {
     pub wall_s: Option<f64>,
     /// All outputs present in the store (a rerun of this key is a cache hit).
     pub in_store: bool,
+    /// Teacher stages: the dataset's cost (every answer used × the
+    /// configured prices) and its token counts, from the run record.
+    pub teacher: Option<TeacherCost>,
+}
+
+/// What a teacher stage's answers cost (its `metrics.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeacherCost {
+    pub cost_usd: f64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub accepted: u64,
+    pub n_samples: u64,
+}
+
+fn teacher_cost(m: &Value) -> Option<TeacherCost> {
+    Some(TeacherCost {
+        cost_usd: m.get("cost_usd")?.as_f64()?,
+        tokens_in: m.get("tokens_in")?.as_u64()?,
+        tokens_out: m.get("tokens_out")?.as_u64()?,
+        accepted: m.get("accepted").and_then(Value::as_u64).unwrap_or(0),
+        n_samples: m.get("n_samples").and_then(Value::as_u64).unwrap_or(0),
+    })
 }
 
 /// Method rows of a lock (metrics outputs read from the store when present).
@@ -68,12 +91,16 @@ pub fn stage_facts(lock: &LockFile, store: &Store) -> Vec<StageFacts> {
                         store.object_path(hash::hex_of(&o.id)).exists()
                     }
                 });
+            let teacher = (st.key_inputs.kind == "teacher")
+                .then(|| rec.as_ref().and_then(|r| teacher_cost(&r.metrics)).or_else(|| teacher_cost(&st.metrics)))
+                .flatten();
             StageFacts {
                 stage: name.clone(),
                 kind: st.key_inputs.kind.clone(),
                 key: st.key.clone(),
-                wall_s: rec.map(|r| r.wall_s),
+                wall_s: rec.as_ref().map(|r| r.wall_s),
                 in_store,
+                teacher,
             }
         })
         .collect()
@@ -124,7 +151,15 @@ pub fn to_json(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: O
         .collect();
     let stages: Vec<Value> = facts
         .iter()
-        .map(|f| json!({"stage": f.stage, "kind": f.kind, "key": f.key, "wall_s": f.wall_s, "in_store": f.in_store}))
+        .map(|f| {
+            let mut v = json!({"stage": f.stage, "kind": f.kind, "key": f.key, "wall_s": f.wall_s, "in_store": f.in_store});
+            if let Some(t) = &f.teacher {
+                v["cost_usd"] = json!(t.cost_usd);
+                v["tokens_in"] = json!(t.tokens_in);
+                v["tokens_out"] = json!(t.tokens_out);
+            }
+            v
+        })
         .collect();
     let mut v = json!({"pipeline": pipeline, "methods": methods, "stages": stages});
     if let Some(d) = diff {
@@ -171,6 +206,24 @@ pub fn to_text(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: O
         ]);
     }
     s.push_str(&columns(&t2));
+    let teachers: Vec<&StageFacts> = facts.iter().filter(|f| f.teacher.is_some()).collect();
+    if !teachers.is_empty() {
+        s.push_str("\nteacher cost (every answer used, from the response cache or bought, × the configured prices):\n");
+        let mut t = vec![vec!["stage".into(), "samples".into(), "accepted".into(), "tokens in".into(), "tokens out".into(), "cost".into()]];
+        for f in teachers {
+            if let Some(c) = &f.teacher {
+                t.push(vec![
+                    f.stage.clone(),
+                    c.n_samples.to_string(),
+                    c.accepted.to_string(),
+                    c.tokens_in.to_string(),
+                    c.tokens_out.to_string(),
+                    format!("${:.4}", c.cost_usd),
+                ]);
+            }
+        }
+        s.push_str(&columns(&t));
+    }
     if let Some(d) = diff {
         s.push_str("\ndiff (old → new):\n");
         if d.is_empty() {

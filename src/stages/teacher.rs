@@ -69,6 +69,22 @@ fn d_hint() -> String {
     crate::teacher::run::DEFAULT_HINT.to_string()
 }
 
+/// What a finished stage does with samples whose request failed after every
+/// retry (server errors, malformed bodies, timeouts): they got no answer, so
+/// they say nothing about the teacher.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRequestFailure {
+    /// The stage fails naming how many and why; nothing is committed, every
+    /// answer bought stays in the response cache, so a rerun asks only the
+    /// failed samples again.
+    #[default]
+    Fail,
+    /// Keep them as rejected rows with reason `request_failed` (a cached
+    /// result: a rerun under the same key does not retry them).
+    Record,
+}
+
 /// `with:` of a teacher stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,6 +141,10 @@ pub struct Config {
     /// tokens, for small students with short completion budgets).
     #[serde(default)]
     pub cf_style: crate::teacher::cf::CfStyle,
+    /// `fail` (default) or `record`: see [`OnRequestFailure`]. In the key:
+    /// it decides whether a committed output may hold unanswered samples.
+    #[serde(default)]
+    pub on_request_failure: OnRequestFailure,
     // --- operational (outside the key) --------------------------------------
     #[serde(default = "d_concurrency")]
     pub concurrency: usize,
@@ -150,10 +170,12 @@ pub struct Config {
     /// USD per million completion tokens.
     #[serde(default)]
     pub price_out_per_mtok: f64,
-    /// Stop buying once this many tokens (in + out) were bought in this run.
+    /// Stop buying once the answers this stage uses — reused from the
+    /// response cache or bought now — total this many tokens (in + out).
     #[serde(default)]
     pub budget_tokens: Option<u64>,
-    /// Stop buying once this much (USD, by the prices above) was spent in this run.
+    /// Stop buying once those answers cost this much (USD, by the prices
+    /// above): the dataset's total cost, not just this run's purchases.
     #[serde(default)]
     pub budget_usd: Option<f64>,
     #[serde(default = "d_progress")]
@@ -189,7 +211,9 @@ pub struct Teacher;
 impl StageDef for Teacher {
     type Config = Config;
     const KIND: &'static str = "teacher";
-    const VERSION: u32 = 1;
+    /// 2: samples without an answer fail the stage by default
+    /// (`on_request_failure`) instead of landing in a cached output.
+    const VERSION: u32 = 2;
     const OPERATIONAL: &'static [&'static str] = OPERATIONAL;
     const PATH_FIELDS: &'static [&'static str] = &["model_dir"];
     const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] =

@@ -69,12 +69,25 @@ pub struct ResponseCache {
 impl ResponseCache {
     /// Opens (creating) the cache directory and loads every journal in it.
     pub fn open(dir: &Path) -> Result<Self, CacheError> {
+        std::fs::create_dir_all(dir).map_err(|source| CacheError::Io { path: dir.to_path_buf(), source })?;
+        Self::load(dir)
+    }
+
+    /// Loads every journal in `dir` without creating anything (a missing
+    /// directory is an empty cache): for previews. Writing through a loaded
+    /// cache creates its journal file as `open` would.
+    pub fn load(dir: &Path) -> Result<Self, CacheError> {
         let io = |source| CacheError::Io { path: dir.to_path_buf(), source };
-        std::fs::create_dir_all(dir).map_err(io)?;
         let stats = Arc::new(CacheStats::default());
         let mut index = HashMap::new();
-        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io)?
+        let entries = match std::fs::read_dir(dir) {
+            Ok(rd) => Some(rd),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(e)),
+        };
+        let mut names: Vec<PathBuf> = entries
+            .into_iter()
+            .flatten()
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.file_name()
@@ -239,6 +252,16 @@ mod tests {
 
     fn reply(s: &str) -> Reply {
         Reply { content: s.into(), reasoning_content: None, usage: Usage { prompt_tokens: 1, completion_tokens: 2 } }
+    }
+
+    #[test]
+    fn load_of_a_missing_dir_is_empty_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("responses");
+        let c = ResponseCache::load(&missing).unwrap();
+        assert!(c.is_empty());
+        drop(c);
+        assert!(!missing.exists(), "a preview (dry run) must not create the response cache");
     }
 
     #[test]

@@ -116,36 +116,44 @@ fn normalise(text: &str) -> String {
     out
 }
 
-/// Whether `phrase` occurs in `text` at word boundaries (so "retold that"
-/// or "a hinted melody" do not match "told that" / "the hint").
-fn contains_phrase(text: &str, phrase: &str) -> bool {
-    let bytes = text.as_bytes();
-    let mut start = 0;
-    while let Some(i) = text[start..].find(phrase) {
-        let s = start + i;
-        let e = s + phrase.len();
-        let before_ok = s == 0 || !bytes[s - 1].is_ascii_alphanumeric();
-        let after_ok = e == bytes.len() || !bytes[e].is_ascii_alphanumeric();
-        if before_ok && after_ok {
-            return true;
-        }
-        start = s + 1;
-        while !text.is_char_boundary(start) {
-            start += 1;
-        }
-    }
-    false
+/// Every phrase with its class, in the order they are checked (told,
+/// oracle, known; list order within each): the first listed phrase that
+/// matches is the one reported.
+fn phrases() -> impl Iterator<Item = (&'static str, &'static str)> {
+    [("told", TOLD), ("oracle", ORACLE), ("known", KNOWN)].into_iter().flat_map(|(c, l)| l.iter().map(move |p| (c, *p)))
+}
+
+/// One automaton over all phrases (built once): the filter runs on every
+/// answer, and ~50 separate substring searches per answer were a visible
+/// share of the client's CPU in the throughput benchmark.
+fn automaton() -> Option<&'static aho_corasick::AhoCorasick> {
+    static AC: std::sync::OnceLock<Option<aho_corasick::AhoCorasick>> = std::sync::OnceLock::new();
+    AC.get_or_init(|| aho_corasick::AhoCorasick::new(phrases().map(|(_, p)| p)).ok()).as_ref()
+}
+
+/// Whether the match `s..e` of `text` lies at word boundaries (so "retold
+/// that" or "a hinted melody" do not match "told that" / "the hint").
+fn at_word_boundaries(text: &[u8], s: usize, e: usize) -> bool {
+    (s == 0 || !text[s - 1].is_ascii_alphanumeric()) && (e == text.len() || !text[e].is_ascii_alphanumeric())
 }
 
 /// The first leak in an answer, if any.
 pub fn find_leak(content: &str) -> Option<Leak> {
     let t = normalise(content);
-    for (class, list) in [("told", TOLD), ("oracle", ORACLE), ("known", KNOWN)] {
-        if let Some(phrase) = list.iter().find(|p| contains_phrase(&t, p)) {
-            return Some(Leak { class, phrase });
-        }
-    }
-    None
+    let bytes = t.as_bytes();
+    let first = match automaton() {
+        // Overlapping search: a phrase inside a longer or earlier one must still be seen.
+        Some(ac) => ac
+            .find_overlapping_iter(&t)
+            .filter(|m| at_word_boundaries(bytes, m.start(), m.end()))
+            .map(|m| m.pattern().as_usize())
+            .min(),
+        // The automaton of fixed literals cannot fail to build; plain search if it ever did.
+        None => phrases().position(|(_, p)| {
+            t.match_indices(p).any(|(s, m)| at_word_boundaries(bytes, s, s + m.len()))
+        }),
+    }?;
+    phrases().nth(first).map(|(class, phrase)| Leak { class, phrase })
 }
 
 #[cfg(test)]
@@ -185,6 +193,26 @@ mod tests {
             let leak = find_leak(text).unwrap_or_else(|| panic!("hint reference must be caught: {text}"));
             assert_eq!(leak.class, class, "wrong class for {text}");
         }
+    }
+
+    #[test]
+    fn automaton_agrees_with_a_plain_scan_at_word_boundaries() {
+        // Overlaps ("we know the user rated this item"), a phrase at the very
+        // end, a non-boundary hit ("retold that") next to a real one.
+        for text in [
+            "we know the user rated this item 4",
+            "Retold that tale; the ground truth",
+            "nothing here but ratings 5, 4, 2",
+            "hintless: the hints differ, but the hint",
+        ] {
+            let t = normalise(text);
+            let plain = phrases()
+                .find(|(_, p)| t.match_indices(p).any(|(s, m)| at_word_boundaries(t.as_bytes(), s, s + m.len())))
+                .map(|(class, phrase)| Leak { class, phrase });
+            assert_eq!(find_leak(text), plain, "automaton and plain scan must agree on: {text}");
+        }
+        assert_eq!(find_leak("we know the user rated this item 4").map(|l| l.phrase), Some("we know the user rated"));
+        assert_eq!(find_leak("hintless: the hints differ, but the hint").map(|l| l.phrase), Some("the hint"));
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //!   key, so neither a crash nor a config change pays twice.
 //! * [`run`] — the rationalization loop (STaR-style: a wrong answer is asked
 //!   again with the true rating as a hint), the [`leak`] filter, the stage's
-//!   driver and the `--dry-run` [`run::preview`].
+//!   driver and the `--dry-run` preview ([`run::preview_stage`]: new requests,
+//!   estimated tokens and cost, answers already cached).
 //! * [`testserver`] — a fault-injecting Chat Completions server used by the
 //!   tests and the benchmark.
 use std::future::Future;
@@ -30,7 +31,7 @@ pub mod openai;
 pub mod run;
 pub mod testserver;
 
-pub use run::{preview, Preview};
+pub use run::{preview, preview_stage, preview_with_cache, Preview};
 
 /// One chat message (`role`: system | user | assistant) — the data module's type.
 pub use crate::data::Message;

@@ -223,6 +223,12 @@ impl OpenAi {
     }
 }
 
+/// Endpoint part of the request identity of an OpenAI-compatible model
+/// (`base_url` is not in it: a mirror serving the same model reuses answers).
+pub fn endpoint(model: &str) -> String {
+    format!("openai:{model}")
+}
+
 /// Outcome of one HTTP exchange.
 enum Attempt {
     Ok(Reply),
@@ -301,7 +307,7 @@ impl TeacherBackend for OpenAi {
         format!("openai:{}", self.cfg.model)
     }
     fn endpoint(&self) -> String {
-        format!("openai:{}", self.cfg.model)
+        endpoint(&self.cfg.model)
     }
     fn ask<'a>(&'a self, req: &'a Request) -> AskFuture<'a> {
         Box::pin(self.ask_inner(req))
@@ -388,6 +394,46 @@ mod tests {
         assert!(matches!(parse_completion(br#"{"choices":[{"mess"#), Attempt::Malformed { code: "truncated_json", .. }));
         assert!(matches!(parse_completion(b"<html>oops"), Attempt::Malformed { code: "malformed_json", .. }));
         assert!(matches!(parse_completion(br#"{"choices":[]}"#), Attempt::Malformed { code: "empty_choices", .. }));
+    }
+
+    /// Acquires `n` requests of `tokens` each; returns the times (s since start).
+    fn acquire_times(l: RateLimiter, n: usize, tokens: f64) -> Vec<f64> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            let t0 = Instant::now();
+            let mut at = Vec::new();
+            for _ in 0..n {
+                l.acquire(tokens).await;
+                at.push(t0.elapsed().as_secs_f64());
+            }
+            at
+        })
+    }
+
+    #[test]
+    fn tokens_per_min_bucket_never_exceeds_its_rate() {
+        // 1.2M tokens/min = 20k/s; capacity 10 s = 200k; requests of 10k
+        // tokens: 20 go at once, then one per 0.5 s.
+        let tpm = 1_200_000.0;
+        let at = acquire_times(RateLimiter::new(None, Some(tpm)), 23, 10_000.0);
+        for (i, t) in at.iter().enumerate() {
+            let allowed = tpm / 6.0 + tpm / 60.0 * t + 1.0;
+            let used = (i + 1) as f64 * 10_000.0;
+            assert!(used <= allowed, "request {i} at {t:.3}s: {used} tokens > {allowed} allowed by tokens_per_min");
+        }
+        assert!(at[22] >= 1.4, "3 requests past the burst wait ~0.5 s each, got {:.3}s", at[22]);
+        assert!(at[19] < at[22], "the burst is the bucket capacity");
+    }
+
+    #[test]
+    fn requests_per_min_bucket_spaces_requests() {
+        // 240/min = 4/s; capacity 10 s = 40 requests, then one per 0.25 s.
+        let at = acquire_times(RateLimiter::new(Some(240.0), None), 44, 0.0);
+        for (i, t) in at.iter().enumerate() {
+            let allowed = 40.0 + 4.0 * t + 1e-6;
+            assert!((i + 1) as f64 <= allowed, "request {i} at {t:.3}s exceeds requests_per_min");
+        }
+        assert!(at[43] >= 0.9, "4 requests past the burst wait ~0.25 s each, got {:.3}s", at[43]);
     }
 
     #[test]

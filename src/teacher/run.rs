@@ -30,7 +30,7 @@ use super::cache::ResponseCache;
 use super::io::{self, ColdRow, Sample};
 use super::{Message, Reply, Request, Sampling, TeacherBackend, TeacherError};
 use crate::answer::{self, Scale};
-use crate::stages::teacher::{Backend, Config};
+use crate::stages::teacher::{Backend, Config, OnRequestFailure};
 use crate::stages::{Metrics, StageCtx};
 
 /// Default hint, appended to the last user message on hinted attempts.
@@ -115,6 +115,9 @@ pub struct Outcome {
     /// `code: detail` when rejected.
     pub reason: Option<String>,
     pub reason_code: Option<&'static str>,
+    /// For `request_failed`: the transport code of the last failure
+    /// (`server_error`, `malformed_json`, `timeout`, …).
+    pub failure_code: Option<&'static str>,
     pub attempts: u32,
     /// Attempt 1 was well formed and within tolerance.
     pub first_try_correct: bool,
@@ -127,8 +130,13 @@ pub struct Outcome {
 pub struct Counters {
     pub requests: AtomicU64,
     pub cache_hits: AtomicU64,
+    /// Tokens of answers bought by this run.
     pub bought_in: AtomicU64,
     pub bought_out: AtomicU64,
+    /// Tokens of every answer used so far: bought now or reused from the
+    /// response cache. The budget counts these (the dataset's total cost).
+    pub used_in: AtomicU64,
+    pub used_out: AtomicU64,
     pub done: AtomicU64,
     pub failed: AtomicU64,
 }
@@ -161,21 +169,39 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The budget caps the dataset's total cost: the tokens of every answer
+    /// used so far, whether reused from the response cache or bought now
+    /// (so rerunning after a stop with the same budget buys nothing more).
     fn budget_left(&self) -> Result<(), TeacherError> {
-        let i = self.counters.bought_in.load(Ordering::Relaxed);
-        let o = self.counters.bought_out.load(Ordering::Relaxed);
+        let c = &self.counters;
+        let (i, o) = (c.used_in.load(Ordering::Relaxed), c.used_out.load(Ordering::Relaxed));
+        let bought = c.bought_in.load(Ordering::Relaxed) + c.bought_out.load(Ordering::Relaxed);
+        let whose = || format!("{bought} of them bought by this run, the rest reused from the response cache");
         if let Some(b) = self.money.budget_tokens {
             if i + o >= b {
-                return Err(TeacherError::Budget(format!("{} tokens bought, budget_tokens = {b}", i + o)));
+                return Err(TeacherError::Budget(format!(
+                    "the answers used so far total {} tokens ({}), budget_tokens = {b}",
+                    i + o,
+                    whose()
+                )));
             }
         }
         if let Some(b) = self.money.budget_usd {
-            let c = self.money.cost(i, o);
-            if c >= b {
-                return Err(TeacherError::Budget(format!("${c:.4} spent, budget_usd = {b}")));
+            let cost = self.money.cost(i, o);
+            if cost >= b {
+                return Err(TeacherError::Budget(format!(
+                    "the answers used so far cost ${cost:.4} ({} tokens, {}), budget_usd = {b}",
+                    i + o,
+                    whose()
+                )));
             }
         }
         Ok(())
+    }
+
+    fn count_used(&self, r: &Reply) {
+        self.counters.used_in.fetch_add(r.usage.prompt_tokens, Ordering::Relaxed);
+        self.counters.used_out.fetch_add(r.usage.completion_tokens, Ordering::Relaxed);
     }
 
     /// Answer of one request: from the cache, or bought and stored first.
@@ -184,6 +210,7 @@ impl Shared {
         let id = req.identity(&self.backend.endpoint());
         if let Some(r) = cache.and_then(|c| c.get(&id)) {
             self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.count_used(&r);
             return Ok(r);
         }
         if self.cancel.load(Ordering::Relaxed) {
@@ -203,6 +230,7 @@ impl Shared {
         }
         self.counters.bought_in.fetch_add(reply.usage.prompt_tokens, Ordering::Relaxed);
         self.counters.bought_out.fetch_add(reply.usage.completion_tokens, Ordering::Relaxed);
+        self.count_used(&reply);
         Ok(reply)
     }
 }
@@ -216,26 +244,21 @@ pub async fn teach_one(sh: &Shared, row: usize, s: &Sample) -> Result<Outcome, T
         accepted: false,
         reason: None,
         reason_code: None,
+        failure_code: None,
         attempts: 0,
         first_try_correct: false,
         tokens_in: 0,
         tokens_out: 0,
     };
     for attempt in 1..=1 + sh.cfg.max_rationalize {
-        let req = Request {
-            sample_id: s.sample_id.clone(),
-            attempt,
-            messages: attempt_messages(&s.messages, attempt, s.target, &sh.cfg.hint_template),
-            sampling: sh.cfg.sampling.clone(),
-            hint: (attempt >= 2).then_some(s.target),
-            row,
-        };
+        let req = request_for(s, row, attempt, &sh.cfg);
         out.attempts = attempt;
         let reply = match sh.answer(&req).await {
             Ok(r) => r,
             Err(TeacherError::Failed { code, message, .. }) => {
                 // No try count in the record: it varies with transient faults.
                 out.reason_code = Some("request_failed");
+                out.failure_code = Some(code);
                 out.reason = Some(format!("request_failed: {code}: {message}"));
                 return Ok(out);
             }
@@ -367,24 +390,36 @@ pub fn select_rows(samples: &[Sample], k: Option<usize>, seed: u64) -> Vec<usize
 }
 
 /// `--dry-run` preview: what a run would ask, before anything is bought.
+/// Request and token counts are of *new* requests: answers already in the
+/// response cache are replayed through the same loop (parse, leak filter,
+/// tolerance) and cost nothing more.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Preview {
     pub n_samples: usize,
-    /// Requests if every first answer is accepted.
+    /// New requests if every sample's next answer is accepted.
     pub requests_min: u64,
-    /// Requests if every sample uses all attempts.
+    /// New requests if every sample uses all its remaining attempts.
     pub requests_max: u64,
-    /// Estimated prompt tokens of the first attempts (chars / 4 + 4 per message).
+    /// Estimated prompt tokens of the `requests_min` requests (chars / 4 + 4 per message).
     pub est_tokens_in: u64,
-    /// Upper bound of completion tokens of the first attempts (`max_tokens` each).
+    /// Upper bound of their completion tokens (`max_tokens` each).
     pub est_tokens_out_max: u64,
-    /// Cost of the first attempts at the configured prices, with
-    /// completions at `max_tokens` (an upper bound of the no-retry case).
+    /// Cost of those requests at the configured prices, completions at
+    /// `max_tokens` (an upper bound of the no-further-retry case).
     pub est_cost_first_usd: f64,
-    /// Cost if every sample used all attempts at `max_tokens`.
+    /// Cost if every sample used all remaining attempts at `max_tokens`.
     pub est_cost_max_usd: f64,
     /// Offline backends (`cf`, `local`) cost nothing.
     pub paid: bool,
+    /// Samples the response cache already settles (accepted, or rejected
+    /// after every attempt): no request at all.
+    pub settled_from_cache: usize,
+    /// Answers of the selected samples found in the response cache.
+    pub cached_answers: u64,
+    /// Their tokens (in + out) and cost at the configured prices: already
+    /// paid, and counted by `budget_tokens` / `budget_usd` (the dataset's total).
+    pub cached_tokens: u64,
+    pub cached_cost_usd: f64,
 }
 
 /// Estimated prompt tokens of a message list (≈ 4 characters per token).
@@ -392,31 +427,122 @@ pub fn estimate_tokens(messages: &[Message]) -> u64 {
     messages.iter().map(|m| m.content.len() as u64 / 4 + 4).sum()
 }
 
-/// Pure preview of a teacher run (the engine's `--dry-run` calls it). With
-/// `max_samples` below the table size, token estimates scale the table's
-/// mean by the selected count (the subset itself depends on the seed).
+/// Preview without a seed or a response cache: the count of selected
+/// samples is exact, token estimates scale the table's mean by it (the
+/// subset itself depends on the stage seed), and nothing counts as cached.
+/// Prefer [`preview_stage`] when the seed and store are known.
 pub fn preview(cfg: &Config, samples: &[Sample]) -> Preview {
     let n_all = samples.len();
     let n = cfg.max_samples.map_or(n_all, |k| k.min(n_all));
     let all_in: u64 = samples.iter().map(|s| estimate_tokens(&s.messages)).sum();
     let est_in = if n_all == 0 { 0 } else { (all_in as f64 * n as f64 / n_all as f64).round() as u64 };
-    let hint_tokens = (cfg.hint_template.len() / 4 + 1) as u64;
     let attempts = 1 + cfg.max_rationalize as u64;
-    let out_first = n as u64 * cfg.max_tokens as u64;
+    let hint_tokens = (cfg.hint_template.len() / 4 + 1) as u64;
+    let in_max = est_in * attempts + hint_tokens * n as u64 * (attempts - 1);
+    finish_preview(cfg, n, n as u64, n as u64 * attempts, est_in, in_max, PreviewCache::default())
+}
+
+/// Exact preview of a teacher stage (what the runner's `--dry-run` calls):
+/// the seeded subset the run would select (`seed` = the stage seed), with
+/// every answer already in `cache` replayed through the rationalization
+/// loop, so `requests_*` and the estimates count only what would be bought.
+/// Pure: reads the cache, changes nothing.
+pub fn preview_with_cache(cfg: &Config, samples: &[Sample], seed: u64, cache: Option<&ResponseCache>) -> Preview {
+    let rows = select_rows(samples, cfg.max_samples, seed);
+    let endpoint = match cfg.backend {
+        Backend::Openai => Some(super::openai::endpoint(cfg.model.as_deref().unwrap_or_default())),
+        // cf answers are not cached; a local model's endpoint hashes its
+        // files, known only to recflow-ml: preview it without the cache.
+        Backend::Cf | Backend::Local => None,
+    };
+    let lc = LoopConfig::from_config(cfg);
+    let last = 1 + cfg.max_rationalize;
+    let (mut req_min, mut req_max, mut est_in, mut in_max) = (0u64, 0u64, 0u64, 0u64);
+    let mut pc = PreviewCache::default();
+    for &row in &rows {
+        let s = &samples[row];
+        // Replay the loop over cached answers: the first attempt without a
+        // cached answer is where buying would start.
+        let mut next = Some(1);
+        if let (Some(c), Some(ep)) = (cache, &endpoint) {
+            for attempt in 1..=last {
+                let req = request_for(s, row, attempt, &lc);
+                let Some(reply) = c.get(&req.identity(ep)) else { break };
+                pc.answers += 1;
+                pc.tokens_in += reply.usage.prompt_tokens;
+                pc.tokens_out += reply.usage.completion_tokens;
+                next = if judge(&reply.content, s.target, &lc).is_ok() || attempt == last { None } else { Some(attempt + 1) };
+                if next.is_none() {
+                    break;
+                }
+            }
+        }
+        let Some(first) = next else {
+            pc.settled += 1;
+            continue;
+        };
+        req_min += 1;
+        req_max += (last - first + 1) as u64;
+        est_in += estimate_tokens(&attempt_messages(&s.messages, first, s.target, &lc.hint_template));
+        for a in first..=last {
+            in_max += estimate_tokens(&attempt_messages(&s.messages, a, s.target, &lc.hint_template));
+        }
+    }
+    finish_preview(cfg, rows.len(), req_min, req_max, est_in, in_max, pc)
+}
+
+/// [`preview_with_cache`] from paths, for the runner: reads the `samples`
+/// table and opens the response cache where the stage would
+/// ([`response_cache_dir`] of `work_dir`, the stage's work dir
+/// `<store>/work/<key>`) without creating anything.
+pub fn preview_stage(cfg: &Config, samples: &Path, seed: u64, work_dir: &Path) -> anyhow::Result<Preview> {
+    let table = crate::data::io::read_samples(samples)?;
+    let cache = match cfg.backend {
+        Backend::Openai => Some(ResponseCache::load(&response_cache_dir(cfg, work_dir))?),
+        Backend::Cf | Backend::Local => None,
+    };
+    Ok(preview_with_cache(cfg, &table, seed, cache.as_ref()))
+}
+
+#[derive(Default)]
+struct PreviewCache {
+    settled: usize,
+    answers: u64,
+    tokens_in: u64,
+    tokens_out: u64,
+}
+
+fn finish_preview(cfg: &Config, n: usize, req_min: u64, req_max: u64, est_in: u64, in_max: u64, pc: PreviewCache) -> Preview {
     let paid = cfg.backend == Backend::Openai;
     let money = Money { price_in_per_mtok: cfg.price_in_per_mtok, price_out_per_mtok: cfg.price_out_per_mtok, ..Default::default() };
-    let cost_first = if paid { money.cost(est_in, out_first) } else { 0.0 };
-    let in_max = est_in * attempts + hint_tokens * n as u64 * (attempts - 1);
-    let cost_max = if paid { money.cost(in_max, out_first * attempts) } else { 0.0 };
+    let cost = |i, o| if paid { money.cost(i, o) } else { 0.0 };
+    let out_first = req_min * cfg.max_tokens as u64;
     Preview {
         n_samples: n,
-        requests_min: n as u64,
-        requests_max: n as u64 * attempts,
+        requests_min: req_min,
+        requests_max: req_max,
         est_tokens_in: est_in,
         est_tokens_out_max: out_first,
-        est_cost_first_usd: cost_first,
-        est_cost_max_usd: cost_max,
+        est_cost_first_usd: cost(est_in, out_first),
+        est_cost_max_usd: cost(in_max, req_max * cfg.max_tokens as u64),
         paid,
+        settled_from_cache: pc.settled,
+        cached_answers: pc.answers,
+        cached_tokens: pc.tokens_in + pc.tokens_out,
+        cached_cost_usd: cost(pc.tokens_in, pc.tokens_out),
+    }
+}
+
+/// The request of `attempt` for sample `s` (row `row`) — the one place
+/// that builds it, for the loop and the preview alike.
+fn request_for(s: &Sample, row: usize, attempt: u32, cfg: &LoopConfig) -> Request {
+    Request {
+        sample_id: s.sample_id.clone(),
+        attempt,
+        messages: attempt_messages(&s.messages, attempt, s.target, &cfg.hint_template),
+        sampling: cfg.sampling.clone(),
+        hint: (attempt >= 2).then_some(s.target),
+        row,
     }
 }
 
@@ -481,6 +607,26 @@ pub fn response_cache_dir(cfg: &Config, work_dir: &Path) -> PathBuf {
     }
 }
 
+/// `None` when every selected sample got its answers; otherwise how many
+/// did not, by failure code, with one example.
+pub fn failure_report(results: &BTreeMap<usize, Outcome>, samples: &[Sample]) -> Option<String> {
+    let failed: Vec<(&usize, &Outcome)> = results.iter().filter(|(_, o)| o.reason_code == Some("request_failed")).collect();
+    let (row, first) = failed.first()?;
+    let mut by_code: BTreeMap<&str, u64> = BTreeMap::new();
+    for (_, o) in &failed {
+        *by_code.entry(o.failure_code.unwrap_or("unknown")).or_default() += 1;
+    }
+    let codes = by_code.iter().map(|(c, n)| format!("{c}: {n}")).collect::<Vec<_>>().join(", ");
+    Some(format!(
+        "{} of {} samples got no answer after all retries ({codes}); e.g. sample `{}` (attempt {}): {}",
+        failed.len(),
+        results.len(),
+        samples[**row].sample_id,
+        first.attempts,
+        first.reason.as_deref().unwrap_or("request_failed")
+    ))
+}
+
 /// The stats output (pinned keys first).
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Stats {
@@ -534,6 +680,7 @@ pub fn stats_of(rows: &[(usize, Outcome)], teacher: &str) -> Stats {
 
 /// The teacher stage's run, with a backend factory (see [`BackendFactory`]).
 pub fn run_stage(cfg: &Config, ctx: &mut StageCtx, factory: &BackendFactory) -> anyhow::Result<Metrics> {
+    let t_start = Instant::now();
     // 1. Inputs and the seeded subset.
     let samples_path = ctx.input("samples")?.to_path_buf();
     let samples = Arc::new(crate::data::io::read_samples(&samples_path)?);
@@ -589,6 +736,7 @@ pub fn run_stage(cfg: &Config, ctx: &mut StageCtx, factory: &BackendFactory) -> 
         let c = &sh.counters;
         let done = c.done.load(Ordering::Relaxed);
         let (bi, bo) = (c.bought_in.load(Ordering::Relaxed), c.bought_out.load(Ordering::Relaxed));
+        let (ui, uo) = (c.used_in.load(Ordering::Relaxed), c.used_out.load(Ordering::Relaxed));
         events.emit(serde_json::json!({"progress": {
             "done": done, "total": total, "unit": "samples",
             "failed": c.failed.load(Ordering::Relaxed),
@@ -597,11 +745,15 @@ pub fn run_stage(cfg: &Config, ctx: &mut StageCtx, factory: &BackendFactory) -> 
             "cache_hits": c.cache_hits.load(Ordering::Relaxed),
             "tokens_bought": bi + bo,
             "cost": sh.money.cost(bi, bo),
+            "tokens_used": ui + uo,
+            "cost_total": sh.money.cost(ui, uo),
         }}));
     };
     let interval = Duration::from_secs_f64(cfg.progress_interval_s);
+    let t_drive = Instant::now();
     let (results, stopped) =
         rt.block_on(drive(sh.clone(), samples.clone(), rows.clone(), cfg.concurrency, interval, &mut on_progress));
+    let t_drove = Instant::now();
     if let Some(c) = &cache {
         c.close();
         let (a, f) = (c.stats.appended.load(Ordering::Relaxed), c.stats.fsyncs.load(Ordering::Relaxed));
@@ -609,14 +761,18 @@ pub fn run_stage(cfg: &Config, ctx: &mut StageCtx, factory: &BackendFactory) -> 
     }
     let c = &sh.counters;
     let (bi, bo) = (c.bought_in.load(Ordering::Relaxed), c.bought_out.load(Ordering::Relaxed));
+    let (ui, uo) = (c.used_in.load(Ordering::Relaxed), c.used_out.load(Ordering::Relaxed));
     let summary = format!(
-        "{} of {} samples done; {} requests bought ({} tokens, ${:.4}), {} answers from the response cache",
+        "{} of {} samples done; {} requests bought ({} tokens, ${:.4}), {} answers from the response cache; \
+         answers used in total: {} tokens, ${:.4}",
         results.len(),
         rows.len(),
         c.requests.load(Ordering::Relaxed),
         bi + bo,
         sh.money.cost(bi, bo),
-        c.cache_hits.load(Ordering::Relaxed)
+        c.cache_hits.load(Ordering::Relaxed),
+        ui + uo,
+        sh.money.cost(ui, uo),
     );
     ctx.log("info", summary.clone());
     match stopped {
@@ -628,6 +784,16 @@ pub fn run_stage(cfg: &Config, ctx: &mut StageCtx, factory: &BackendFactory) -> 
         ),
         Some(Stopped::Fatal(m)) => anyhow::bail!("stage `{}`: {m} ({summary})", ctx.stage),
         Some(Stopped::Cancelled) => anyhow::bail!("stage `{}`: cancelled ({summary}); answers bought are kept", ctx.stage),
+    }
+    if cfg.on_request_failure == OnRequestFailure::Fail {
+        if let Some(msg) = failure_report(&results, &samples) {
+            anyhow::bail!(
+                "stage `{}`: {msg}. Nothing is committed ({summary}); every answer bought is kept in the response cache, \
+                 so a rerun asks only these samples again. To commit them as rejected rows instead, set \
+                 `on_request_failure: record`",
+                ctx.stage
+            );
+        }
     }
 
     // 4. Outputs: rows in table order, stats.
@@ -646,7 +812,21 @@ pub fn run_stage(cfg: &Config, ctx: &mut StageCtx, factory: &BackendFactory) -> 
         .collect();
     io::write_coldstart(&ctx.output("coldstart")?, &cold)?;
     let stats = stats_of(&outcomes, &teacher_name);
-    crate::util::write_atomic(&ctx.output("stats")?, serde_json::to_string_pretty(&stats)?.as_bytes())?;
+    // A plain write: the output dir is scratch, and committing it to the
+    // store syncs every file (an fsync here would be paid twice).
+    let stats_path = ctx.output("stats")?;
+    std::fs::write(&stats_path, serde_json::to_string_pretty(&stats)?)
+        .with_context(|| format!("cannot write {}", stats_path.display()))?;
+    let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
+    ctx.log(
+        "info",
+        format!(
+            "timing: setup {:.1} ms, requests {:.1} ms, outputs {:.1} ms",
+            ms(t_start, t_drive),
+            ms(t_drive, t_drove),
+            ms(t_drove, Instant::now())
+        ),
+    );
 
     let mut m = Metrics::new();
     m.insert("n_samples".into(), stats.n_samples.into());
@@ -682,6 +862,58 @@ mod tests {
         assert!(!within_tolerance(4.6, 4.0, None));
         assert!(within_tolerance(4.5, 4.0, Some(0.5)));
         assert!(!within_tolerance(3.0, 4.0, Some(0.5)));
+    }
+
+    fn sample(id: &str, target: f32) -> Sample {
+        Sample {
+            sample_id: id.into(),
+            user_id: "u".into(),
+            item_id: "i".into(),
+            timestamp: 0,
+            messages: msg(&format!("rate {id}")),
+            target,
+            user_history_len: 0,
+            item_history_len: 0,
+        }
+    }
+
+    #[test]
+    fn preview_replays_cached_answers_and_counts_only_what_would_be_bought() {
+        let cfg: Config = serde_json::from_value(serde_json::json!({
+            "backend": "openai", "base_url": "http://x/v1", "model": "m", "max_rationalize": 2,
+            "max_tokens": 100, "price_in_per_mtok": 1.0, "price_out_per_mtok": 1.0
+        }))
+        .unwrap();
+        let samples = vec![sample("a", 4.0), sample("b", 4.0), sample("c", 4.0), sample("d", 4.0)];
+        let lc = LoopConfig::from_config(&cfg);
+        let answer = |r: u32| Reply {
+            content: format!("<analyze user>u</analyze user><analyze item>i</analyze item><match>m</match><rate>{r}</rate>"),
+            reasoning_content: None,
+            usage: crate::teacher::Usage { prompt_tokens: 10, completion_tokens: 5 },
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ResponseCache::open(dir.path()).unwrap();
+        let ep = crate::teacher::openai::endpoint("m");
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            // a: wrong, then right with the hint → settled. b: right → settled.
+            // d: wrong once → attempts 2 and 3 remain. c: nothing cached.
+            for (row, attempt, rating) in [(0, 1, 2), (0, 2, 4), (1, 1, 4), (3, 1, 1)] {
+                let id = request_for(&samples[row], row, attempt, &lc).identity(&ep);
+                cache.put(&id, &answer(rating)).await.unwrap();
+            }
+        });
+        let p = preview_with_cache(&cfg, &samples, 0, Some(&cache));
+        assert_eq!((p.n_samples, p.settled_from_cache, p.cached_answers), (4, 2, 4), "a and b are settled by the cache");
+        assert_eq!(p.requests_min, 2, "c's first and d's second attempt");
+        assert_eq!(p.requests_max, 3 + 2, "c may use all 3 attempts, d the 2 left");
+        assert_eq!(p.cached_tokens, 4 * 15);
+        assert!((p.cached_cost_usd - 60e-6).abs() < 1e-12, "cached answers are priced: they count toward the budget");
+        let hinted = estimate_tokens(&attempt_messages(&samples[3].messages, 2, 4.0, &cfg.hint_template));
+        assert_eq!(p.est_tokens_in, estimate_tokens(&samples[2].messages) + hinted, "d's next request carries the hint");
+        let fresh = preview_with_cache(&cfg, &samples, 0, None);
+        assert_eq!((fresh.requests_min, fresh.requests_max, fresh.settled_from_cache), (4, 12, 0), "no cache: all bought");
+        assert_eq!(fresh.requests_min, preview(&cfg, &samples).requests_min, "the seedless preview agrees on counts");
     }
 
     #[test]

@@ -65,11 +65,14 @@ pub struct Plan {
     /// Expected bearer key; a mismatch answers 401 echoing the key it got
     /// (as some real APIs do), to test that clients redact it.
     pub api_key: Option<String>,
+    /// Time `delay` with tokio's millisecond timer instead of
+    /// [`sleep_precise`] (only to show the difference in the benchmark).
+    pub tokio_timer: bool,
 }
 
 impl Default for Plan {
     fn default() -> Self {
-        Plan { delay: Duration::from_millis(0), faults: Vec::new(), fault_one_in: 0, api_key: None }
+        Plan { delay: Duration::from_millis(0), faults: Vec::new(), fault_one_in: 0, api_key: None, tokio_timer: false }
     }
 }
 
@@ -85,6 +88,10 @@ pub struct Visit {
 
 #[derive(Default)]
 struct State {
+    /// Connections accepted (a client that pools well opens ~concurrency).
+    connections: u64,
+    /// How long each normal answer was held, request read → response written.
+    holds: Vec<Duration>,
     visits: Vec<Visit>,
     seen: HashMap<String, u64>,
     headers_seen: Vec<String>,
@@ -122,6 +129,9 @@ impl TestServer {
                 let accept = async {
                     while let Ok((sock, _)) = listener.accept().await {
                         let _ = sock.set_nodelay(true);
+                        if let Ok(mut s) = st.lock() {
+                            s.connections += 1;
+                        }
                         tokio::spawn(serve_conn(sock, plan.clone(), st.clone()));
                     }
                 };
@@ -152,6 +162,17 @@ impl TestServer {
     /// Raw request heads and bodies received (for the key-leak test).
     pub fn raw_seen(&self) -> (Vec<String>, Vec<String>) {
         self.state.lock().map(|s| (s.headers_seen.clone(), s.bodies_seen.clone())).unwrap_or_default()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.lock().map(|s| s.connections).unwrap_or(0)
+    }
+
+    /// How long each normal (fault-free) answer was held by the server,
+    /// from the request read to the response written, in arrival order.
+    pub fn holds(&self) -> Vec<Duration> {
+        self.state.lock().map(|s| s.holds.clone()).unwrap_or_default()
     }
 
     pub fn total_requests(&self) -> usize {
@@ -215,6 +236,7 @@ async fn serve_conn(mut sock: TcpStream, plan: Arc<Plan>, st: Arc<Mutex<State>>)
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
+        let arrived = Instant::now();
         let body = String::from_utf8_lossy(&buf[head_end..head_end + content_length]).to_string();
         buf.drain(..head_end + content_length);
 
@@ -315,14 +337,113 @@ async fn serve_conn(mut sock: TcpStream, plan: Arc<Plan>, st: Arc<Mutex<State>>)
                 return;
             }
             None => {
-                if !plan.delay.is_zero() {
-                    tokio::time::sleep(plan.delay).await;
+                if plan.tokio_timer {
+                    tokio::time::sleep_until((arrived + plan.delay).into()).await;
+                } else if !plan.delay.is_zero() {
+                    sleep_precise(arrived + plan.delay).await;
                 }
                 log(200, None);
                 if write_response(&mut sock, 200, &[], answer.as_bytes()).await.is_err() {
                     return;
                 }
+                if let Ok(mut s) = st.lock() {
+                    s.holds.push(arrived.elapsed());
+                }
             }
+        }
+    }
+}
+
+/// Sleeps until `deadline` with sub-millisecond precision.
+///
+/// tokio's timer wheel has 1 ms ticks and rounds deadlines up, so
+/// `tokio::time::sleep(20 ms)` holds an answer 20–22 ms (measured: see
+/// docs/teacher.md), which would charge the client for the server's timer
+/// and make "answers after 20 ms" untrue. So the coarse timer covers all
+/// but the last 2 ms and one shared timer thread (a condvar wait: hrtimer
+/// precision) wakes the answer at the deadline.
+async fn sleep_precise(deadline: Instant) {
+    const COARSE_MARGIN: Duration = Duration::from_millis(2);
+    if let Some(early) = deadline.checked_sub(COARSE_MARGIN) {
+        if early > Instant::now() {
+            tokio::time::sleep_until(early.into()).await;
+        }
+    }
+    if deadline <= Instant::now() {
+        return;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    precise_timer().add(deadline, tx);
+    let _ = rx.await;
+}
+
+/// The timer thread behind [`sleep_precise`]: a heap of deadlines.
+struct PreciseTimer {
+    heap: Mutex<std::collections::BinaryHeap<TimerEntry>>,
+    cv: std::sync::Condvar,
+}
+
+struct TimerEntry(Instant, u64, tokio::sync::oneshot::Sender<()>);
+
+impl PartialEq for TimerEntry {
+    fn eq(&self, o: &Self) -> bool {
+        (self.0, self.1) == (o.0, o.1)
+    }
+}
+impl Eq for TimerEntry {}
+impl PartialOrd for TimerEntry {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for TimerEntry {
+    // Reversed: BinaryHeap is a max-heap, the earliest deadline must be on top.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (o.0, o.1).cmp(&(self.0, self.1))
+    }
+}
+
+fn precise_timer() -> &'static PreciseTimer {
+    static TIMER: std::sync::OnceLock<&'static PreciseTimer> = std::sync::OnceLock::new();
+    TIMER.get_or_init(|| {
+        let t: &'static PreciseTimer =
+            Box::leak(Box::new(PreciseTimer { heap: Mutex::new(Default::default()), cv: std::sync::Condvar::new() }));
+        // Lives for the process, like tokio's own timer; if it cannot start,
+        // answers wake at once (too early), which tests tolerate.
+        let _ = std::thread::Builder::new().name("testserver-timer".into()).spawn(move || t.run());
+        t
+    })
+}
+
+impl PreciseTimer {
+    fn add(&self, deadline: Instant, tx: tokio::sync::oneshot::Sender<()>) {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut h) = self.heap.lock() {
+            h.push(TimerEntry(deadline, seq, tx));
+            self.cv.notify_one();
+        }
+    }
+
+    fn run(&self) {
+        let Ok(mut h) = self.heap.lock() else { return };
+        loop {
+            let now = Instant::now();
+            while h.peek().is_some_and(|e| e.0 <= now) {
+                if let Some(e) = h.pop() {
+                    let _ = e.2.send(());
+                }
+            }
+            h = match h.peek().map(|e| e.0 - now) {
+                None => match self.cv.wait(h) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                },
+                Some(d) => match self.cv.wait_timeout(h, d) {
+                    Ok((g, _)) => g,
+                    Err(_) => return,
+                },
+            };
         }
     }
 }
