@@ -20,13 +20,13 @@ VENV=.bench/venv
 "$VENV/bin/python" -c "import polars, sys; sys.exit(polars.__version__ != '$POLARS_VERSION')" 2>/dev/null \
   || "$VENV/bin/pip" install --quiet "polars==$POLARS_VERSION"
 if [ "$PROFILE" = release ]; then
-  cargo build --release --example torch_free_worker
+  cargo build --release -p recflow --example torch_free_worker
   WORKER=target/release/examples/torch_free_worker
 elif [ "$PROFILE" = dev-o3 ]; then
-  CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build --example torch_free_worker
+  CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build -p recflow --example torch_free_worker
   WORKER=target/debug/examples/torch_free_worker
 else
-  cargo build --example torch_free_worker
+  cargo build -p recflow --example torch_free_worker
   WORKER=target/debug/examples/torch_free_worker
 fi
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); profile $PROFILE"
