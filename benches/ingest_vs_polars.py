@@ -7,8 +7,9 @@ then, on the same file, in the same run:
   * recflow: the torch-free worker runs the `ingest` stage (exec-stage protocol) →
     interactions.parquet (six columns, snappy) + items.parquet + report.json;
   * polars: read_ndjson → the same six columns and types → write_parquet(snappy).
-Wall time (median of --repeat runs) and peak RSS (/usr/bin/time -v) for both, and the
-throughput ratio recflow / polars. Called by ingest_vs_polars.sh.
+Wall and CPU time (median of --repeat runs) and peak RSS (/usr/bin/time -v) for both, the
+throughput ratios recflow / polars (wall and CPU), after checking that both wrote the same rows.
+Called by ingest_vs_polars.sh (which pins polars in .bench/venv).
 """
 import argparse
 import gzip
@@ -37,6 +38,20 @@ df = df.select(
     pl.col("summary").alias("review_title"), pl.col("reviewText").alias("review_text"))
 df.write_parquet(dst, compression="snappy")
 print(df.height)
+"""
+
+# Same rows from both tools? recflow stores blank texts as null (pinned
+# schema: text is nullable, blank = missing); polars keeps "". Compared after
+# mapping blanks to null, so a fast but wrong ingest cannot pass.
+SAME = r"""
+import sys, polars as pl
+a, b = pl.read_parquet(sys.argv[1]), pl.read_parquet(sys.argv[2])
+blank = [pl.when(pl.col(c).str.strip_chars() == "").then(None).otherwise(pl.col(c)).alias(c)
+         for c in ("review_title", "review_text")]
+b = b.with_columns(blank)
+bad = [c for c in a.columns if not a[c].equals(b[c])]
+print("same rows" if not bad else f"columns differ: {bad}")
+sys.exit(1 if bad else 0)
 """
 
 
@@ -120,6 +135,10 @@ def main():
             dst = os.path.join(a.work, f"polars_{gb}.parquet")
             dt, rss, outp, cpu = timed([sys.executable, "-c", POLARS, src, dst])
             res["polars"].append((dt, rss, int(outp.strip().splitlines()[-1]), cpu))
+        same = subprocess.run([sys.executable, "-c", SAME, os.path.join(out, "interactions.parquet"), dst],
+                              capture_output=True, text=True)
+        if same.returncode != 0:
+            sys.exit(f"{gb} GB: recflow and polars wrote different rows: {same.stdout}{same.stderr[-2000:]}")
         med = {k: (statistics.median(x[0] for x in v), max(x[1] for x in v), v[0][2], statistics.median(x[3] for x in v))
                for k, v in res.items()}
         assert med["recflow"][2] == med["polars"][2], f"row counts differ: {med}"

@@ -312,9 +312,20 @@ fn formats_from_fixtures() {
         &[],
     )
     .unwrap();
+    let yi = &io::read_items(&out.join("items.parquet")).unwrap()[0];
     assert_eq!(
-        io::read_items(&out.join("items.parquet")).unwrap()[0].title.as_deref(),
-        Some("Cafe")
+        (yi.title.as_deref(), yi.categories.clone(), yi.description.as_deref()),
+        (
+            Some("Cafe"),
+            Some(vec!["Food".to_string(), "Coffee".to_string()]),
+            Some("Located in Boston")
+        ),
+        "business.json: name → title, \"A, B\" categories → list, city → description"
+    );
+    assert_eq!(
+        io::read_interactions(&out.join("interactions.parquet")).unwrap()[0].timestamp,
+        1_412_998_442,
+        "Yelp dates are UTC"
     );
 
     // MovieLens 100K and 1M.
@@ -345,6 +356,12 @@ fn formats_from_fixtures() {
     )
     .unwrap();
     assert_eq!(report(&out)["kept"], 1, "1M ratings read");
+    let it = io::read_items(&out.join("items.parquet")).unwrap();
+    assert_eq!(
+        (it[0].item_id.as_str(), it[0].title.as_deref(), it[0].categories.clone()),
+        ("1193", Some("One Flew (1975)"), Some(vec!["Drama".to_string()])),
+        "1M movies.dat joined"
+    );
 }
 
 fn good(k: usize) -> String {
@@ -474,6 +491,84 @@ fn identical_inputs_give_byte_identical_outputs() {
         std::fs::read(s1.join("interactions.parquet")).unwrap(),
         std::fs::read(s2.join("interactions.parquet")).unwrap()
     );
+}
+
+/// Pass 1 parses on several threads and encodes row groups on several
+/// more; everything order-dependent (duplicate resolution by file position,
+/// the first examples per drop reason, row-group cuts) must come out as a
+/// sequential read gives it.
+#[test]
+fn outputs_do_not_depend_on_the_thread_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // > 2 row groups and many 1 MiB parse chunks, with bad lines and
+    // repeats spread over the whole file.
+    let mut text = String::new();
+    for k in 0..150_000usize {
+        match k % 9973 {
+            5 => text.push_str("{\"reviewerID\":\"u\",\"asin\":\"x\",\"overall\":4.0\n"),
+            7 => text.push_str("{\"reviewerID\":\"u\",\"asin\":\"x\",\"overall\":9,\"unixReviewTime\":1}\n"),
+            _ => text.push_str(&format!(
+                "{{\"reviewerID\":\"u{}\",\"asin\":\"a{}\",\"overall\":{}.0,\"summary\":\"s{}\",\"reviewText\":\"text {k} \\u00e9\",\"unixReviewTime\":{}}}\n",
+                k % 5000,
+                (k * 7) % 20011,
+                1 + k % 5,
+                k % 3,
+                1000 + k % 777
+            )),
+        }
+    }
+    std::fs::write(d.join("r.json"), text).unwrap();
+    let cfg = |t: usize| json!({"format": "amazon2014", "reviews": d.join("r.json"), "threads": t});
+    let (_, one) = run::<Ingest>(&d.join("t1"), cfg(1), &[]).unwrap();
+    let r = report(&one);
+    assert!(
+        r["duplicates"]["extra_records"].as_u64().unwrap() > 1000,
+        "the fixture has repeats, so pass 2 runs: {}",
+        r["duplicates"]
+    );
+    assert_eq!(r["bad_records"], 32, "16 malformed + 16 out of range");
+    let ex = r["files"][0]["drops"]["malformed"]["examples"][0].as_str().unwrap();
+    assert!(
+        ex.starts_with("r.json:6: invalid JSON: EOF while parsing"),
+        "the first example is the first bad line of the file: {ex}"
+    );
+    let rows = io::read_interactions(&one.join("interactions.parquet")).unwrap();
+    assert_eq!(rows.len() as u64, r["kept"].as_u64().unwrap());
+    for t in [2, 5] {
+        let (_, many) = run::<Ingest>(&d.join(format!("t{t}")), cfg(t), &[]).unwrap();
+        for f in ["interactions.parquet", "items.parquet", "report.json"] {
+            assert!(
+                std::fs::read(one.join(f)).unwrap() == std::fs::read(many.join(f)).unwrap(),
+                "{f}: {t} threads give the same bytes as 1"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_object_left_open_at_the_end_is_reported_not_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // Pretty-printed objects (concatenated mode), the last one never closed.
+    let text = "{\n \"reviewerID\": \"u1\", \"asin\": \"a\",\n \"overall\": 5.0, \"unixReviewTime\": 10\n}\n\
+                {\n \"reviewerID\": \"u2\", \"asin\": \"a\",\n \"overall\": 4.0, \"unixReviewTime\": 11\n}\n\
+                {\n \"reviewerID\": \"u3\", \"asin\": \"a\",\n";
+    std::fs::write(d.join("open.json"), text).unwrap();
+    let (_, out) = run::<Ingest>(
+        &d.join("o"),
+        json!({"format": "amazon2014", "reviews": d.join("open.json"), "max_bad_fraction": 0.5}),
+        &[],
+    )
+    .unwrap();
+    let r = report(&out);
+    assert_eq!(
+        (r["raw_records"].clone(), r["kept"].clone()),
+        (json!(3), json!(2)),
+        "the open object counts as a record read: {r}"
+    );
+    let ex = r["files"][0]["drops"]["malformed"]["examples"][0].as_str().unwrap();
+    assert!(ex.starts_with("open.json:9:"), "named by the line it starts on: {ex}");
 }
 
 // ------------------------------------------------------- synthetic pipeline

@@ -35,14 +35,14 @@
 //! a missing or blank review text is counted (`missing_text`), not dropped.
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, AsArray, BooleanArray, Float32Builder, Int64Builder, RecordBatch, StringBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::io::{self, IoError, TableWriter};
+use super::io::{self, IoError};
 use super::raw::{self, Next, RecordReader, ReviewFields, Val};
 use super::synthetic::{self, SyntheticConfig};
 use super::{format_rating, parse_datetime, schema, Interaction, Item};
@@ -95,6 +95,14 @@ pub struct Options {
     pub rating_min: f32,
     pub rating_max: f32,
     pub synthetic: SyntheticConfig,
+    /// Parser threads and Parquet encoder threads (each). Operational: the
+    /// outputs are byte-identical for any value (tested).
+    pub threads: usize,
+}
+
+/// The default for [`Options::threads`]: one per core.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -509,20 +517,18 @@ struct Builders {
     ts: Int64Builder,
     title: StringBuilder,
     text: StringBuilder,
-    n: usize,
 }
 
 impl Builders {
-    fn new() -> Self {
-        let n = io::ROW_GROUP;
+    /// Room for `rows` records of about `bytes` raw bytes in all.
+    fn with_capacity(rows: usize, bytes: usize) -> Self {
         Builders {
-            user: StringBuilder::with_capacity(n, n * 16),
-            item: StringBuilder::with_capacity(n, n * 12),
-            rating: Float32Builder::with_capacity(n),
-            ts: Int64Builder::with_capacity(n),
-            title: StringBuilder::with_capacity(n, n * 24),
-            text: StringBuilder::with_capacity(n, n * 400),
-            n: 0,
+            user: StringBuilder::with_capacity(rows, rows * 16),
+            item: StringBuilder::with_capacity(rows, rows * 12),
+            rating: Float32Builder::with_capacity(rows),
+            ts: Int64Builder::with_capacity(rows),
+            title: StringBuilder::with_capacity(rows, rows * 24),
+            text: StringBuilder::with_capacity(rows, bytes),
         }
     }
     fn push(&mut self, p: &Parsed) {
@@ -532,10 +538,8 @@ impl Builders {
         self.ts.append_value(p.timestamp);
         self.title.append_option(p.title.as_deref());
         self.text.append_option(p.text.as_deref());
-        self.n += 1;
     }
     fn finish(&mut self) -> RecordBatch {
-        self.n = 0;
         let cols: Vec<ArrayRef> = vec![
             Arc::new(self.user.finish()),
             Arc::new(self.item.finish()),
@@ -548,28 +552,21 @@ impl Builders {
     }
 }
 
-/// 128-bit identity of a user–item pair (two SipHash-1-3 passes with fixed
-/// keys: deterministic across runs and machines).
-fn pair_hash(user: &str, item: &str) -> u128 {
-    let h = |salt: u8| {
-        let mut s = std::collections::hash_map::DefaultHasher::new();
-        salt.hash(&mut s);
-        user.hash(&mut s);
-        item.hash(&mut s);
-        s.finish()
-    };
-    ((h(1) as u128) << 64) | h(2) as u128
+/// 64-bit xxh3 of an id: fixed (no per-process seed), so pass 2 finds pass 1's
+/// keys, and several times cheaper than SipHash on short strings.
+fn id_hash(s: &str) -> u64 {
+    twox_hash::XxHash3_64::oneshot(s.as_bytes())
 }
 
-fn str_hash(s: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    s.hash(&mut h);
-    h.finish()
+/// 128-bit identity of a user–item pair: the user's and the item's id
+/// hashes side by side (two pairs collide only if both their users and
+/// their items collide: ~n²/2¹²⁹).
+fn pair_key(user: u64, item: u64) -> u128 {
+    ((user as u128) << 64) | item as u128
 }
 
-/// Hasher for keys that already are uniform hashes (the pair and user
-/// hashes above): passes the bits through instead of hashing them again with
-/// SipHash (a measurable share of ingest time on millions of records).
+/// Hasher for keys that already are uniform hashes (the id and pair keys
+/// above): passes the bits through instead of hashing them again.
 #[derive(Default)]
 struct PreHashed(u64);
 
@@ -586,7 +583,7 @@ impl Hasher for PreHashed {
         self.0 ^= v;
     }
     fn write_u128(&mut self, v: u128) {
-        self.0 ^= v as u64 ^ (v >> 64) as u64;
+        self.0 ^= v as u64 ^ ((v >> 64) as u64).rotate_left(29);
     }
 }
 
@@ -598,8 +595,140 @@ struct PairState {
     row: u64,
 }
 
+/// The distinct item ids, keyed by their hash (computed on the parser
+/// threads). An id whose 64-bit hash is already taken by another id (about
+/// never) goes to `collided`, so the set stays exact.
+#[derive(Default)]
+struct ItemIds {
+    by_hash: HashMap<u64, Box<str>, Pre>,
+    collided: HashSet<Box<str>>,
+}
+
+impl ItemIds {
+    fn insert(&mut self, hash: u64, id: &str) {
+        match self.by_hash.entry(hash) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(id.into());
+            }
+            std::collections::hash_map::Entry::Occupied(e) => {
+                if e.get().as_ref() != id && !self.collided.contains(id) {
+                    self.collided.insert(id.into());
+                }
+            }
+        }
+    }
+    fn contains(&self, id: &str) -> bool {
+        self.by_hash.get(&id_hash(id)).is_some_and(|x| x.as_ref() == id) || self.collided.contains(id)
+    }
+    fn len(&self) -> usize {
+        self.by_hash.len() + self.collided.len()
+    }
+    fn into_sorted(self) -> Vec<Box<str>> {
+        let mut ids: Vec<Box<str>> = self.by_hash.into_values().chain(self.collided).collect();
+        ids.sort();
+        ids
+    }
+}
+
 fn hist_key(r: f32) -> i64 {
     (r as f64 * 2.0).round() as i64
+}
+
+// ----------------------------------------------------------- parallel parse
+
+/// Raw bytes per parse chunk: large enough that channel and batch overheads
+/// vanish, small enough that the chunks in flight stay a few MiB.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// One review record of `opts.format` (JSON or a MovieLens rating line).
+fn parse_record<'a>(opts: &Options, bytes: &'a [u8]) -> Result<Parsed<'a>, Bad> {
+    if opts.format == Format::Movielens {
+        let p = parse_movielens_rating(bytes)?;
+        if !p.rating.is_finite() || p.rating < opts.rating_min || p.rating > opts.rating_max {
+            return Err((
+                "rating_out_of_range",
+                format!("rating {} outside [{}, {}]", p.rating, opts.rating_min, opts.rating_max),
+            ));
+        }
+        return Ok(p);
+    }
+    parse_review(opts.format, bytes, opts.rating_min, opts.rating_max)
+}
+
+/// What a parser thread hands back for one chunk: everything that does not
+/// depend on the records before it. The order-dependent rest (duplicate
+/// resolution by row number, the first examples of each drop reason,
+/// `on_error: fail`) is applied chunk by chunk in file order.
+struct ParsedChunk {
+    seq: u64,
+    /// The raw chunk, handed back to the reader for reuse.
+    chunk: raw::Chunk,
+    /// The valid records, in file order (interactions schema).
+    batch: RecordBatch,
+    /// Per valid record: the user's and the item's id hash.
+    keys: Vec<(u64, u64)>,
+    /// Bad records in file order: line, reason, message.
+    bad: Vec<(u64, &'static str, String)>,
+    missing_text: u64,
+    missing_title: u64,
+    hist: BTreeMap<i64, u64>,
+}
+
+fn parse_chunk(opts: &Options, seq: u64, chunk: raw::Chunk) -> ParsedChunk {
+    let mut b = Builders::with_capacity(chunk.ends.len(), chunk.bytes.len());
+    let mut keys = Vec::with_capacity(chunk.ends.len());
+    let (mut bad, mut missing_text, mut missing_title, mut hist) = (Vec::new(), 0, 0, BTreeMap::new());
+    for (line, bytes) in chunk.records() {
+        match parse_record(opts, bytes) {
+            Ok(p) => {
+                missing_text += p.text.is_none() as u64;
+                missing_title += p.title.is_none() as u64;
+                *hist.entry(hist_key(p.rating)).or_default() += 1;
+                keys.push((id_hash(&p.user), id_hash(&p.item)));
+                b.push(&p);
+            }
+            Err((reason, msg)) => bad.push((line, reason, msg)),
+        }
+    }
+    ParsedChunk {
+        seq,
+        batch: b.finish(),
+        chunk,
+        keys,
+        bad,
+        missing_text,
+        missing_title,
+        hist,
+    }
+}
+
+/// Row groups are assembled in ~35 MB batches and the chunks in ~1 MB
+/// ones, allocated and freed continuously on several threads. glibc serves
+/// blocks above its mmap threshold (128 KiB, rising to at most 32 MiB) with fresh mappings and
+/// trims freed heap tops, so every such batch page-faults its memory in
+/// again: measured, a third of ingest's CPU time was kernel time. Raising
+/// both thresholds keeps freed blocks for reuse. The worker runs one stage
+/// per process, so the process-wide setting stays within this stage; the
+/// memory kept is the in-flight working set, bounded by the chunk pool and
+/// the writer's row groups in flight.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters; it is
+    // thread-safe and has no memory-safety preconditions.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum on 64-bit
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
+/// Pass 1's running state, updated chunk by chunk in file order.
+struct Pass1 {
+    pairs: HashMap<u128, PairState, Pre>,
+    users: HashSet<u64, Pre>,
+    items: ItemIds,
+    hist: BTreeMap<i64, u64>,
+    /// Valid records so far = the next row's number in the staging file.
+    rows: u64,
 }
 
 /// Runs ingest: writes `interactions_out`, `items_out` and returns the report.
@@ -626,7 +755,7 @@ pub fn ingest(
     };
 
     // ---- pass 1: parse, stage, count
-    let mut reader = if opts.format == Format::Movielens {
+    let reader = if opts.format == Format::Movielens {
         RecordReader::lines(reviews)
     } else {
         RecordReader::open(reviews, false)
@@ -636,91 +765,31 @@ pub fn ingest(
         source,
     })?;
     let mut drops = Drops::new(reviews, "reviews", opts.on_error);
-    let mut pairs: HashMap<u128, PairState, Pre> = HashMap::default();
-    let mut users: HashSet<u64, Pre> = HashSet::default();
-    let mut items: HashSet<Box<str>> = HashSet::new();
-    let mut hist: BTreeMap<i64, u64> = BTreeMap::new();
-    let mut b = Builders::new();
-    // Parquet encoding (snappy) runs on its own thread, fed full batches over
-    // a bounded channel: parsing and encoding overlap, memory stays bounded
-    // (at most two batches in flight).
-    let (tx, rx) = std::sync::mpsc::sync_channel::<RecordBatch>(2);
-    let writer = {
-        let mut w = TableWriter::create(staging, schema::interactions())?;
-        std::thread::spawn(move || -> Result<(), IoError> {
-            for batch in rx {
-                w.write(&batch)?;
-            }
-            w.finish()?;
-            Ok(())
-        })
+    let mut st = Pass1 {
+        pairs: HashMap::default(),
+        users: HashSet::default(),
+        items: ItemIds::default(),
+        hist: BTreeMap::new(),
+        rows: 0,
     };
-    let mut buf = Vec::with_capacity(1 << 16);
-    let mut row: u64 = 0;
-    while let Next::Record { line, partial } = reader.next_record(&mut buf) {
-        drops.report.raw_records += 1;
-        if partial {
-            // Reported once with the cut below; the partial record is not data.
-            drops.report.raw_records -= 1;
-            continue;
+    let threads = opts.threads.max(1);
+    keep_freed_memory();
+    let writer = io::ParallelTableWriter::create(staging, schema::interactions(), threads)?;
+    let pass1 = pass1(opts, reader, writer, threads, &mut drops, &mut report, &mut st, progress);
+    let reader = match pass1 {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(staging);
+            return Err(e);
         }
-        let parsed = if opts.format == Format::Movielens {
-            parse_movielens_rating(&buf).and_then(|p| {
-                if !p.rating.is_finite() || p.rating < opts.rating_min || p.rating > opts.rating_max {
-                    Err((
-                        "rating_out_of_range",
-                        format!("rating {} outside [{}, {}]", p.rating, opts.rating_min, opts.rating_max),
-                    ))
-                } else {
-                    Ok(p)
-                }
-            })
-        } else {
-            parse_review(opts.format, &buf, opts.rating_min, opts.rating_max)
-        };
-        let p = match parsed {
-            Ok(p) => p,
-            Err((reason, msg)) => {
-                drops.add(line, reason, &msg)?;
-                continue;
-            }
-        };
-        report.valid_records += 1;
-        if p.text.is_none() {
-            report.missing_text += 1;
-        }
-        if p.title.is_none() {
-            report.missing_title += 1;
-        }
-        *hist.entry(hist_key(p.rating)).or_default() += 1;
-        users.insert(str_hash(&p.user));
-        if !items.contains(p.item.as_ref()) {
-            items.insert(p.item.as_ref().into());
-        }
-        let st = pairs.entry(pair_hash(&p.user, &p.item)).or_insert(PairState {
-            count: 0,
-            ts: i64::MIN,
-            row,
-        });
-        st.count += 1;
-        if p.timestamp >= st.ts {
-            st.ts = p.timestamp;
-            st.row = row;
-        }
-        b.push(&p);
-        row += 1;
-        if b.n == io::ROW_GROUP {
-            if tx.send(b.finish()).is_err() {
-                break; // the writer failed; its error is reported below
-            }
-            progress(drops.report.raw_records);
-        }
-    }
-    if b.n > 0 {
-        let _ = tx.send(b.finish());
-    }
-    drop(tx);
-    writer.join().map_err(|_| IngestError::Bad(format!("{}: the Parquet writer thread panicked", staging.display())))??;
+    };
+    let Pass1 {
+        pairs,
+        users,
+        items,
+        hist,
+        ..
+    } = st;
     drops.cut(&reader)?;
     if drops.report.truncated.is_some() {
         drops.report.raw_records += 1;
@@ -773,7 +842,7 @@ pub fn ingest(
             source,
         })?;
     } else {
-        let mut w = TableWriter::create(interactions_out, schema::interactions())?;
+        let mut w = io::ParallelTableWriter::create(interactions_out, schema::interactions(), threads)?;
         let mut row: u64 = 0;
         for batch in io::read_batches(staging)? {
             let (u, it) = (batch.column(0).as_string::<i32>(), batch.column(1).as_string::<i32>());
@@ -782,7 +851,7 @@ pub fn ingest(
                     let r = row + i as u64;
                     Some(
                         pairs
-                            .get(&pair_hash(u.value(i), it.value(i)))
+                            .get(&pair_key(id_hash(u.value(i)), id_hash(it.value(i))))
                             .is_some_and(|s| s.row == r),
                     )
                 })
@@ -792,7 +861,7 @@ pub fn ingest(
                 path: staging.to_path_buf(),
                 source,
             })?;
-            w.write(&kept)?;
+            w.write(kept)?;
         }
         w.finish()?;
         let _ = std::fs::remove_file(staging);
@@ -807,9 +876,8 @@ pub fn ingest(
         report.meta_unused = unused;
         report.files.push(file);
     }
-    let mut ids: Vec<Box<str>> = items.into_iter().collect();
-    ids.sort();
-    let rows: Vec<Item> = ids
+    let rows: Vec<Item> = items
+        .into_sorted()
         .into_iter()
         .map(|id| {
             meta.remove(id.as_ref()).unwrap_or_else(|| Item {
@@ -826,13 +894,146 @@ pub fn ingest(
     Ok(report)
 }
 
+/// Pass 1 on threads: a reader cuts the input into chunks of whole records,
+/// `threads` parsers parse chunks, this thread applies them in file order
+/// (so the report and the row numbers are those of a sequential read) and
+/// feeds the staging file, whose row groups are encoded on `threads` more.
+/// The chunk buffers circulate through a fixed pool: memory stays bounded
+/// however fast any one stage is. Returns the reader (its `truncated`).
+#[allow(clippy::too_many_arguments)]
+fn pass1(
+    opts: &Options,
+    mut reader: RecordReader,
+    mut writer: io::ParallelTableWriter,
+    threads: usize,
+    drops: &mut Drops,
+    report: &mut Report,
+    st: &mut Pass1,
+    progress: &mut dyn FnMut(u64),
+) -> Result<RecordReader, IngestError> {
+    use std::sync::mpsc::sync_channel;
+    use std::sync::Mutex;
+    let in_flight = 2 * threads + 2;
+    let (pool_tx, pool_rx) = sync_channel::<raw::Chunk>(in_flight);
+    for _ in 0..in_flight {
+        let _ = pool_tx.send(raw::Chunk::default());
+    }
+    let (work_tx, work_rx) = sync_channel::<(u64, raw::Chunk)>(in_flight);
+    // Shared by the parsers; dropped with the last of them, which unblocks
+    // the reader if this thread stopped early.
+    let work_rx = Arc::new(Mutex::new(work_rx));
+    let (done_tx, done_rx) = sync_channel::<ParsedChunk>(in_flight);
+    std::thread::scope(|s| {
+        let read = s.spawn(move || {
+            let mut seq = 0u64;
+            while let Ok(mut chunk) = pool_rx.recv() {
+                chunk.clear();
+                let more = reader.fill(&mut chunk, CHUNK_BYTES);
+                if !chunk.ends.is_empty() {
+                    if work_tx.send((seq, chunk)).is_err() {
+                        break;
+                    }
+                    seq += 1;
+                }
+                if !more {
+                    break;
+                }
+            }
+            reader
+        });
+        for _ in 0..threads {
+            let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
+            s.spawn(move || loop {
+                let next = work_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                let Ok((seq, chunk)) = next else { return };
+                if done_tx.send(parse_chunk(opts, seq, chunk)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop((work_rx, done_tx));
+        let applied = (|| -> Result<(), IngestError> {
+            let mut waiting: BTreeMap<u64, ParsedChunk> = BTreeMap::new();
+            let mut next = 0u64;
+            for pc in done_rx {
+                waiting.insert(pc.seq, pc);
+                while let Some(pc) = waiting.remove(&next) {
+                    next += 1;
+                    let before = st.rows;
+                    let chunk = apply_chunk(pc, drops, report, st, &mut writer)?;
+                    let _ = pool_tx.send(chunk);
+                    // About once per row group, as the sequential reader did.
+                    if before / io::ROW_GROUP as u64 != st.rows / io::ROW_GROUP as u64 {
+                        progress(drops.report.raw_records);
+                    }
+                }
+            }
+            Ok(())
+        })();
+        // On an early stop (on_error: fail), closing the pool and the result
+        // channel winds the reader and the parsers down before the scope joins them.
+        drop(pool_tx);
+        let reader = read
+            .join()
+            .map_err(|_| IngestError::Bad("ingest: the reader thread panicked".into()))?;
+        applied?;
+        writer.finish()?;
+        Ok(reader)
+    })
+}
+
+/// Applies one parsed chunk in file order; returns the raw chunk for reuse.
+fn apply_chunk(
+    pc: ParsedChunk,
+    drops: &mut Drops,
+    report: &mut Report,
+    st: &mut Pass1,
+    writer: &mut io::ParallelTableWriter,
+) -> Result<raw::Chunk, IngestError> {
+    drops.report.raw_records += pc.chunk.ends.len() as u64;
+    for (line, reason, msg) in &pc.bad {
+        drops.add(*line, reason, msg)?;
+    }
+    let n = pc.batch.num_rows();
+    report.valid_records += n as u64;
+    report.missing_text += pc.missing_text;
+    report.missing_title += pc.missing_title;
+    for (k, v) in &pc.hist {
+        *st.hist.entry(*k).or_default() += v;
+    }
+    let (items, ts) = (
+        pc.batch.column(1).as_string::<i32>(),
+        pc.batch.column(3).as_primitive::<arrow::datatypes::Int64Type>(),
+    );
+    for (i, &(user, item)) in pc.keys.iter().enumerate() {
+        st.users.insert(user);
+        st.items.insert(item, items.value(i));
+        let t = ts.value(i);
+        let p = st.pairs.entry(pair_key(user, item)).or_insert(PairState {
+            count: 0,
+            ts: i64::MIN,
+            row: st.rows,
+        });
+        p.count += 1;
+        if t >= p.ts {
+            p.ts = t;
+            p.row = st.rows;
+        }
+        st.rows += 1;
+    }
+    if n > 0 {
+        writer.write(pc.batch)?;
+    }
+    Ok(pc.chunk)
+}
+
 /// Streams a metadata file, keeping the records of items in `wanted`
 /// (first record per item wins). Returns the file report and the number of
 /// records for items without interactions.
 fn read_meta(
     opts: &Options,
     path: &Path,
-    wanted: &HashSet<Box<str>>,
+    wanted: &ItemIds,
     out: &mut HashMap<String, Item>,
 ) -> Result<(FileReport, u64), IngestError> {
     let ml = opts.format == Format::Movielens;

@@ -43,6 +43,32 @@ pub enum Next {
     End,
 }
 
+/// Consecutive records in one buffer (see [`RecordReader::fill`]).
+#[derive(Debug, Default)]
+pub struct Chunk {
+    pub bytes: Vec<u8>,
+    /// Per record: its end offset in `bytes` (it starts where the previous
+    /// one ends) and its 1-based first line.
+    pub ends: Vec<(usize, u64)>,
+}
+
+impl Chunk {
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    /// The records as (line, bytes).
+    pub fn records(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(end, line)| {
+            let r = (line, &self.bytes[start..end]);
+            start = end;
+            r
+        })
+    }
+}
+
 /// Opens a file, transparently decompressing gzip.
 pub fn open(path: &Path) -> std::io::Result<Box<dyn BufRead + Send>> {
     let mut f = File::open(path)?;
@@ -109,6 +135,12 @@ impl RecordReader {
     /// the end. A read error keeps the bytes read so far and ends the stream.
     fn read_line(&mut self, out: &mut Vec<u8>) -> Result<bool, ()> {
         out.clear();
+        self.append_line(out)
+    }
+
+    /// [`Self::read_line`] appending to `out` (what it held stays).
+    fn append_line(&mut self, out: &mut Vec<u8>) -> Result<bool, ()> {
+        let start = out.len();
         if self.done {
             return Ok(false);
         }
@@ -119,10 +151,13 @@ impl RecordReader {
             }
             Ok(_) => {
                 self.line += 1;
-                let had_nl = out.last() == Some(&b'\n');
-                if had_nl {
+                // A UTF-8 byte-order mark (Windows editors write one) is not data.
+                if self.line == 1 && out[start..].starts_with(b"\xEF\xBB\xBF") {
+                    out.drain(start..start + 3);
+                }
+                if out.last() == Some(&b'\n') {
                     out.pop();
-                    if out.last() == Some(&b'\r') {
+                    if out.len() > start && out.last() == Some(&b'\r') {
                         out.pop();
                     }
                 }
@@ -131,12 +166,54 @@ impl RecordReader {
             Err(e) => {
                 self.done = true;
                 self.truncated = Some((self.line, e.to_string()));
-                if !out.is_empty() {
+                if out.len() > start {
                     self.line += 1;
                 }
                 Err(())
             }
         }
+    }
+
+    /// Appends whole records to `chunk` until it holds at least `target`
+    /// bytes or the input ends; `false` when the input ended (the chunk may
+    /// still hold records). Feeds the parallel parsers of ingest: records
+    /// come in file order, with their line numbers, exactly as
+    /// [`Self::next_record`] returns them, except that a record cut by a
+    /// truncated input is left out (the cut is reported through
+    /// [`Self::truncated`]); an object left open at the end of an intact
+    /// file is kept, so it is reported as malformed rather than lost.
+    pub fn fill(&mut self, chunk: &mut Chunk, target: usize) -> bool {
+        let mut scratch = Vec::new();
+        while chunk.bytes.len() < target {
+            if self.mode == Mode::Lines {
+                // The common case, without the copy through `scratch`.
+                let start = chunk.bytes.len();
+                match self.append_line(&mut chunk.bytes) {
+                    Ok(true) => {
+                        if chunk.bytes[start..].iter().all(u8::is_ascii_whitespace) {
+                            chunk.bytes.truncate(start);
+                        } else {
+                            chunk.ends.push((chunk.bytes.len(), self.line));
+                        }
+                    }
+                    Ok(false) => return false,
+                    Err(()) => {
+                        chunk.bytes.truncate(start);
+                        return false;
+                    }
+                }
+                continue;
+            }
+            match self.next_record(&mut scratch) {
+                Next::End => return false,
+                Next::Record { partial: true, .. } if self.truncated.is_some() => {}
+                Next::Record { line, .. } => {
+                    chunk.bytes.extend_from_slice(&scratch);
+                    chunk.ends.push((chunk.bytes.len(), line));
+                }
+            }
+        }
+        true
     }
 
     /// The next record's bytes into `out`.
@@ -666,6 +743,31 @@ mod tests {
             "1-based line numbers of each record"
         );
         assert_eq!(got[1].1, "{\"a\":2}", "CRLF is stripped");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_record() {
+        let got = all(&mut reader(b"\xEF\xBB\xBF{\"a\":1}\n{\"a\":2}\n", false));
+        assert_eq!(got[0].1, "{\"a\":1}", "the BOM is dropped, the record stays: {got:?}");
+        assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn chunks_hold_the_records_of_next_record() {
+        let text = b"{\"a\":1}\n\n{\"a\":2}\r\n{\"a\":3}\n{\"a\":4}";
+        let want = all(&mut reader(text, false));
+        let mut r = reader(text, false);
+        let (mut got, mut chunk) = (Vec::new(), Chunk::default());
+        loop {
+            chunk.clear();
+            // A tiny target: one or two records per chunk.
+            let more = r.fill(&mut chunk, 9);
+            got.extend(chunk.records().map(|(l, b)| (l, String::from_utf8_lossy(b).into_owned(), false)));
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(got, want, "same records, bytes and line numbers as next_record");
     }
 
     #[test]

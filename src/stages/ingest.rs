@@ -4,7 +4,7 @@
 //!
 //! Inputs: the files named in `with:` (`reviews`, `meta`, `business`), all
 //! path-valued, so their content enters the key. Key: the whole config
-//! (nothing here is operational). Domain code: [`crate::data::ingest`].
+//! but `threads` (operational: the outputs are byte-identical for any value). Domain code: [`crate::data::ingest`].
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,10 @@ pub struct Config {
     /// Generator settings for `format: synthetic`.
     #[serde(default)]
     pub synthetic: SyntheticConfig,
+    /// Parser / Parquet encoder threads (default: one per core). Operational:
+    /// outputs do not depend on it.
+    #[serde(default)]
+    pub threads: Option<usize>,
 }
 
 fn default_max_bad() -> f64 {
@@ -60,6 +64,7 @@ impl StageDef for Ingest {
     const KIND: &'static str = "ingest";
     const VERSION: u32 = 1;
     const PATH_FIELDS: &'static [&'static str] = &["reviews", "meta", "business"];
+    const OPERATIONAL: &'static [&'static str] = &["threads"];
 
     fn inputs() -> Vec<InputSpec> {
         Vec::new()
@@ -116,6 +121,7 @@ impl Stage for Ingest {
             rating_min: cfg.rating_min,
             rating_max: cfg.rating_max,
             synthetic: cfg.synthetic.clone(),
+            threads: cfg.threads.unwrap_or_else(ingest::default_threads),
         };
         let interactions = ctx.output("interactions")?;
         let items = ctx.output("items")?;
