@@ -6,8 +6,8 @@
 #  2. every shipped pipeline validates with `run --dry-run --allow-missing`;
 #  3. the quickstart pipeline runs every stage kind end to end
 #     (synthetic → … → SFT → GRPO → eval + baselines → report);
-#  4. a rerun is all cache hits (asserted through `status --check`; the
-#     rerun's time is printed, not asserted);
+#  4. a rerun is all cache hits (asserted on its end-of-run table, then
+#     `status --check`; the rerun's time is printed, not asserted);
 #  5. `verify --stage eval_sft` re-executes eval into a scratch store and
 #     compares output hashes;
 #  6. the learning gates (scripts/gates.py): SFT valid rate ≥ 90%, GRPO's
@@ -36,8 +36,11 @@ echo "first run: $(( $(date +%s) - start )) s"
 
 echo "--- quickstart: rerun must be all cache hits"
 start=$(date +%s%N)
-"$R" run -q pipelines/quickstart.yaml "$@"
+table=$("$R" run pipelines/quickstart.yaml "$@")
 echo "rerun: $(( ($(date +%s%N) - start) / 1000000 )) ms"
+# Every row of the end-of-run table must say `cached`.
+echo "$table" | awk 'NR > 1 && $2 != "cached" { print "not a cache hit: " $0; bad = 1 } END { exit bad }'
+echo "all $(( $(echo "$table" | wc -l) - 1 )) stages cached"
 "$R" status --check pipelines/quickstart.yaml "$@"
 
 echo "--- verify: eval re-executed in a scratch store"

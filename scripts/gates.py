@@ -62,7 +62,7 @@ def main() -> int:
     )
 
     # The goal, reported: GRPO RMSE < SFT RMSE < global mean.
-    gm = rows.get("global mean", {}).get("rmse")
+    gm = rows.get("global_mean", {}).get("rmse")
     rs, rg = rows.get("sft", {}).get("rmse"), rows.get("grpo", {}).get("rmse")
     if None not in (gm, rs, rg):
         print(

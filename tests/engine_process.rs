@@ -226,6 +226,15 @@ stages:
     assert_eq!([p.count("a"), p.count("b"), p.count("c")], [1, 3, 2], "--from reruns the stage and its descendants");
     p.ok(&["run", "p.yaml", "-q", "--only", "c", "--force", "c"]);
     assert_eq!([p.count("a"), p.count("b"), p.count("c")], [1, 3, 3], "--only runs just the selection");
+
+    // Downstream of the selection is left alone, built or not: `--only a` on
+    // a fresh project succeeds and neither runs nor requires b and c.
+    let q = Proj::new();
+    q.write("p.yaml", &std::fs::read_to_string(p.path("p.yaml")).unwrap());
+    let o = q.run(&["run", "p.yaml", "--only", "a"]);
+    assert!(o.status.success(), "--only a needs nothing downstream: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!([q.count("a"), q.count("b"), q.count("c")], [1, 0, 0], "only the selection runs");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("not selected"), "the table says why b and c did not run");
 }
 
 #[test]

@@ -44,6 +44,8 @@ pub enum Outcome {
     Ran,
     Failed(String),
     Skipped(String),
+    /// Outside `--only` / `--from` and not needed by the selection.
+    NotSelected,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +72,7 @@ impl Summary {
                 Outcome::Ran => ("ran", String::new()),
                 Outcome::Failed(m) => ("FAILED", format!("  {m}")),
                 Outcome::Skipped(m) => ("skipped", format!("  {m}")),
+                Outcome::NotSelected => ("-", "  not selected".to_string()),
             };
             s.push_str(&format!("{:<w$}  {:<7}  {:>7.2}s{extra}\n", r.stage, st, r.wall_s));
         }
@@ -622,6 +625,10 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
                 if started.contains_key(&s.name) || ended.contains_key(&s.name) {
                     continue;
                 }
+                if modes.get(&s.name) == Some(&Mode::Skip) {
+                    ended.insert(s.name.clone(), Outcome::NotSelected);
+                    continue;
+                }
                 if let Some(bad) = s.deps.iter().find(|d| matches!(ended.get(*d), Some(Outcome::Failed(_) | Outcome::Skipped(_)))) {
                     ended.insert(s.name.clone(), Outcome::Skipped(format!("upstream `{bad}` did not complete")));
                     continue;
@@ -784,6 +791,10 @@ pub fn dry_run(p: &Pipeline, sel: &Selection, allow_missing: bool) -> Result<(St
                         format!("{}: cached (key {})", s.name, &key[..12])
                     }
                     (None, Mode::ReuseOnly) => format!("{}: NOT BUILT and outside the selection", s.name),
+                    (None, Mode::Skip) => {
+                        will_run = false;
+                        format!("{}: not selected", s.name)
+                    }
                     (None, _) => {
                         let why = match lock.stages.get(&s.name) {
                             None => "never run".to_string(),

@@ -2,7 +2,8 @@
 //! that touches nothing, test it on its own). Given the stages, their
 //! upstream edges and the selection flags, it says which stages are
 //! *considered* (run when their key has no record) and which are *forced*
-//! (run even when cached). Stages outside the selection are only reused.
+//! (run even when cached). Stages outside the selection that a selected
+//! stage needs (its ancestors) are only reused; the rest are not touched.
 use std::collections::{BTreeMap, BTreeSet};
 
 /// `--only`, `--from`, `--force` (each may name a base stage, covering all its expansions).
@@ -25,8 +26,10 @@ pub enum Mode {
     Consider,
     /// Run even when cached.
     Force,
-    /// Outside the selection: must already be cached.
+    /// Outside the selection but upstream of it: must already be cached.
     ReuseOnly,
+    /// Outside the selection and not needed by it: neither run nor required.
+    Skip,
 }
 
 /// One stage for planning: name, base name, upstream stage names.
@@ -48,16 +51,19 @@ pub fn plan(nodes: &[Node], sel: &Selection) -> Result<Plan, String> {
         Ok(m)
     };
     let mut down: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut up: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for n in nodes {
         for d in &n.deps {
             down.entry(d.as_str()).or_default().push(n.name.as_str());
+            up.entry(n.name.as_str()).or_default().push(d.as_str());
         }
     }
-    let descendants = |start: &BTreeSet<String>| -> BTreeSet<String> {
+    // The closure of `start` under `edges` (start included).
+    let closure = |start: &BTreeSet<String>, edges: &BTreeMap<&str, Vec<&str>>| -> BTreeSet<String> {
         let mut seen: BTreeSet<String> = start.clone();
         let mut stack: Vec<String> = start.iter().cloned().collect();
         while let Some(s) = stack.pop() {
-            for d in down.get(s.as_str()).into_iter().flatten() {
+            for d in edges.get(s.as_str()).into_iter().flatten() {
                 if seen.insert(d.to_string()) {
                     stack.push(d.to_string());
                 }
@@ -65,6 +71,7 @@ pub fn plan(nodes: &[Node], sel: &Selection) -> Result<Plan, String> {
         }
         seen
     };
+    let descendants = |start: &BTreeSet<String>| closure(start, &down);
     let mut only = BTreeSet::new();
     for o in &sel.only {
         only.extend(matches(o)?);
@@ -87,11 +94,15 @@ pub fn plan(nodes: &[Node], sel: &Selection) -> Result<Plan, String> {
     } else {
         None
     };
+    // What the selection needs: itself and everything upstream of it.
+    let needed = selected.as_ref().map(|s| closure(s, &up));
     let stages = nodes
         .iter()
         .map(|n| {
             let in_sel = selected.as_ref().is_none_or(|s| s.contains(&n.name));
-            let mode = if !in_sel {
+            let mode = if needed.as_ref().is_some_and(|nd| !nd.contains(&n.name)) {
+                Mode::Skip
+            } else if !in_sel {
                 Mode::ReuseOnly
             } else if forced.contains(&n.name) {
                 Mode::Force
@@ -130,9 +141,13 @@ mod tests {
     #[test]
     fn only_restricts_and_from_forces_descendants() {
         let p = plan(&chain(), &Selection { only: vec!["b".into()], ..Default::default() }).unwrap();
-        assert_eq!(modes(&p), vec![Mode::ReuseOnly, Mode::Consider, Mode::Consider, Mode::ReuseOnly], "--only b covers its expansions only");
+        assert_eq!(
+            modes(&p),
+            vec![Mode::ReuseOnly, Mode::Consider, Mode::Consider, Mode::Skip],
+            "--only b covers its expansions only, reuses what they need, leaves the rest alone"
+        );
         let p = plan(&chain(), &Selection { from: vec!["b@k=1".into()], ..Default::default() }).unwrap();
-        assert_eq!(modes(&p), vec![Mode::ReuseOnly, Mode::Force, Mode::ReuseOnly, Mode::Force], "--from forces the stage and its descendants");
+        assert_eq!(modes(&p), vec![Mode::ReuseOnly, Mode::Force, Mode::Skip, Mode::Force], "--from forces the stage and its descendants");
         let p = plan(&chain(), &Selection { force: vec!["a".into()], ..Default::default() }).unwrap();
         assert_eq!(p.stages[0].1, Mode::Force, "--force forces only the named stage");
         assert_eq!(p.stages[3].1, Mode::Consider, "downstream of a forced stage still uses early cutoff");
