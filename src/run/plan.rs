@@ -147,7 +147,13 @@ mod tests {
             "--only b covers its expansions only, reuses what they need, leaves the rest alone"
         );
         let p = plan(&chain(), &Selection { from: vec!["b@k=1".into()], ..Default::default() }).unwrap();
-        assert_eq!(modes(&p), vec![Mode::ReuseOnly, Mode::Force, Mode::Skip, Mode::Force], "--from forces the stage and its descendants");
+        assert_eq!(
+            modes(&p),
+            vec![Mode::ReuseOnly, Mode::Force, Mode::ReuseOnly, Mode::Force],
+            "--from forces the stage and its descendants; b@k=2 feeds c, so it is reused"
+        );
+        let p = plan(&chain(), &Selection { only: vec!["b@k=2".into()], ..Default::default() }).unwrap();
+        assert_eq!(modes(&p), vec![Mode::ReuseOnly, Mode::Skip, Mode::Consider, Mode::Skip], "a sibling expansion is not needed");
         let p = plan(&chain(), &Selection { force: vec!["a".into()], ..Default::default() }).unwrap();
         assert_eq!(p.stages[0].1, Mode::Force, "--force forces only the named stage");
         assert_eq!(p.stages[3].1, Mode::Consider, "downstream of a forced stage still uses early cutoff");
