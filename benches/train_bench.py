@@ -59,8 +59,12 @@ def write_parquet(path, rows, coldstart=False):
 def prepare(work):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
     os.makedirs(work, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
     smol = os.path.join(work, "smollm2")
+    # benches/train_vs_trl.sh imports the GGUF with `recflow-worker model import` first.
+    if os.path.isfile(os.path.join(smol, "tokenizer.json")):
+        tok = AutoTokenizer.from_pretrained(smol)
+    else:
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
     if not os.path.isdir(smol):
         m = AutoModelForCausalLM.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF),
                                                  torch_dtype=torch.float32)
