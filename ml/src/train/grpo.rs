@@ -133,7 +133,12 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let seed = cfg.seed.unwrap_or(ctx.seed);
     let device = parse_device(&ctx.device)?;
     let prec = Precision::resolve(cfg.dtype, device, cfg.use_peft);
-    let lora = cfg.use_peft.then_some((cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout));
+    let lora = cfg.use_peft.then(|| crate::llm::LoraConfig {
+        r: cfg.lora_r as i64,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        target_modules: cfg.lora_target_modules.clone(),
+    });
     let trainee = load_trainee(ctx.input("model")?, device, prec, lora, seed)?;
     // Full fine-tuning with β > 0 needs a frozen copy as the reference;
     // with LoRA the reference is the same weights with adapters off.
