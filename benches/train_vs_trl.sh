@@ -54,7 +54,18 @@ JSON
   $PY -c "import json,sys; m=json.load(open('$d/out/metrics.json')); m['peak_rss_mb']=$rss_kb/1024; print(json.dumps(m))"
 }
 
-ratio() { $PY -c "import json,sys; p=json.loads(sys.argv[1]); r=json.loads(sys.argv[2]); print(f\"{sys.argv[3]}: peer {p['step_s_median']:.3f} s/step ({p['peak_rss_mb']:.0f} MB)  recflow {r['step_s_median']:.3f} s/step ({r['peak_rss_mb']:.0f} MB)  peer/recflow = {p['step_s_median']/r['step_s_median']:.2f}x  recflow/peer = {r['step_s_median']/p['step_s_median']:.2f}x\")" "$1" "$2" "$3"; }
+ratio() { $PY - "$1" "$2" "$3" <<'PY'
+import json, sys
+p, r, name = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+print(f"{name}: peer {p['step_s_median']:.3f} s/step ({p['peak_rss_mb']:.0f} MB)  recflow {r['step_s_median']:.3f} s/step "
+      f"({r['peak_rss_mb']:.0f} MB)  peer/recflow = {p['step_s_median']/r['step_s_median']:.2f}x  "
+      f"recflow/peer = {r['step_s_median']/p['step_s_median']:.2f}x")
+# CPU time per step (user + system, all threads): what a step costs when the machine is shared.
+if p.get("step_cpu_s_median") and r.get("step_cpu_s_median"):
+    print(f"  CPU per step: peer {p['step_cpu_s_median']:.1f} s  recflow {r['step_cpu_s_median']:.1f} s  "
+          f"recflow/peer = {r['step_cpu_s_median']/p['step_cpu_s_median']:.2f}x")
+PY
+}
 
 GRPO_CFG="{\"prompts_per_step\": 4, \"num_generations\": 4, \"max_completion_length\": 64, \"max_prompt_length\": 64, \"max_steps\": $STEPS, \"learning_rate\": 1e-6, \"beta\": 0.0, \"loss_type\": \"dapo\", \"eval_steps\": 0, \"eval_max_samples\": 0, \"save_steps\": 1000}"
 for M in $MODELS; do
