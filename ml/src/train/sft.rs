@@ -232,7 +232,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             ],
         )?;
         ctx.progress(state.step, Some(total as u64), "step");
-        if !last && state.step % cfg.save_steps as u64 == 0 {
+        if !last && state.step.is_multiple_of(cfg.save_steps as u64) {
             checkpoint::save(&ctx.work_dir, &state, &trainee.trainable, &opt, best.as_deref(), &log)?;
             last_saved = state.step;
         }
