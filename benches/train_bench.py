@@ -59,8 +59,12 @@ def write_parquet(path, rows, coldstart=False):
 def prepare(work):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
     os.makedirs(work, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
     smol = os.path.join(work, "smollm2")
+    # benches/train_vs_trl.sh imports the GGUF with `recflow-worker model import` first.
+    if os.path.isfile(os.path.join(smol, "tokenizer.json")):
+        tok = AutoTokenizer.from_pretrained(smol)
+    else:
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
     if not os.path.isdir(smol):
         m = AutoModelForCausalLM.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF),
                                                  torch_dtype=torch.float32)
@@ -161,17 +165,19 @@ def sft(model_dir, work, steps):
     ids = torch.randint(0, m.config.vocab_size, (SFT_BATCH, SFT_LEN))
     labels = ids.clone()
     labels[:, :40] = -100  # prompt tokens carry no loss, as in completion-only SFT
-    ts = []
+    ts, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = m(input_ids=ids, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
         ts.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)  # user + system, all threads (as recflow's step_cpu_s_median)
     print(json.dumps({"peer": f"torch {torch.__version__}", "model": model_dir,
-                      "step_s_median": statistics.median(ts[1:] or ts), "peak_rss_mb": peak_rss_mb()}))
+                      "step_s_median": statistics.median(ts[1:] or ts),
+                      "step_cpu_s_median": statistics.median(cpu[1:] or cpu), "peak_rss_mb": peak_rss_mb()}))
 
 
 if __name__ == "__main__":

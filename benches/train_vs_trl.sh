@@ -3,26 +3,42 @@
 #   1. GRPO step: TRL GRPOTrainer vs recflow `grpo` (B=4 prompts x G=4 x 64 tokens, LoRA off,
 #      beta 0, loss_type dapo) on a tiny Qwen2 (hidden 128, 2 layers, vocab 49,152) and on SmolLM2-135M;
 #   2. SFT step: plain PyTorch/transformers vs recflow `sft` on SmolLM2-135M, 16 x 320 tokens, full FT.
-# Prints per-step medians (s), ratios peer/recflow and peak RSS. Peers go into .venv (pip).
+# Prints per-step medians (s), ratios peer/recflow and peak RSS (each side its own process,
+# /usr/bin/time's maximum resident set size).
 # usage: benches/train_vs_trl.sh [STEPS]      (default 4; the first step is warm-up)
+# Env: BENCH_MODELS="tiny_qwen2 smollm2" picks the GRPO rows ("" for none), BENCH_SFT=0 skips
+# the SFT row; RECFLOW_WORKER=path uses that worker binary instead of building the release one.
+#
+# The peers (TRL, datasets, accelerate, pyarrow) are pinned and go into a git-ignored bench venv,
+# .bench/train-venv, never into the project's test venv .venv: the bench venv sees .venv's torch
+# and transformers through a .pth file (so torch is not installed twice and the peer runs the same
+# torch as recflow's libtorch) and installs only what .venv lacks into its own site-packages.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 STEPS=${1:-4}
-PY=.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-# Pinned so the peers never move the project's test dependencies (transformers 4.57.1, see scripts/setup.sh).
-.venv/bin/pip install -q "trl==0.24.0" "transformers==4.57.1" "datasets==4.0.0" accelerate pyarrow
-source .venv/bin/activate
-# RECFLOW_WORKER=path uses an existing worker binary instead of building the release one.
+MODELS=${BENCH_MODELS-"tiny_qwen2 smollm2"}
+VENV="$ROOT/.bench/train-venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  .venv/bin/python3 -m venv "$VENV"
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  .venv/bin/python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/recflow-test-venv.pth"
+fi
+PY="$VENV/bin/python"
+# transformers is pinned by scripts/setup.sh (4.57.1); naming it here makes pip keep that one.
+PEERS=("pyarrow==21.0.0" "transformers==4.57.1")
+[ -n "$MODELS" ] && PEERS+=("trl==0.24.0" "datasets==4.0.0" "accelerate==1.10.1")
+"$PY" -m pip install -q "${PEERS[@]}"
 if [ -z "${RECFLOW_WORKER:-}" ]; then
   cargo build --release -q -p recflow-ml --bin recflow-worker
 fi
 WORKER=${RECFLOW_WORKER:-$ROOT/target/release/recflow-worker}
-# BENCH_MODELS / BENCH_SFT select rows (default: both GRPO rows and the SFT row).
-MODELS=${BENCH_MODELS:-"tiny_qwen2 smollm2"}
 WORK=${BENCH_WORK:-$ROOT/target/bench-train}
 mkdir -p "$WORK"
+# SmolLM2-135M in HF layout, f32, converted from the GGUF by our own importer;
+# both sides of every SmolLM2 row load this directory.
+[ -f "$WORK/smollm2/config.json" ] || "$WORKER" model import models/SmolLM2-135M-Instruct.Q4_1.gguf "$WORK/smollm2"
 $PY benches/train_bench.py prepare "$WORK"
 
 # Runs one recflow stage through the worker's exec-stage protocol; prints its metrics.json.
@@ -38,7 +54,18 @@ JSON
   $PY -c "import json,sys; m=json.load(open('$d/out/metrics.json')); m['peak_rss_mb']=$rss_kb/1024; print(json.dumps(m))"
 }
 
-ratio() { $PY -c "import json,sys; p=json.loads(sys.argv[1]); r=json.loads(sys.argv[2]); print(f\"{sys.argv[3]}: peer {p['step_s_median']:.3f} s/step ({p['peak_rss_mb']:.0f} MB)  recflow {r['step_s_median']:.3f} s/step ({r['peak_rss_mb']:.0f} MB)  peer/recflow = {p['step_s_median']/r['step_s_median']:.2f}x\")" "$1" "$2" "$3"; }
+ratio() { $PY - "$1" "$2" "$3" <<'PY'
+import json, sys
+p, r, name = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+print(f"{name}: peer {p['step_s_median']:.3f} s/step ({p['peak_rss_mb']:.0f} MB)  recflow {r['step_s_median']:.3f} s/step "
+      f"({r['peak_rss_mb']:.0f} MB)  peer/recflow = {p['step_s_median']/r['step_s_median']:.2f}x  "
+      f"recflow/peer = {r['step_s_median']/p['step_s_median']:.2f}x")
+# CPU time per step (user + system, all threads): what a step costs when the machine is shared.
+if p.get("step_cpu_s_median") and r.get("step_cpu_s_median"):
+    print(f"  CPU per step: peer {p['step_cpu_s_median']:.1f} s  recflow {r['step_cpu_s_median']:.1f} s  "
+          f"recflow/peer = {r['step_cpu_s_median']/p['step_cpu_s_median']:.2f}x")
+PY
+}
 
 GRPO_CFG="{\"prompts_per_step\": 4, \"num_generations\": 4, \"max_completion_length\": 64, \"max_prompt_length\": 64, \"max_steps\": $STEPS, \"learning_rate\": 1e-6, \"beta\": 0.0, \"loss_type\": \"dapo\", \"eval_steps\": 0, \"eval_max_samples\": 0, \"save_steps\": 1000}"
 for M in $MODELS; do

@@ -95,3 +95,31 @@ fn grpo_resume_is_bit_identical_and_deterministic() {
         "eval_max_samples": 2, "save_steps": 2});
     check::<Grpo>(dir.path(), &[("model", &base), ("samples", &samples), ("valid", &valid)], cfg, recflow_ml::train::grpo::run, true, 4);
 }
+
+/// `lora_target_modules` (not resume, but the same tiny harness): only the
+/// named layers get adapters, and the PEFT `adapter_config.json` says which,
+/// so Python tools load the adapter onto the right modules.
+#[test]
+fn lora_target_modules_reach_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    write_toy_model(&base, ToySpec { hidden: 32, intermediate: 64, seed: 5, ..ToySpec::default() }).unwrap();
+    let data = write(dir.path(), "coldstart.parquet", &examples(4, 0, Some(&|_, t| t)), true);
+    let valid = write(dir.path(), "valid.parquet", &examples(1, 500, None), false);
+    let cfg = serde_json::json!({"max_steps": 1, "per_device_train_batch_size": 2, "use_peft": true, "lora_r": 2,
+        "lora_target_modules": ["v_proj", "q_proj"], "eval_max_samples": 0, "val_fraction": 0.0});
+    let root = dir.path().join("run");
+    run_stage::<Sft>(&root, &[("model", &base), ("data", &data), ("valid", &valid)], cfg, recflow_ml::train::sft::run);
+    let ac: serde_json::Value = serde_json::from_slice(&bytes(root.join("out/adapter/adapter_config.json"))).unwrap();
+    assert_eq!(ac["target_modules"], serde_json::json!(["v_proj", "q_proj"]), "adapter_config.json lists the configured modules");
+    let names: Vec<String> = tch::Tensor::read_safetensors(root.join("out/adapter/adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names.len(), 2 * 2 * 2, "2 layers × 2 modules × (A, B)");
+    assert!(
+        names.iter().all(|n| n.contains(".self_attn.q_proj.") || n.contains(".self_attn.v_proj.")),
+        "only q_proj and v_proj carry adapters: {names:?}"
+    );
+}

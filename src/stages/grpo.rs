@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::sft::{
     check_device, check_lora, check_optim, d_adam_eps, d_beta1, d_beta2, d_device, d_dtype, d_eval_steps,
-    d_lora_alpha, d_lora_r, d_max_grad_norm, d_one, d_save_steps, d_true, positive, DType, LrSchedulerType,
+    d_lora_alpha, d_lora_r, d_lora_targets, is_all_linear, d_max_grad_norm, d_one, d_save_steps, d_true, positive, DType, LrSchedulerType,
 };
 use super::{InputSpec, OutputSpec, StageDef};
 use crate::answer::{RewardConfig, Scale};
@@ -203,6 +203,9 @@ pub struct Config {
     pub lora_alpha: f64,
     #[serde(default)]
     pub lora_dropout: f64,
+    /// `["all-linear"]` (default) or some of `q_proj` … `down_proj` (see `sft`).
+    #[serde(default = "d_lora_targets", skip_serializing_if = "is_all_linear")]
+    pub lora_target_modules: Vec<String>,
 
     // --- memory ----------------------------------------------------------------
     #[serde(default)]
@@ -300,7 +303,7 @@ impl StageDef for Grpo {
             return Err(format!("scale.min must be < scale.max, got {} ≥ {}", c.scale.min, c.scale.max));
         }
         check_optim(c.learning_rate, c.warmup_ratio, c.weight_decay, c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.max_grad_norm)?;
-        check_lora(c.use_peft, c.lora_r, c.lora_alpha, c.lora_dropout)?;
+        check_lora(c.use_peft, c.lora_r, c.lora_alpha, c.lora_dropout, &c.lora_target_modules)?;
         Ok(())
     }
 }
@@ -332,5 +335,8 @@ mod tests {
         c.temperature = 1.0;
         c.reward.error_scale = 0.0;
         assert!(Grpo::validate(&c).unwrap_err().contains("error_scale"));
+        c.reward.error_scale = 2.0;
+        c.lora_target_modules = vec!["qkv".into()];
+        assert!(Grpo::validate(&c).unwrap_err().contains("lora_target_modules"), "grpo validates LoRA targets too");
     }
 }

@@ -57,6 +57,19 @@ pub(crate) fn d_lora_r() -> usize {
 pub(crate) fn d_lora_alpha() -> f64 {
     32.0
 }
+/// The decoder's linear layers by their HF/PEFT short names, and PEFT's
+/// shorthand for all of them. The one list the configs validate against.
+pub const LORA_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const ALL_LINEAR: &str = "all-linear";
+pub(crate) fn d_lora_targets() -> Vec<String> {
+    vec![ALL_LINEAR.into()]
+}
+/// The default stays out of the serialized (key) form, so adding the option
+/// left the keys of existing sft/grpo stages where they were; any other
+/// value enters the key.
+pub(crate) fn is_all_linear(v: &[String]) -> bool {
+    v.len() == 1 && v[0] == ALL_LINEAR
+}
 pub(crate) fn d_beta1() -> f64 {
     0.9
 }
@@ -171,6 +184,11 @@ pub struct Config {
     pub lora_alpha: f64,
     #[serde(default)]
     pub lora_dropout: f64,
+    /// Linear layers that get adapters: `["all-linear"]` (default) or a list
+    /// of `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
+    /// `down_proj` (TRL's `lora_target_modules`, PEFT's `target_modules`).
+    #[serde(default = "d_lora_targets", skip_serializing_if = "is_all_linear")]
+    pub lora_target_modules: Vec<String>,
 
     // --- memory -------------------------------------------------------------
     /// Recompute each decoder layer's forward in the backward pass.
@@ -235,7 +253,7 @@ impl StageDef for Sft {
             return Err(format!("num_train_epochs must be > 0, got {}", c.num_train_epochs));
         }
         check_optim(c.learning_rate, c.warmup_ratio, c.weight_decay, c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.max_grad_norm)?;
-        check_lora(c.use_peft, c.lora_r, c.lora_alpha, c.lora_dropout)?;
+        check_lora(c.use_peft, c.lora_r, c.lora_alpha, c.lora_dropout, &c.lora_target_modules)?;
         positive("save_steps", c.save_steps)?;
         if !(0.0..0.5).contains(&c.val_fraction) {
             return Err(format!("val_fraction must be within [0, 0.5), got {}", c.val_fraction));
@@ -287,7 +305,26 @@ pub(crate) fn check_optim(lr: f64, warmup_ratio: f64, wd: f64, b1: f64, b2: f64,
     Ok(())
 }
 
-pub(crate) fn check_lora(use_peft: bool, r: usize, alpha: f64, dropout: f64) -> Result<(), String> {
+pub(crate) fn check_lora(use_peft: bool, r: usize, alpha: f64, dropout: f64, targets: &[String]) -> Result<(), String> {
+    // Target names are checked even with use_peft off: a typo must not wait
+    // until someone turns LoRA on.
+    if targets.is_empty() {
+        return Err(format!("lora_target_modules must not be empty (use [\"{ALL_LINEAR}\"] for every linear layer)"));
+    }
+    for (i, t) in targets.iter().enumerate() {
+        if t == ALL_LINEAR {
+            if targets.len() > 1 {
+                return Err(format!("lora_target_modules: \"{ALL_LINEAR}\" already names every linear layer; list it alone"));
+            }
+        } else if !LORA_MODULES.contains(&t.as_str()) {
+            return Err(format!(
+                "lora_target_modules[{i}]: unknown module {t:?}; use \"{ALL_LINEAR}\" or some of {}",
+                LORA_MODULES.join(", ")
+            ));
+        } else if targets[..i].contains(t) {
+            return Err(format!("lora_target_modules: {t:?} is listed twice"));
+        }
+    }
     if !use_peft {
         return Ok(());
     }
@@ -326,5 +363,28 @@ mod tests {
         c.device = "cuda:1".into();
         c.max_steps = Some(0);
         assert!(Sft::validate(&c).unwrap_err().contains("max_steps"));
+    }
+
+    #[test]
+    fn lora_target_modules_are_validated_and_keyed() {
+        let check = |v: serde_json::Value| crate::stages::check_config::<Sft>(&v);
+        let dflt = check(serde_json::json!({})).unwrap();
+        assert_eq!(
+            check(serde_json::json!({"lora_target_modules": ["all-linear"]})).unwrap(),
+            dflt,
+            "the default must not move the canonical (key) form of existing stages"
+        );
+        assert!(dflt.get("lora_target_modules").is_none(), "default stays out of the key form");
+        let qv = check(serde_json::json!({"lora_target_modules": ["q_proj", "v_proj"]})).unwrap();
+        assert_ne!(qv, dflt, "a non-default target list must enter the key");
+        assert_eq!(qv["lora_target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+        let e = check(serde_json::json!({"use_peft": true, "lora_target_modules": ["q_prj"]})).unwrap_err();
+        assert!(e.contains("lora_target_modules[0]") && e.contains("q_prj") && e.contains("q_proj"), "names field, value and choices: {e}");
+        let e = check(serde_json::json!({"lora_target_modules": []})).unwrap_err();
+        assert!(e.contains("must not be empty"), "{e}");
+        let e = check(serde_json::json!({"lora_target_modules": ["q_proj", "q_proj"]})).unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+        let e = check(serde_json::json!({"lora_target_modules": ["all-linear", "q_proj"]})).unwrap_err();
+        assert!(e.contains("alone"), "{e}");
     }
 }

@@ -49,7 +49,7 @@ fn std_unbiased(x: &[f64]) -> f64 {
 
 /// Computes advantages for `rewards` in groups of `g`.
 pub fn group_advantages(rewards: &[f32], g: usize, scale: ScaleRewards) -> Result<Advantages, RlError> {
-    if g == 0 || rewards.is_empty() || rewards.len() % g != 0 {
+    if g == 0 || rewards.is_empty() || !rewards.len().is_multiple_of(g) {
         return Err(RlError::Shape {
             what: "rewards",
             expected: format!("a non-empty multiple of num_generations = {g}"),

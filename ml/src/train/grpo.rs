@@ -12,7 +12,8 @@
 //! Checkpoints are written only at rollout boundaries, so a resumed run
 //! regenerates nothing it had consumed and loses at most the rollouts in
 //! flight; every draw derives from `(seed, step)` so the regenerated ones
-//! are the same.
+//! are the same. On cancellation the stage checkpoints at the next rollout
+//! boundary (the next step with μ = 1) and exits.
 use recflow::stages::grpo::Config;
 use recflow::stages::{Metrics, StageCtx};
 use tch::{Device, Kind, Tensor};
@@ -133,7 +134,12 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let seed = cfg.seed.unwrap_or(ctx.seed);
     let device = parse_device(&ctx.device)?;
     let prec = Precision::resolve(cfg.dtype, device, cfg.use_peft);
-    let lora = cfg.use_peft.then_some((cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout));
+    let lora = cfg.use_peft.then(|| crate::llm::LoraConfig {
+        r: cfg.lora_r as i64,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        target_modules: cfg.lora_target_modules.clone(),
+    });
     let trainee = load_trainee(ctx.input("model")?, device, prec, lora, seed)?;
     // Full fine-tuning with β > 0 needs a frozen copy as the reference;
     // with LoRA the reference is the same weights with adapters off.
@@ -210,15 +216,26 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let mut tokens_generated = 0usize;
     let mut nonfinite_steps = 0usize;
     let mut step_times: Vec<f64> = Vec::new();
+    // Step of the newest checkpoint on disk (a cancel needs no second copy).
+    let mut last_saved = state.step;
+    let mut mem = super::StepStats::new();
 
     // --- loop --------------------------------------------------------------------
     for step in state.step as usize..total {
-        if ctx.is_cancelled() {
-            anyhow::bail!("grpo cancelled at step {step}; the last checkpoint is kept in the work dir");
+        // Cancellation (Ctrl-C / SIGTERM): checkpoint at the next rollout
+        // boundary and stop, so the rerun continues from exactly here. A
+        // boundary, because rollouts are not checkpointed: with μ > 1 the
+        // steps up to it still train on the batch in hand (at most μ − 1).
+        if ctx.is_cancelled() && step % mu == 0 {
+            if state.step != last_saved {
+                checkpoint::save(&ctx.work_dir, &state, &trainee.trainable, &opt, best.as_deref(), &log)?;
+            }
+            anyhow::bail!("grpo cancelled after step {step}; checkpoint kept in the work dir, a rerun continues from it");
         }
         let lr = sched.lr(step);
         let iter = step % mu;
         let ts = std::time::Instant::now();
+        mem.begin();
 
         // Rollouts: B prompts × G completions, scored.
         if iter == 0 || ro.is_none() {
@@ -272,6 +289,15 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
         let (mut loss_sum, mut kl_sum, mut ent_sum, mut low, mut high, mut n_mask) = (0f64, 0f64, 0f64, 0f64, 0f64, 0f64);
         let (mut gap_sum, mut gap_n) = (0f64, 0usize);
         for (mb_i, mb) in r.micro.iter().enumerate() {
+            // Cancelled on the first step of a rollout batch, before the
+            // update: weights and optimizer still hold the rollout boundary's
+            // state, so it is checkpointed now instead of after the step.
+            if ctx.is_cancelled() && iter == 0 {
+                if state.step != last_saved {
+                    checkpoint::save(&ctx.work_dir, &state, &trainee.trainable, &opt, best.as_deref(), &log)?;
+                }
+                anyhow::bail!("grpo cancelled during step {}; checkpoint of step {step} kept in the work dir, a rerun continues from it", step + 1);
+            }
             let rows: Vec<(&[i64], &[i64])> = mb.iter().map(|&i| (r.rows[i].0.as_slice(), r.rows[i].1.as_slice())).collect();
             let batch = SeqBatch::new(&rows, pad, device)?;
             // Per-token inputs in the batch's token order, [M].
@@ -329,6 +355,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
         }
         t_train += tt.elapsed().as_secs_f64();
         step_times.push(ts.elapsed().as_secs_f64());
+        mem.end();
         state.step = step as u64 + 1;
         let denom = n_mask.max(1.0);
         let kl = kl_sum / denom;
@@ -381,6 +408,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
         let s1 = step + 1;
         if !last && s1 % mu == 0 && s1 / cfg.save_steps != (s1 - mu) / cfg.save_steps {
             checkpoint::save(&ctx.work_dir, &state, &trainee.trainable, &opt, best.as_deref(), &log)?;
+            last_saved = state.step;
         }
     }
 
@@ -417,6 +445,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     m.insert("generated_tokens_per_s".into(), serde_json::json!(tokens_generated as f64 / t_gen.max(1e-9)));
     m.insert("step_s_median".into(), serde_json::json!(super::median(&step_times)));
     m.insert("peak_rss_bytes".into(), serde_json::json!(super::peak_rss_bytes()));
+    mem.insert_metrics(&mut m);
     if device.is_cuda() {
         m.insert("note_cuda_determinism".into(), serde_json::json!("CUDA kernels (atomics in backward, sampling on GPU) are not bit-deterministic"));
     }

@@ -147,13 +147,131 @@ pub fn median(v: &[f64]) -> Option<f64> {
     Some(if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 })
 }
 
+/// Peak memory and CPU time of each optimizer step, for the run record
+/// (`metrics.json`), never the `log` Parquet: these figures differ machine to
+/// machine and the log must stay a pure function of the key.
+///
+/// CPU time (user + system, all threads, from `/proc/self/stat` in the
+/// kernel's fixed 100 Hz `USER_HZ` ticks) says what a step costs on a shared
+/// machine, where wall time mostly measures the other load.
+///
+/// CPU, Linux: a sampler thread reads the resident set size (`VmRSS`) every
+/// [`StepStats::PERIOD`] and keeps the step's maximum; when the process's
+/// high-water mark (`VmHWM`) rose during the step, that mark is the step's
+/// exact peak and replaces the sample. The mark is never reset
+/// (`/proc/self/clear_refs` would also lower the `ru_maxrss` that
+/// `/usr/bin/time` and the benchmarks read). CUDA allocator peaks are not
+/// reachable through tch's API, so on CUDA these are host figures only.
+pub struct StepStats {
+    peaks: Vec<u64>,
+    hwm_at_begin: u64,
+    cpu: Vec<f64>,
+    cpu_at_begin: Option<f64>,
+    sampled: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StepStats {
+    /// Sampling period of the RSS sampler (a /proc read costs microseconds).
+    pub const PERIOD: std::time::Duration = std::time::Duration::from_millis(5);
+
+    pub fn new() -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let sampled = std::sync::Arc::new(AtomicU64::new(0));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (s2, st2) = (sampled.clone(), stop.clone());
+        let sampler = std::thread::Builder::new()
+            .name("rss-sampler".into())
+            .spawn(move || {
+                while !st2.load(Ordering::Relaxed) {
+                    if let Some(b) = status_bytes("VmRSS:") {
+                        s2.fetch_max(b, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Self::PERIOD);
+                }
+            })
+            .ok();
+        StepStats { peaks: Vec::new(), hwm_at_begin: 0, cpu: Vec::new(), cpu_at_begin: None, sampled, stop, sampler }
+    }
+
+    /// Takes one RSS sample now (the sampler thread does this every PERIOD).
+    pub fn sample(&self) {
+        if let Some(b) = status_bytes("VmRSS:") {
+            self.sampled.fetch_max(b, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Call at the start of a step.
+    pub fn begin(&mut self) {
+        self.cpu_at_begin = process_cpu_s();
+        self.hwm_at_begin = peak_rss_bytes().unwrap_or(0);
+        let now = status_bytes("VmRSS:").unwrap_or(0);
+        self.sampled.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Call at the end of a step.
+    pub fn end(&mut self) {
+        let hwm = peak_rss_bytes().unwrap_or(0);
+        let sampled = self.sampled.load(std::sync::atomic::Ordering::Relaxed).max(status_bytes("VmRSS:").unwrap_or(0));
+        let peak = if hwm > self.hwm_at_begin { hwm } else { sampled };
+        if peak > 0 {
+            self.peaks.push(peak);
+        }
+        if let (Some(a), Some(b)) = (self.cpu_at_begin.take(), process_cpu_s()) {
+            self.cpu.push(b - a);
+        }
+    }
+
+    /// `step_peak_rss_bytes_{max,median,last}` and `step_cpu_s_median` over
+    /// the steps run.
+    pub fn insert_metrics(&self, m: &mut recflow::stages::Metrics) {
+        m.insert("step_cpu_s_median".into(), serde_json::json!(median(&self.cpu)));
+        let f: Vec<f64> = self.peaks.iter().map(|&b| b as f64).collect();
+        m.insert("step_peak_rss_bytes_max".into(), serde_json::json!(self.peaks.iter().max()));
+        m.insert("step_peak_rss_bytes_median".into(), serde_json::json!(median(&f).map(|x| x as u64)));
+        m.insert("step_peak_rss_bytes_last".into(), serde_json::json!(self.peaks.last()));
+    }
+}
+
+impl Default for StepStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for StepStats {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.sampler.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// User + system CPU seconds of this process (all threads) so far.
+fn process_cpu_s() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name (which may hold spaces):
+    // state is field 3, utime 14, stime 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// A `kB` line of `/proc/self/status` in bytes.
+fn status_bytes(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), for the
 /// run record. None elsewhere.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    status_bytes("VmHWM:")
 }
 
 #[cfg(test)]
@@ -165,6 +283,24 @@ mod tests {
         assert_eq!(derive_seed(1, 2, 3), derive_seed(1, 2, 3), "same inputs, same seed");
         assert_ne!(derive_seed(1, 2, 3), derive_seed(1, 3, 2), "argument order matters");
         assert_ne!(derive_seed(1, 2, 3), derive_seed(2, 2, 3));
+    }
+
+    #[test]
+    fn step_stats_see_a_step_allocation() {
+        let mut mem = StepStats::new();
+        let before = status_bytes("VmRSS:").expect("Linux reports VmRSS");
+        mem.begin();
+        // A step that touches 64 MiB and frees it before the step ends.
+        let v = vec![1u8; 64 << 20];
+        std::hint::black_box(&v);
+        mem.sample(); // what the sampler thread does while the step runs
+        drop(v);
+        mem.end();
+        let mut m = recflow::stages::Metrics::new();
+        mem.insert_metrics(&mut m);
+        let max = m["step_peak_rss_bytes_max"].as_u64().expect("one step measured");
+        assert!(m["step_cpu_s_median"].as_f64().is_some_and(|c| c >= 0.0), "the step's CPU time is measured");
+        assert!(max >= before + (60 << 20), "the step's peak must include the 64 MiB it touched and freed: {before} → {max}");
     }
 
     #[test]

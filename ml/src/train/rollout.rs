@@ -23,20 +23,21 @@ pub struct Trainee {
     pub lora: bool,
 }
 
-/// Loads `dir`; with `lora` adds adapters on all linear layers (A drawn from
-/// torch's generator seeded with `seed`), else makes every weight trainable.
+/// Loads `dir`; with `lora` adds adapters on its target linear layers (A
+/// drawn from torch's generator seeded with `seed`), else makes every weight
+/// trainable.
 pub fn load_trainee(
     dir: &Path,
     device: Device,
     prec: Precision,
-    lora: Option<(usize, f64, f64)>,
+    lora: Option<LoraConfig>,
     seed: u64,
 ) -> Result<Trainee, TrainError> {
     let mut model = Model::load(dir, device, prec.load).map_err(llm)?;
     let tok = Tokenizer::load(dir).map_err(llm)?;
+    let lora_on = lora.is_some();
     let trainable = match lora {
-        Some((r, alpha, dropout)) => {
-            let cfg = LoraConfig { r: r as i64, alpha, dropout, target_modules: vec!["all-linear".into()] };
+        Some(cfg) => {
             super::with_torch_seed(super::derive_seed(seed, 0x10ea, 0), || model.add_lora(&cfg)).map_err(llm)?;
             model.lora_parameters()
         }
@@ -48,7 +49,7 @@ pub fn load_trainee(
             p
         }
     };
-    Ok(Trainee { model, tok, trainable, lora: lora.is_some() })
+    Ok(Trainee { model, tok, trainable, lora: lora_on })
 }
 
 /// Prompt token ids of an example: its chat template with the generation

@@ -62,7 +62,12 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let seed = cfg.seed.unwrap_or(ctx.seed);
     let device = parse_device(&ctx.device)?;
     let prec = Precision::resolve(cfg.dtype, device, cfg.use_peft);
-    let lora = cfg.use_peft.then_some((cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout));
+    let lora = cfg.use_peft.then(|| crate::llm::LoraConfig {
+        r: cfg.lora_r as i64,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        target_modules: cfg.lora_target_modules.clone(),
+    });
     let trainee = load_trainee(ctx.input("model")?, device, prec, lora, seed)?;
 
     // --- data ----------------------------------------------------------------
@@ -136,15 +141,23 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let pad = trainee.tok.pad_token_id().unwrap_or(0);
     let mut tokens_seen = 0usize;
     let mut step_times: Vec<f64> = Vec::new();
+    // Step of the newest checkpoint on disk (a cancel needs no second copy).
+    let mut last_saved = state.step;
+    let mut mem = super::StepStats::new();
 
     // --- loop --------------------------------------------------------------------
     for step in state.step as usize..total {
+        // Cancellation (Ctrl-C / SIGTERM): checkpoint at this step boundary
+        // and stop; the rerun continues from exactly here.
         if ctx.is_cancelled() {
-            checkpoint::save(&ctx.work_dir, &state, &trainee.trainable, &opt, best.as_deref(), &log)?;
-            anyhow::bail!("sft cancelled at step {step}; checkpoint kept in the work dir");
+            if state.step != last_saved {
+                checkpoint::save(&ctx.work_dir, &state, &trainee.trainable, &opt, best.as_deref(), &log)?;
+            }
+            anyhow::bail!("sft cancelled after step {step}; checkpoint kept in the work dir, a rerun continues from it");
         }
         let lr = sched.lr(step);
         let ts = std::time::Instant::now();
+        mem.begin();
         // Micro-batches: the step's examples, bucketed by length when asked.
         let mut idx = step_indices(train.len(), per_step, step, seed);
         if cfg.group_by_length {
@@ -155,6 +168,16 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
         zero_grad(&trainee.trainable);
         let mut loss_sum = 0f64;
         for (mb, chunk) in idx.chunks(cfg.per_device_train_batch_size).enumerate() {
+            // Cancelled mid-step: weights and optimizer still hold the state
+            // after the previous step (the update comes last), so that state
+            // is checkpointed now rather than a step later — the runner's
+            // grace before SIGKILL is short.
+            if ctx.is_cancelled() {
+                if state.step != last_saved {
+                    checkpoint::save(&ctx.work_dir, &state, &trainee.trainable, &opt, best.as_deref(), &log)?;
+                }
+                anyhow::bail!("sft cancelled during step {}; checkpoint of step {step} kept in the work dir, a rerun continues from it", step + 1);
+            }
             let rows: Vec<(&[i64], &[i64])> =
                 chunk.iter().map(|&i| (train[i].prompt.as_slice(), train[i].completion.as_slice())).collect();
             let batch = SeqBatch::new(&rows, pad, device)?;
@@ -178,6 +201,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
         }
         state.step = step as u64 + 1;
         step_times.push(ts.elapsed().as_secs_f64());
+        mem.end();
 
         // Evaluation: every eval_steps and after the last step.
         let last = step + 1 == total;
@@ -208,8 +232,9 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             ],
         )?;
         ctx.progress(state.step, Some(total as u64), "step");
-        if !last && state.step % cfg.save_steps as u64 == 0 {
+        if !last && state.step.is_multiple_of(cfg.save_steps as u64) {
             checkpoint::save(&ctx.work_dir, &state, &trainee.trainable, &opt, best.as_deref(), &log)?;
+            last_saved = state.step;
         }
     }
 
@@ -234,6 +259,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     m.insert("tokens_per_s".into(), serde_json::json!(tokens_seen as f64 / t0.elapsed().as_secs_f64().max(1e-9)));
     m.insert("step_s_median".into(), serde_json::json!(super::median(&step_times)));
     m.insert("peak_rss_bytes".into(), serde_json::json!(super::peak_rss_bytes()));
+    mem.insert_metrics(&mut m);
     if device.is_cuda() {
         m.insert("note_cuda_determinism".into(), serde_json::json!("CUDA kernels (atomics in backward) are not bit-deterministic"));
     }
