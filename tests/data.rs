@@ -511,7 +511,7 @@ fn outputs_do_not_depend_on_the_thread_count() {
             _ => text.push_str(&format!(
                 "{{\"reviewerID\":\"u{}\",\"asin\":\"a{}\",\"overall\":{}.0,\"summary\":\"s{}\",\"reviewText\":\"text {k} \\u00e9\",\"unixReviewTime\":{}}}\n",
                 k % 5000,
-                (k * 7) % 20011,
+                k % 40_000, // the pair repeats every 40,000 lines
                 1 + k % 5,
                 k % 3,
                 1000 + k % 777
