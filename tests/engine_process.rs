@@ -433,3 +433,48 @@ fn stages_receive_the_resolved_store_location() {
     let o = p.cmd(&["verify", "p.yaml"]).env("RECFLOW_CACHE", store.path()).output().unwrap();
     assert!(o.status.success(), "verify sees the same RECFLOW_CACHE as the run: {}", String::from_utf8_lossy(&o.stdout));
 }
+
+/// A stage that needs time to save on SIGTERM (a training stage writing its
+/// cancel checkpoint) gets it: the supervisor waits `RECFLOW_STOP_GRACE_S`
+/// (default 30 s) before SIGKILL. A second Ctrl-C kills at once.
+#[test]
+fn stop_grace_lets_a_stage_save_and_a_second_ctrl_c_kills_at_once() {
+    let pipeline = |delay: u32| {
+        format!(
+            r#"
+stages:
+  train:
+    cmd: |
+      trap 'echo term > "$RECFLOW_WORK_DIR/term"; sleep {delay}; echo saved > "$RECFLOW_WORK_DIR/saved"; exit 130' TERM
+      echo 1 > "$RECFLOW_WORK_DIR/step"
+      while true; do sleep 0.05; done
+    outs: [out.txt]
+"#
+        )
+    };
+    let work_file = |p: &Proj, name: &str| {
+        std::fs::read_dir(p.path("cache/work")).into_iter().flatten().flatten().any(|e| e.path().join(name).exists())
+    };
+    // 1. One Ctrl-C: the stage's 4 s save (longer than the old 3 s grace) completes.
+    let p = Proj::new();
+    p.write("p.yaml", &pipeline(4));
+    let mut child = p.cmd(&["run", "p.yaml", "-q"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    assert!(wait_for(Duration::from_secs(20), || step_of(&p) >= 1), "the stage starts");
+    // SAFETY: signals the runner we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert!(work_file(&p, "saved"), "the stage finished saving within the grace period");
+    // 2. A second Ctrl-C while the stage saves: killed, the 20 s save never completes.
+    let p = Proj::new();
+    p.write("p.yaml", &pipeline(20));
+    let mut child = p.cmd(&["run", "p.yaml", "-q"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    assert!(wait_for(Duration::from_secs(20), || step_of(&p) >= 1), "the stage starts");
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(wait_for(Duration::from_secs(20), || work_file(&p, "term")), "the stage got SIGTERM");
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!work_file(&p, "saved"), "the second Ctrl-C killed the stage before its save finished");
+}

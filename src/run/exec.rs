@@ -724,7 +724,7 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
 /// Ctrl-C / SIGTERM: stop every running stage; nothing of theirs is recorded.
 fn cancel(eng: &Engine) {
     eng.cancel.store(true, Ordering::SeqCst);
-    eng.note("interrupted: stopping running stages (their work dirs are kept)");
+    eng.note("interrupted: stopping running stages (their work dirs are kept; a second Ctrl-C kills them at once)");
     for pid in eng.children.lock().unwrap_or_else(|e| e.into_inner()).values() {
         // SAFETY: signals our own supervisor child; it stops its stage's group.
         unsafe {

@@ -10,8 +10,20 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Grace between SIGTERM and SIGKILL for a stopping stage.
-const GRACE: Duration = Duration::from_secs(3);
+/// Default grace between SIGTERM and SIGKILL for a stopping stage: long
+/// enough for a training stage to finish writing its cancel checkpoint of a
+/// large model (issue 6); a second stop signal (a second Ctrl-C) kills at once.
+const DEFAULT_GRACE_S: f64 = 30.0;
+
+/// The grace period: `RECFLOW_STOP_GRACE_S` (seconds, ≥ 0) or the default.
+fn grace() -> Duration {
+    std::env::var("RECFLOW_STOP_GRACE_S")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs_f64(DEFAULT_GRACE_S))
+}
 
 fn sigset(sigs: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
@@ -91,14 +103,25 @@ pub fn main(args: &[String]) -> i32 {
             }
             continue;
         }
-        // Stop: polite first, then certain.
+        // Stop: polite first, then certain — after the grace period or at
+        // a second stop signal, whichever comes first.
         kill_group(libc::SIGTERM);
-        let t0 = Instant::now();
-        while t0.elapsed() < GRACE {
+        let deadline = Instant::now() + grace();
+        loop {
             if let Ok(Some(_)) = child.try_wait() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let wait = left.min(Duration::from_millis(20));
+            let ts = libc::timespec { tv_sec: 0, tv_nsec: wait.as_nanos() as libc::c_long };
+            // SAFETY: waits up to `ts` for one of the blocked signals in `set`.
+            let got = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+            if got == libc::SIGTERM || got == libc::SIGINT || got == libc::SIGHUP {
+                break;
+            }
         }
         kill_group(libc::SIGKILL);
         let _ = child.wait();
