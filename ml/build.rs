@@ -3,14 +3,42 @@
 //! * rpath to PyTorch's `lib` dir, so the worker starts without LD_LIBRARY_PATH;
 //! * `torch_cuda` forced in with `--no-as-needed`: nothing references its
 //!   symbols directly, so the default `--as-needed` drops it and tch then
-//!   silently reports no CUDA device.
+//!   silently reports no CUDA device;
+//! * a small C++ shim (`src/cuda/mem_stats.cpp`, against libtorch's c10
+//!   headers) for the CUDA caching allocator's peak statistics, which tch
+//!   does not expose; cfg `recflow_cuda_mem` says it was built. Without it
+//!   the training stages report host memory only.
 //!
 //! Emitted with `rustc-link-arg`, which reaches only this package's own
 //! linked targets (the worker, its tests, examples and benches): every one of
 //! them loads libtorch. The torch-free `recflow` runner is another package and
 //! stays unaffected; global RUSTFLAGS would also reach proc-macro crates.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Compiles the allocator-statistics shim; false when it cannot be built.
+fn build_cuda_shim(torch_lib: &Path) -> bool {
+    let Some(inc) = torch_lib.parent().map(|t| t.join("include")) else { return false };
+    if !inc.join("c10/core/CachingDeviceAllocator.h").exists() {
+        return false;
+    }
+    let ok = cc::Build::new()
+        .cpp(true)
+        .file("src/cuda/mem_stats.cpp")
+        .include(&inc)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .try_compile("recflow_cuda_mem")
+        .map_err(|e| println!("cargo:warning=CUDA memory-statistics shim not built: {e}"))
+        .is_ok();
+    if ok {
+        println!("cargo:rustc-link-search=native={}", torch_lib.display());
+        println!("cargo:rustc-link-lib=dylib=c10");
+        println!("cargo:rustc-cfg=recflow_cuda_mem");
+    }
+    ok
+}
 
 fn torch_lib_dir() -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("LIBTORCH") {
@@ -31,6 +59,8 @@ fn torch_lib_dir() -> Option<PathBuf> {
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=RECFLOW_PYTHON");
+    println!("cargo:rerun-if-changed=src/cuda/mem_stats.cpp");
+    println!("cargo::rustc-check-cfg=cfg(recflow_cuda_mem)");
     let Some(lib) = torch_lib_dir() else {
         println!("cargo:warning=could not locate PyTorch's lib dir; run scripts/setup.sh");
         return;
@@ -40,6 +70,7 @@ fn main() {
     if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
         args.extend(["-Wl,--no-as-needed".into(), "-ltorch_cuda".into(), "-Wl,--as-needed".into()]);
     }
+    build_cuda_shim(Path::new(&lib));
     for a in &args {
         println!("cargo:rustc-link-arg={a}");
     }

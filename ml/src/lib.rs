@@ -4,6 +4,7 @@
 //! training stages ([`train`]) and the worker's full stage registry
 //! ([`builtin_registry`]). Only the `recflow-worker` binary links this crate.
 
+pub mod cuda;
 pub mod eval;
 pub mod llm;
 pub mod teacher_local;

@@ -123,3 +123,46 @@ fn lora_target_modules_reach_the_adapter() {
         "only q_proj and v_proj carry adapters: {names:?}"
     );
 }
+
+/// `max_tokens_per_microbatch` only changes how a step's examples are split:
+/// the loss is normalised by the step's completion tokens, so a step packed
+/// into several small micro-batches gives the same losses and weights (up to
+/// float summation order) as one micro-batch of all its rows.
+#[test]
+fn sft_token_budget_micro_batches_match_one_big_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    write_toy_model(&base, ToySpec { hidden: 32, intermediate: 64, seed: 6, ..ToySpec::default() }).unwrap();
+    let data = write(dir.path(), "coldstart.parquet", &examples(16, 0, Some(&|_, t| t)), true);
+    let valid = write(dir.path(), "valid.parquet", &examples(1, 500, None), false);
+    let inputs = [("model", base.as_path()), ("data", data.as_path()), ("valid", valid.as_path())];
+    let cfg = |budget: Option<usize>| {
+        let mut c = serde_json::json!({"learning_rate": 1e-3, "max_steps": 3, "per_device_train_batch_size": 8,
+            "eval_max_samples": 0, "val_fraction": 0.0, "lr_scheduler_type": "constant"});
+        if let Some(b) = budget {
+            c["max_tokens_per_microbatch"] = serde_json::json!(b);
+        }
+        c
+    };
+    let (one, packed) = (dir.path().join("one"), dir.path().join("packed"));
+    let m1 = run_stage::<Sft>(&one, &inputs, cfg(None), recflow_ml::train::sft::run);
+    // A 100-token budget holds only a few toy rows: several micro-batches per step.
+    let m2 = run_stage::<Sft>(&packed, &inputs, cfg(Some(100)), recflow_ml::train::sft::run);
+    assert_eq!(m1["micro_batches"], serde_json::json!(3), "one micro-batch per step without a budget");
+    let n = m2["micro_batches"].as_u64().unwrap();
+    assert!(n >= 9, "the budget must split each step into several micro-batches, got {n} over 3 steps");
+    let (l1, l2) = (log_column(&one.join("out/log.parquet"), "loss"), log_column(&packed.join("out/log.parquet"), "loss"));
+    for (a, b) in l1.iter().zip(&l2) {
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "step losses differ: {a} vs {b}");
+    }
+    let w = |root: &Path| -> std::collections::BTreeMap<String, tch::Tensor> {
+        tch::Tensor::read_safetensors(root.join("out/model/model.safetensors")).unwrap().into_iter().collect()
+    };
+    let (w1, w2) = (w(&one), w(&packed));
+    assert_eq!(w1.len(), w2.len());
+    for (name, a) in &w1 {
+        let d = (a - &w2[name]).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "{name}: weights differ by {d}");
+    }
+}

@@ -194,6 +194,14 @@ pub struct Config {
     /// Recompute each decoder layer's forward in the backward pass.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Split each optimizer step's `per_device_train_batch_size ×
+    /// gradient_accumulation_steps` examples into micro-batches of at most
+    /// this many padded (prompt + completion) tokens, shortest first, instead
+    /// of `per_device_train_batch_size` rows each: bounds activation memory
+    /// when lengths vary. Keyed (unlike grpo's, which is operational), since
+    /// the LoRA dropout masks are drawn per micro-batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens_per_microbatch: Option<usize>,
 
     // --- evaluation and checkpoints ------------------------------------------
     /// Validation loss and greedy format-valid rate every N optimizer steps
@@ -255,6 +263,9 @@ impl StageDef for Sft {
         check_optim(c.learning_rate, c.warmup_ratio, c.weight_decay, c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.max_grad_norm)?;
         check_lora(c.use_peft, c.lora_r, c.lora_alpha, c.lora_dropout, &c.lora_target_modules)?;
         positive("save_steps", c.save_steps)?;
+        if let Some(b) = c.max_tokens_per_microbatch {
+            positive("max_tokens_per_microbatch", b)?;
+        }
         if !(0.0..0.5).contains(&c.val_fraction) {
             return Err(format!("val_fraction must be within [0, 0.5), got {}", c.val_fraction));
         }

@@ -69,29 +69,6 @@ struct Rollouts {
     term_means: Vec<f64>,
 }
 
-/// Packs rows (sorted by length) into micro-batches of at most `budget`
-/// padded tokens (at least one row each).
-fn micro_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lens.len()).collect();
-    order.sort_by_key(|&i| (lens[i], i));
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut cur: Vec<usize> = Vec::new();
-    let mut cur_max = 0;
-    for i in order {
-        let m = cur_max.max(lens[i]);
-        if !cur.is_empty() && m * (cur.len() + 1) > budget {
-            out.push(std::mem::take(&mut cur));
-            cur_max = 0;
-        }
-        cur_max = cur_max.max(lens[i]);
-        cur.push(i);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
 /// Per-row no-grad log-probs of `rows` (split back by row).
 fn row_logprobs(
     model: &Model,
@@ -218,7 +195,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let mut step_times: Vec<f64> = Vec::new();
     // Step of the newest checkpoint on disk (a cancel needs no second copy).
     let mut last_saved = state.step;
-    let mut mem = super::StepStats::new();
+    let mut mem = super::StepStats::on(device);
 
     // --- loop --------------------------------------------------------------------
     for step in state.step as usize..total {
@@ -505,7 +482,7 @@ fn score(
     let num_items: usize = rows.iter().map(|r| r.1.len()).sum();
     let weight = sequence_weights(cfg.loss_type, &masked_len, num_items, cfg.max_completion_length);
     let lens: Vec<usize> = rows.iter().map(|r| r.0.len() + r.1.len()).collect();
-    let micro = micro_batches(&lens, cfg.max_tokens_per_microbatch);
+    let micro = super::micro_batches(&lens, cfg.max_tokens_per_microbatch);
     let trunc_frac = truncated.iter().filter(|&&t| t).count() as f64 / n as f64;
     if a.frac_zero_std >= 1.0 {
         ctx.warn(format!(
@@ -582,17 +559,4 @@ fn evaluate(
         (n > 0).then(|| ae / n as f64),
         Some(1.0 - n as f64 / k),
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn micro_batches_respect_the_token_budget() {
-        let mb = micro_batches(&[10, 3, 7, 4], 14);
-        // Sorted by length: 3, 4, 7, 10 → [3, 4] (2·4 = 8; 3·7 = 21 > 14) → [7] (2·10 > 14) → [10].
-        assert_eq!(mb, vec![vec![1, 3], vec![2], vec![0]]);
-        assert_eq!(micro_batches(&[100], 10), vec![vec![0]], "an over-long row still gets its own batch");
-    }
 }

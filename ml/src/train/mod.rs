@@ -94,6 +94,31 @@ pub fn step_indices(n: usize, per_step: usize, step: usize, seed: u64) -> Vec<us
     out
 }
 
+/// Packs rows into micro-batches of at most `budget` padded tokens
+/// (rows × longest row; at least one row each), shortest first so rows of
+/// similar length share a batch. Returns indices into `lens`. Used by `sft`
+/// (`max_tokens_per_microbatch`) and `grpo`.
+pub fn micro_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| (lens[i], i));
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    let mut cur_max = 0;
+    for i in order {
+        let m = cur_max.max(lens[i]);
+        if !cur.is_empty() && m * (cur.len() + 1) > budget {
+            out.push(std::mem::take(&mut cur));
+            cur_max = 0;
+        }
+        cur_max = cur_max.max(lens[i]);
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
 /// `cpu`, `cuda`, `cuda:N` → a tch device (the runner resolved `auto`).
 pub fn parse_device(s: &str) -> Result<Device, TrainError> {
     match s {
@@ -160,9 +185,16 @@ pub fn median(v: &[f64]) -> Option<f64> {
 /// high-water mark (`VmHWM`) rose during the step, that mark is the step's
 /// exact peak and replaces the sample. The mark is never reset
 /// (`/proc/self/clear_refs` would also lower the `ru_maxrss` that
-/// `/usr/bin/time` and the benchmarks read). CUDA allocator peaks are not
-/// reachable through tch's API, so on CUDA these are host figures only.
+/// `/usr/bin/time` and the benchmarks read).
+///
+/// CUDA ([`StepStats::on`] a CUDA device): the caching allocator's peak
+/// counters are reset at each step's start and read at its end
+/// ([`crate::cuda`]), giving the step's peak allocated and reserved bytes —
+/// PyTorch's `max_memory_allocated` / `max_memory_reserved`.
 pub struct StepStats {
+    cuda: Option<usize>,
+    /// Per step: (peak allocated, peak reserved) bytes on the CUDA device.
+    cuda_peaks: Vec<(u64, u64)>,
     peaks: Vec<u64>,
     hwm_at_begin: u64,
     cpu: Vec<f64>,
@@ -192,7 +224,26 @@ impl StepStats {
                 }
             })
             .ok();
-        StepStats { peaks: Vec::new(), hwm_at_begin: 0, cpu: Vec::new(), cpu_at_begin: None, sampled, stop, sampler }
+        StepStats {
+            cuda: None,
+            cuda_peaks: Vec::new(),
+            peaks: Vec::new(),
+            hwm_at_begin: 0,
+            cpu: Vec::new(),
+            cpu_at_begin: None,
+            sampled,
+            stop,
+            sampler,
+        }
+    }
+
+    /// Host figures plus, on a CUDA device, the allocator's per-step peaks.
+    pub fn on(device: Device) -> Self {
+        let mut s = Self::new();
+        if let Device::Cuda(d) = device {
+            s.cuda = Some(d);
+        }
+        s
     }
 
     /// Takes one RSS sample now (the sampler thread does this every PERIOD).
@@ -204,6 +255,9 @@ impl StepStats {
 
     /// Call at the start of a step.
     pub fn begin(&mut self) {
+        if let Some(d) = self.cuda {
+            crate::cuda::reset_peak(d);
+        }
         self.cpu_at_begin = process_cpu_s();
         self.hwm_at_begin = peak_rss_bytes().unwrap_or(0);
         let now = status_bytes("VmRSS:").unwrap_or(0);
@@ -221,6 +275,9 @@ impl StepStats {
         if let (Some(a), Some(b)) = (self.cpu_at_begin.take(), process_cpu_s()) {
             self.cpu.push(b - a);
         }
+        if let Some(m) = self.cuda.and_then(crate::cuda::mem_stats) {
+            self.cuda_peaks.push((m.allocated_peak, m.reserved_peak));
+        }
     }
 
     /// `step_peak_rss_bytes_{max,median,last}` and `step_cpu_s_median` over
@@ -231,6 +288,15 @@ impl StepStats {
         m.insert("step_peak_rss_bytes_max".into(), serde_json::json!(self.peaks.iter().max()));
         m.insert("step_peak_rss_bytes_median".into(), serde_json::json!(median(&f).map(|x| x as u64)));
         m.insert("step_peak_rss_bytes_last".into(), serde_json::json!(self.peaks.last()));
+        if self.cuda.is_some() {
+            let alloc: Vec<f64> = self.cuda_peaks.iter().map(|p| p.0 as f64).collect();
+            m.insert("step_peak_cuda_allocated_bytes_max".into(), serde_json::json!(self.cuda_peaks.iter().map(|p| p.0).max()));
+            m.insert("step_peak_cuda_allocated_bytes_median".into(), serde_json::json!(median(&alloc).map(|x| x as u64)));
+            m.insert("step_peak_cuda_reserved_bytes_max".into(), serde_json::json!(self.cuda_peaks.iter().map(|p| p.1).max()));
+            if self.cuda_peaks.is_empty() {
+                m.insert("note_cuda_memory".into(), serde_json::json!("CUDA allocator statistics unavailable in this build (see ml/build.rs)"));
+            }
+        }
     }
 }
 
@@ -277,6 +343,14 @@ pub fn peak_rss_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn micro_batches_respect_the_token_budget() {
+        let mb = micro_batches(&[10, 3, 7, 4], 14);
+        // Sorted by length: 3, 4, 7, 10 → [3, 4] (2·4 = 8; 3·7 = 21 > 14) → [7] (2·10 > 14) → [10].
+        assert_eq!(mb, vec![vec![1, 3], vec![2], vec![0]]);
+        assert_eq!(micro_batches(&[100], 10), vec![vec![0]], "an over-long row still gets its own batch");
+    }
 
     #[test]
     fn derived_seeds_differ_and_repeat() {

@@ -1,7 +1,8 @@
 //! The `sft` stage's run function (metadata: `recflow::stages::sft`).
 //!
 //! Loop, in this order per optimizer step (nanoGPT's): learning rate →
-//! micro-batches (forward + backward, loss on completion tokens only,
+//! micro-batches (of `per_device_train_batch_size` rows, or packed by
+//! `max_tokens_per_microbatch`; forward + backward, loss on completion tokens only,
 //! normalised by the step's completion-token count so accumulation equals
 //! one big batch) → clip → AdamW → log → evaluate (val loss + greedy
 //! format-valid rate) → checkpoint.
@@ -140,10 +141,11 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let model = &trainee.model;
     let pad = trainee.tok.pad_token_id().unwrap_or(0);
     let mut tokens_seen = 0usize;
+    let mut micro_batches = 0usize;
     let mut step_times: Vec<f64> = Vec::new();
     // Step of the newest checkpoint on disk (a cancel needs no second copy).
     let mut last_saved = state.step;
-    let mut mem = super::StepStats::new();
+    let mut mem = super::StepStats::on(device);
 
     // --- loop --------------------------------------------------------------------
     for step in state.step as usize..total {
@@ -167,7 +169,15 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
         model.set_training(true);
         zero_grad(&trainee.trainable);
         let mut loss_sum = 0f64;
-        for (mb, chunk) in idx.chunks(cfg.per_device_train_batch_size).enumerate() {
+        let micro: Vec<Vec<usize>> = match cfg.max_tokens_per_microbatch {
+            Some(budget) => {
+                let lens: Vec<usize> = idx.iter().map(|&i| train[i].prompt.len() + train[i].completion.len()).collect();
+                super::micro_batches(&lens, budget).into_iter().map(|mb| mb.into_iter().map(|k| idx[k]).collect()).collect()
+            }
+            None => idx.chunks(cfg.per_device_train_batch_size).map(<[usize]>::to_vec).collect(),
+        };
+        micro_batches += micro.len();
+        for (mb, chunk) in micro.iter().enumerate() {
             // Cancelled mid-step: weights and optimizer still hold the state
             // after the previous step (the update comes last), so that state
             // is checkpointed now rather than a step later — the runner's
@@ -252,6 +262,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     m.insert("steps".into(), serde_json::json!(total));
     m.insert("resumed_from_step".into(), serde_json::json!(resumed_from));
     m.insert("train_rows".into(), serde_json::json!(train.len()));
+    m.insert("micro_batches".into(), serde_json::json!(micro_batches));
     m.insert("final_loss".into(), serde_json::json!(last_row.first().copied().flatten()));
     m.insert("best_step".into(), serde_json::json!(state.best_step));
     m.insert("best_val_metric".into(), serde_json::json!(state.best_metric()));
