@@ -50,3 +50,9 @@ for shape in "batch 1" "grpo 8"; do
     --max-new-tokens 256 --min-new-tokens 256 --temperature 1 --device cuda --dtype bf16 \
     --max-batch-rows 128 --timing >/dev/null
 done
+# Where a decode step's time goes (device-synchronised phase split; slower,
+# so a separate pass): prefill, forward, sampling, bookkeeping per step.
+echo "== phase split, batch shape (RECFLOW_GEN_PROFILE=1)"
+RECFLOW_GEN_PROFILE=1 "$WORKER" model generate --model "$M" --prompts-file "$WORK/prompts_batch.json" --num-samples 1 \
+  --max-new-tokens 64 --min-new-tokens 64 --temperature 1 --device cuda --dtype bf16 --max-batch-rows 128 \
+  --timing 2>&1 >/dev/null | grep '^{'

@@ -29,8 +29,9 @@ cat > "$D/spec.json" <<JSON
  "inputs": {"model": ["$WORK/qwen2_0p5b_random"], "samples": ["$WORK/samples.parquet"], "valid": ["$WORK/valid.parquet"]},
  "out_dir": "$D/out", "work_dir": "$D/work"}
 JSON
-# Peak GPU memory: poll nvidia-smi while the worker runs (libtorch's allocator
-# stats are not exposed through tch).
+# Peak GPU memory two ways: the allocator's per-step peak from the stage's
+# metrics (ml/src/cuda), and nvidia-smi polled while the worker runs (all
+# the process holds: CUDA context, cuBLAS workspaces, allocator cache).
 PEAK_FILE="$D/gpu_mem.txt"; echo 0 > "$PEAK_FILE"
 ( while sleep 0.5; do
     m=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1 || echo 0)
@@ -49,4 +50,8 @@ print(f"GRPO CUDA (Qwen2-0.5B arch, LoRA r16 + grad ckpt, bf16, 8x8x256): "
       f"step {m['step_s_median']:.2f} s (median of 3), generation {m['generated_tokens_per_s']:.0f} tok/s, "
       f"split gen/ref/train {m['generation_s']:.1f}/{m['reference_s']:.1f}/{m['training_s']:.1f} s, "
       f"peak GPU memory {peak} MiB (nvidia-smi, above the idle baseline)")
+mib = lambda k: f"{m[k] / 2**20:.0f} MiB" if m.get(k) is not None else "n/a"
+print(f"  allocator per step: peak allocated {mib('step_peak_cuda_allocated_bytes_max')} (max), "
+      f"{mib('step_peak_cuda_allocated_bytes_median')} (median); peak reserved {mib('step_peak_cuda_reserved_bytes_max')}"
+      + (f"  [{m['note_cuda_memory']}]" if 'note_cuda_memory' in m else ""))
 PYEOF

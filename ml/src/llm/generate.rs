@@ -16,7 +16,7 @@
 //! the temperature-scaled distribution *before* top-k/top-p/min-length
 //! masking, which is what GRPO's ratio recomputes. τ = 0 is greedy and
 //! reports `log softmax(z)[token]`.
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::error::{LlmError, Result};
 use super::model::{position_ids_from_mask, KvCache, Model};
@@ -180,6 +180,48 @@ pub fn generate(model: &Model, requests: &[GenRequest], cfg: &GenConfig) -> Resu
     Ok(out.into_iter().map(|o| o.unwrap_or_default()).collect())
 }
 
+/// Phase split of generation for diagnosing per-step overhead, on when
+/// `RECFLOW_GEN_PROFILE=1`: each phase ends with a device synchronisation
+/// (CUDA kernels run asynchronously, so without it time lands in whichever
+/// phase next waits), and the totals go to stderr as one JSON line per
+/// chunk. Off by default: the synchronisations cost throughput.
+struct Profile {
+    on: Option<Device>,
+    last: std::time::Instant,
+    /// prefill, decode forward (layers + lm_head), sampling, bookkeeping.
+    secs: [f64; 4],
+    steps: usize,
+}
+
+impl Profile {
+    fn new(dev: Device) -> Self {
+        let on = std::env::var("RECFLOW_GEN_PROFILE").is_ok_and(|v| v == "1").then_some(dev);
+        Profile { on, last: std::time::Instant::now(), secs: [0.0; 4], steps: 0 }
+    }
+    /// Ends the running phase, charging it to `phase`.
+    fn lap(&mut self, phase: usize) {
+        if let Some(dev) = self.on {
+            if let Device::Cuda(i) = dev {
+                tch::Cuda::synchronize(i as i64);
+            }
+            let now = std::time::Instant::now();
+            self.secs[phase] += (now - self.last).as_secs_f64();
+            self.last = now;
+        }
+    }
+    fn report(&self, rows: i64, prompt_len: i64) {
+        if self.on.is_some() {
+            let per_step = |x: f64| 1e3 * x / self.steps.max(1) as f64;
+            eprintln!(
+                "{}",
+                serde_json::json!({"profile": "generate_chunk", "rows": rows, "prompt_len": prompt_len, "decode_steps": self.steps,
+                    "prefill_s": self.secs[0], "forward_ms_per_step": per_step(self.secs[1]),
+                    "sample_ms_per_step": per_step(self.secs[2]), "bookkeeping_ms_per_step": per_step(self.secs[3])})
+            );
+        }
+    }
+}
+
 /// One live row of the decode batch.
 struct Row {
     req: usize,
@@ -204,6 +246,7 @@ fn generate_chunk(model: &Model, reqs: &[&GenRequest], cfg: &GenConfig) -> Resul
     let ids = Tensor::from_slice(&ids).view([b, tp]).to_device(dev); // [B, T]
     let mut mask = Tensor::from_slice(&mask).view([b, tp]).to_device(dev); // [B, T]
     let pos = position_ids_from_mask(&mask); // [B, T]
+    let mut prof = Profile::new(dev);
     // ---- prefill once per prompt ----
     let mut cache = KvCache::new(model, b, tp + cfg.max_new_tokens as i64);
     let h = model.hidden_states(&ids, &pos, if padded { Some(&mask) } else { None }, Some(&mut cache))?;
@@ -227,6 +270,7 @@ fn generate_chunk(model: &Model, reqs: &[&GenRequest], cfg: &GenConfig) -> Resul
     }
     let mut done: Vec<Vec<Option<GenOutput>>> = reqs.iter().map(|r| vec![None; r.num_samples]).collect();
     let stop_t = Tensor::from_slice(&cfg.stop_ids).to_device(dev);
+    prof.lap(0);
     // ---- decode ----
     for step in 0..cfg.max_new_tokens {
         let u: Vec<f64> = rows
@@ -235,6 +279,7 @@ fn generate_chunk(model: &Model, reqs: &[&GenRequest], cfg: &GenConfig) -> Resul
             .collect();
         let block_stop = step < cfg.min_new_tokens && !cfg.stop_ids.is_empty();
         let (tok, lp) = sample(&logits, &u, cfg, if block_stop { Some(&stop_t) } else { None })?;
+        prof.lap(2);
         let mut keep = Vec::with_capacity(rows.len());
         let mut next = Vec::with_capacity(rows.len());
         let mut finished_rows = Vec::new();
@@ -268,9 +313,13 @@ fn generate_chunk(model: &Model, reqs: &[&GenRequest], cfg: &GenConfig) -> Resul
         let input = Tensor::from_slice(&next).view([n, 1]).to_device(dev); // [N, 1]
         last_pos = last_pos + 1;
         mask = Tensor::cat(&[&mask, &Tensor::ones([n, 1], (Kind::Int64, dev))], 1); // [N, S+1]
+        prof.lap(3);
         let h = model.hidden_states(&input, &last_pos, if padded { Some(&mask) } else { None }, Some(&mut cache))?;
         logits = model.lm_head(&h.squeeze_dim(1)).to_kind(Kind::Float); // [N, V]
+        prof.lap(1);
+        prof.steps += 1;
     }
+    prof.report(b, tp);
     Ok(done.into_iter().map(|v| v.into_iter().map(|o| o.expect("every sample finishes by max_new_tokens")).collect()).collect())
 }
 
