@@ -249,7 +249,7 @@ pub struct Grpo;
 impl StageDef for Grpo {
     type Config = Config;
     const KIND: &'static str = "grpo";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const OPERATIONAL: &'static [&'static str] =
         &["save_steps", "max_tokens_per_microbatch", "logprob_chunk_tokens", "kl_warn_threshold"];
     const USES_DEVICE: bool = true;

@@ -234,7 +234,7 @@ pub struct Sft;
 impl StageDef for Sft {
     type Config = Config;
     const KIND: &'static str = "sft";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const OPERATIONAL: &'static [&'static str] = &["save_steps"];
     const USES_DEVICE: bool = true;
 
