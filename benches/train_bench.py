@@ -148,11 +148,21 @@ def trl(model_dir, work, steps):
                       beta=0.0, loss_type="dapo", temperature=1.0, logging_steps=1, report_to=[], save_strategy="no",
                       use_cpu=True, bf16=False, gradient_accumulation_steps=1, seed=0, dataloader_num_workers=0)
     timer = Timer()
+    # Llama/Qwen2 take no token_type_ids, but a tokenizer loaded from a bare
+    # tokenizer.json returns them and generate() rejects them: name the inputs.
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir, model_input_names=["input_ids", "attention_mask"])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     t = GRPOTrainer(model=model_dir, reward_funcs=paper_reward, args=args, train_dataset=ds,
-                    callbacks=[timer.callback()])
+                    processing_class=tok, callbacks=[timer.callback()])
     t.train()
     med = statistics.median(timer.t[1:] or timer.t)
+    # Completion lengths differ when the model stops early: report them so
+    # step times are compared at equal work (recflow's metrics say the same).
+    lens = [h["completions/mean_length"] for h in t.state.log_history if "completions/mean_length" in h]
     print(json.dumps({"peer": f"trl {trl_mod.__version__}", "model": model_dir, "step_s_median": med,
+                      "completion_mean_length": statistics.mean(lens) if lens else None,
                       "peak_rss_mb": peak_rss_mb()}))
 
 
