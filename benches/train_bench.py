@@ -148,6 +148,18 @@ def trl(model_dir, work, steps):
                       beta=0.0, loss_type="dapo", temperature=1.0, logging_steps=1, report_to=[], save_strategy="no",
                       use_cpu=True, bf16=False, gradient_accumulation_steps=1, seed=0, dataloader_num_workers=0)
     timer = Timer()
+    # Time spent in HF generate (TRL's rollouts), to split its step like ours.
+    import transformers.generation.utils as gen_utils
+    gen_s = [0.0]
+    orig_generate = gen_utils.GenerationMixin.generate
+
+    def timed_generate(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return orig_generate(self, *a, **kw)
+        finally:
+            gen_s[0] += time.perf_counter() - t0
+    gen_utils.GenerationMixin.generate = timed_generate
     # Llama/Qwen2 take no token_type_ids, but a tokenizer loaded from a bare
     # tokenizer.json returns them and generate() rejects them: name the inputs.
     from transformers import AutoTokenizer
@@ -163,6 +175,7 @@ def trl(model_dir, work, steps):
     lens = [h["completions/mean_length"] for h in t.state.log_history if "completions/mean_length" in h]
     print(json.dumps({"peer": f"trl {trl_mod.__version__}", "model": model_dir, "step_s_median": med,
                       "completion_mean_length": statistics.mean(lens) if lens else None,
+                      "generation_s_per_step": gen_s[0] / max(1, steps),
                       "peak_rss_mb": peak_rss_mb()}))
 
 
