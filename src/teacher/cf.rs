@@ -24,6 +24,7 @@
 //! `concise` as short clauses with one-decimal numbers and the liked /
 //! disliked *attributes* instead of titles (~60–90 tokens), so a small
 //! student with a short completion budget can learn the whole answer.
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -177,24 +178,19 @@ impl CfTeacher {
         }
         matching.push_str(&format!("Estimate {y:.1}."));
         let predicted = round_to_scale(y as f32, self.scale);
-        let rating = match hint {
+        let rating = match hint.map(|h| Nudge::new(h, predicted, &user_ratings, self.scale)) {
             None => predicted,
-            Some(h) => {
-                let h = round_to_scale(h, self.scale);
-                if h > predicted {
-                    let best = user_ratings.iter().copied().fold(f32::NAN, f32::max);
-                    if best.is_finite() && best >= h {
-                        matching.push_str(&format!(" They give up to {}, so higher: {}.", fmt_r(best), fmt_r(h)));
-                    } else {
-                        matching.push_str(&format!(" Nothing argues against it, so higher: {}.", fmt_r(h)));
+            Some(Nudge { to: h, dir, user_extreme }) => {
+                match (dir, user_extreme) {
+                    (Ordering::Greater, Some(best)) => {
+                        matching.push_str(&format!(" They give up to {}, so higher: {}.", fmt_r(best), fmt_r(h)))
                     }
-                } else if h < predicted {
-                    let worst = user_ratings.iter().copied().fold(f32::NAN, f32::min);
-                    if worst.is_finite() && worst <= h {
-                        matching.push_str(&format!(" They give as low as {}, so lower: {}.", fmt_r(worst), fmt_r(h)));
-                    } else {
-                        matching.push_str(&format!(" Not an obvious fit, so lower: {}.", fmt_r(h)));
+                    (Ordering::Greater, None) => matching.push_str(&format!(" Nothing argues against it, so higher: {}.", fmt_r(h))),
+                    (Ordering::Less, Some(worst)) => {
+                        matching.push_str(&format!(" They give as low as {}, so lower: {}.", fmt_r(worst), fmt_r(h)))
                     }
+                    (Ordering::Less, None) => matching.push_str(&format!(" Not an obvious fit, so lower: {}.", fmt_r(h))),
+                    (Ordering::Equal, _) => {}
                 }
                 h
             }
@@ -277,15 +273,13 @@ impl CfTeacher {
             "A bias estimate from the earlier ratings (overall mean {mu:.2}, user offset {b_u:+.2}, item offset {b_i:+.2}) gives {y:.2}."
         ));
         let predicted = round_to_scale(y as f32, self.scale);
-        let rating = match hint {
+        let rating = match hint.map(|h| Nudge::new(h, predicted, &user_ratings, self.scale)) {
             None => predicted,
-            Some(h) => {
-                let h = round_to_scale(h, self.scale);
-                if h > predicted {
-                    let best = user_ratings.iter().copied().fold(f32::NAN, f32::max);
+            Some(Nudge { to: h, dir, user_extreme }) => {
+                if dir == Ordering::Greater {
                     let item_best = item_r.iter().filter(|&&r| r >= h).count();
                     matching.push_str(" The estimate is pulled toward the middle, though: ");
-                    if best.is_finite() && best >= h {
+                    if let Some(best) = user_extreme {
                         matching.push_str(&format!("this user does rate items they enjoy as high as {}", fmt_r(best)));
                     } else {
                         matching.push_str("nothing in the user's history argues against enjoying it");
@@ -294,11 +288,10 @@ impl CfTeacher {
                         matching.push_str(&format!(", and {item_best} earlier raters rated it {} or more", fmt_r(h)));
                     }
                     matching.push_str(&format!(", so I expect the user to like it more than average, around {}.", fmt_r(h)));
-                } else if h < predicted {
-                    let worst = user_ratings.iter().copied().fold(f32::NAN, f32::min);
+                } else if dir == Ordering::Less {
                     let item_low = item_r.iter().filter(|&&r| r <= h).count();
                     matching.push_str(" The estimate is generous, though: ");
-                    if worst.is_finite() && worst <= h {
+                    if let Some(worst) = user_extreme {
                         matching.push_str(&format!("this user has rated items as low as {}", fmt_r(worst)));
                     } else {
                         matching.push_str("the user is selective and this item is not an obvious fit");
@@ -312,6 +305,30 @@ impl CfTeacher {
             }
         };
         Ok(crate::answer::render(&analyze_user, &analyze_item, &matching, rating))
+    }
+}
+
+/// A rationalization hint (the true rating) set against the prediction,
+/// shared by both styles, which word it differently: the hint rounded to the
+/// scale, which way it moves the prediction, and the user's most extreme
+/// earlier rating on that side when it reaches the hint (the evidence the
+/// answer cites for the move).
+struct Nudge {
+    to: f32,
+    dir: Ordering,
+    user_extreme: Option<f32>,
+}
+
+impl Nudge {
+    fn new(hint: f32, predicted: f32, user_ratings: &[f32], scale: Scale) -> Nudge {
+        let to = round_to_scale(hint, scale);
+        let dir = to.partial_cmp(&predicted).unwrap_or(Ordering::Equal);
+        let user_extreme = match dir {
+            Ordering::Greater => Some(user_ratings.iter().copied().fold(f32::NAN, f32::max)).filter(|b| b.is_finite() && *b >= to),
+            Ordering::Less => Some(user_ratings.iter().copied().fold(f32::NAN, f32::min)).filter(|w| w.is_finite() && *w <= to),
+            Ordering::Equal => None,
+        };
+        Nudge { to, dir, user_extreme }
     }
 }
 
