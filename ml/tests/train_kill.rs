@@ -15,7 +15,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use recflow_ml::train::toy::{write_toy_model, ToySpec};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_recflow-worker");
 
@@ -140,6 +139,18 @@ fn cancelled_and_resumed(root: &Path, job: &Job, reference: &Path, total: u64, a
     assert_same(reference, &root.join("a2"), job.lora, &format!("{} after Ctrl-C and rerun", job.kind));
 }
 
+/// An uninterrupted reference run, then the job killed (kill -9) with
+/// checkpoints every `kill_save_steps`, and cancelled (SIGINT) after step 5
+/// with no periodic checkpoint; both resumed runs must match the reference.
+/// `save_steps` is operational (not in the checkpoint fingerprint), so all
+/// three compute the same thing.
+fn kill_and_cancel(dir: &Path, job: impl Fn(u64) -> Job, kill_save_steps: u64, total: u64, boundary: u64) {
+    let reference = dir.join("ref");
+    run_to_end(&spec(&reference, "a1", &job(1000)));
+    killed_and_resumed(&dir.join("kill"), &job(kill_save_steps), &reference.join("a1"), total);
+    cancelled_and_resumed(&dir.join("cancel"), &job(1000), &reference.join("a1"), total, 5, boundary);
+}
+
 fn with(mut cfg: serde_json::Value, save_steps: u64) -> serde_json::Value {
     cfg["save_steps"] = serde_json::json!(save_steps);
     cfg
@@ -148,10 +159,8 @@ fn with(mut cfg: serde_json::Value, save_steps: u64) -> serde_json::Value {
 #[test]
 fn sft_resumes_bit_identically_after_kill_and_cancel() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    write_toy_model(&base, ToySpec { hidden: 32, intermediate: 64, seed: 3, ..ToySpec::default() }).unwrap();
-    let data = write(dir.path(), "coldstart.parquet", &examples(24, 0, Some(&|_, t| t)), true);
-    let valid = write(dir.path(), "valid.parquet", &examples(4, 500, None), false);
+    let base = small_toy_model(dir.path(), 3);
+    let (data, valid) = sft_data(dir.path(), 24, 4);
     let total = 40;
     let cfg = serde_json::json!({"learning_rate": 1e-3, "max_steps": total, "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 2, "warmup_steps": 2, "eval_steps": 10, "eval_max_samples": 2,
@@ -162,21 +171,14 @@ fn sft_resumes_bit_identically_after_kill_and_cancel() {
         inputs: vec![("model", base.clone()), ("data", data.clone()), ("valid", valid.clone())],
         lora: false,
     };
-    // save_steps is operational (not in the checkpoint fingerprint), so all
-    // three runs compute the same thing.
-    let reference = dir.path().join("ref");
-    run_to_end(&spec(&reference, "a1", &job(1000)));
-    killed_and_resumed(&dir.path().join("kill"), &job(3), &reference.join("a1"), total);
-    cancelled_and_resumed(&dir.path().join("cancel"), &job(1000), &reference.join("a1"), total, 5, 1);
+    kill_and_cancel(dir.path(), job, 3, total, 1);
 }
 
 #[test]
 fn grpo_resumes_bit_identically_after_kill_and_cancel() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    write_toy_model(&base, ToySpec { hidden: 32, intermediate: 64, seed: 4, ..ToySpec::default() }).unwrap();
-    let samples = write(dir.path(), "samples.parquet", &examples(8, 0, None), false);
-    let valid = write(dir.path(), "valid.parquet", &examples(2, 500, None), false);
+    let base = small_toy_model(dir.path(), 4);
+    let (samples, valid) = grpo_data(dir.path(), 8, 2);
     let total = 30;
     // LoRA, β > 0 (reference = adapters off), μ = 2: checkpoints only at
     // rollout boundaries, so a cancel after an odd step runs one more.
@@ -190,8 +192,5 @@ fn grpo_resumes_bit_identically_after_kill_and_cancel() {
         inputs: vec![("model", base.clone()), ("samples", samples.clone()), ("valid", valid.clone())],
         lora: true,
     };
-    let reference = dir.path().join("ref");
-    run_to_end(&spec(&reference, "a1", &job(1000)));
-    killed_and_resumed(&dir.path().join("kill"), &job(4), &reference.join("a1"), total);
-    cancelled_and_resumed(&dir.path().join("cancel"), &job(1000), &reference.join("a1"), total, 5, 2);
+    kill_and_cancel(dir.path(), job, 4, total, 2);
 }

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use common::*;
 use recflow::stages::grpo::Grpo;
 use recflow::stages::sft::Sft;
-use recflow_ml::train::toy::{write_toy_model, ToySpec};
 
 fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
@@ -68,10 +67,8 @@ fn check<D: recflow::stages::StageDef>(
 #[test]
 fn sft_resume_is_bit_identical_and_deterministic() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    write_toy_model(&base, ToySpec { hidden: 32, intermediate: 64, seed: 3, ..ToySpec::default() }).unwrap();
-    let data = write(dir.path(), "coldstart.parquet", &examples(24, 0, Some(&|_, t| t)), true);
-    let valid = write(dir.path(), "valid.parquet", &examples(4, 500, None), false);
+    let base = small_toy_model(dir.path(), 3);
+    let (data, valid) = sft_data(dir.path(), 24, 4);
     // Full fine-tuning, accumulation, checkpointing, cosine warmup, evals.
     let cfg = serde_json::json!({"learning_rate": 1e-3, "max_steps": 6, "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 2, "gradient_checkpointing": true, "warmup_steps": 2,
@@ -82,10 +79,8 @@ fn sft_resume_is_bit_identical_and_deterministic() {
 #[test]
 fn grpo_resume_is_bit_identical_and_deterministic() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    write_toy_model(&base, ToySpec { hidden: 32, intermediate: 64, seed: 4, ..ToySpec::default() }).unwrap();
-    let samples = write(dir.path(), "samples.parquet", &examples(8, 0, None), false);
-    let valid = write(dir.path(), "valid.parquet", &examples(2, 500, None), false);
+    let base = small_toy_model(dir.path(), 4);
+    let (samples, valid) = grpo_data(dir.path(), 8, 2);
     // LoRA with dropout (reference = adapters off, β > 0), μ = 2 (old log-probs
     // recomputed), gradient checkpointing, truncation masking, tiny token budget.
     let cfg = serde_json::json!({"learning_rate": 1e-3, "max_steps": 6, "prompts_per_step": 2, "num_generations": 3,
@@ -102,10 +97,8 @@ fn grpo_resume_is_bit_identical_and_deterministic() {
 #[test]
 fn lora_target_modules_reach_the_adapter() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    write_toy_model(&base, ToySpec { hidden: 32, intermediate: 64, seed: 5, ..ToySpec::default() }).unwrap();
-    let data = write(dir.path(), "coldstart.parquet", &examples(4, 0, Some(&|_, t| t)), true);
-    let valid = write(dir.path(), "valid.parquet", &examples(1, 500, None), false);
+    let base = small_toy_model(dir.path(), 5);
+    let (data, valid) = sft_data(dir.path(), 4, 1);
     let cfg = serde_json::json!({"max_steps": 1, "per_device_train_batch_size": 2, "use_peft": true, "lora_r": 2,
         "lora_target_modules": ["v_proj", "q_proj"], "eval_max_samples": 0, "val_fraction": 0.0});
     let root = dir.path().join("run");
@@ -131,10 +124,8 @@ fn lora_target_modules_reach_the_adapter() {
 #[test]
 fn sft_token_budget_micro_batches_match_one_big_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    write_toy_model(&base, ToySpec { hidden: 32, intermediate: 64, seed: 6, ..ToySpec::default() }).unwrap();
-    let data = write(dir.path(), "coldstart.parquet", &examples(16, 0, Some(&|_, t| t)), true);
-    let valid = write(dir.path(), "valid.parquet", &examples(1, 500, None), false);
+    let base = small_toy_model(dir.path(), 6);
+    let (data, valid) = sft_data(dir.path(), 16, 1);
     let inputs = [("model", base.as_path()), ("data", data.as_path()), ("valid", valid.as_path())];
     let cfg = |budget: Option<usize>| {
         let mut c = serde_json::json!({"learning_rate": 1e-3, "max_steps": 3, "per_device_train_batch_size": 8,

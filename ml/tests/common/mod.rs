@@ -32,6 +32,28 @@ pub fn examples(n: usize, offset: usize, completion_rating: Option<&dyn Fn(usize
         .collect()
 }
 
+/// The small toy model the resume and kill tests train (hidden 32,
+/// intermediate 64), written to `dir/base`.
+pub fn small_toy_model(dir: &Path, seed: i64) -> PathBuf {
+    use recflow_ml::train::toy::{write_toy_model, ToySpec};
+    let base = dir.join("base");
+    write_toy_model(&base, ToySpec { hidden: 32, intermediate: 64, seed, ..ToySpec::default() }).expect("write toy model");
+    base
+}
+
+/// SFT inputs in `dir`: `coldstart.parquet` with `n` accepted rows that
+/// answer the prompt's target, and `valid.parquet` with `n_valid` samples.
+pub fn sft_data(dir: &Path, n: usize, n_valid: usize) -> (PathBuf, PathBuf) {
+    let answer_target = |_: usize, t: u32| t;
+    (write(dir, "coldstart.parquet", &examples(n, 0, Some(&answer_target)), true), write(dir, "valid.parquet", &examples(n_valid, 500, None), false))
+}
+
+/// GRPO inputs in `dir`: `samples.parquet` with `n` prompts and
+/// `valid.parquet` with `n_valid`.
+pub fn grpo_data(dir: &Path, n: usize, n_valid: usize) -> (PathBuf, PathBuf) {
+    (write(dir, "samples.parquet", &examples(n, 0, None), false), write(dir, "valid.parquet", &examples(n_valid, 500, None), false))
+}
+
 pub fn write(dir: &Path, name: &str, rows: &[Example], coldstart: bool) -> PathBuf {
     let p = dir.join(name);
     write_examples(&p, rows, coldstart).expect("write toy examples");
