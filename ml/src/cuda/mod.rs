@@ -20,13 +20,18 @@ mod ffi {
     }
 }
 
+/// Whether `device` is a CUDA device of this machine.
+fn present(device: usize) -> bool {
+    tch::Cuda::is_available() && (device as i64) < tch::Cuda::device_count()
+}
+
 /// Whether this build can read allocator statistics at all.
 pub const AVAILABLE: bool = cfg!(recflow_cuda_mem);
 
 /// Resets the peak counters of `device` (the start of a measured span).
 /// False when the statistics are unavailable (no shim, no such device).
 pub fn reset_peak(device: usize) -> bool {
-    if !tch::Cuda::is_available() || device as i64 >= tch::Cuda::device_count() {
+    if !present(device) {
         return false;
     }
     #[cfg(recflow_cuda_mem)]
@@ -43,7 +48,7 @@ pub fn reset_peak(device: usize) -> bool {
 /// Current and peak allocated / reserved bytes of `device`, None when the
 /// statistics are unavailable.
 pub fn mem_stats(device: usize) -> Option<CudaMem> {
-    if !tch::Cuda::is_available() || device as i64 >= tch::Cuda::device_count() {
+    if !present(device) {
         return None;
     }
     #[cfg(recflow_cuda_mem)]
