@@ -1,6 +1,8 @@
 //! The memory-saving paths compute the same thing as the plain one:
-//! chunked log-probs equal `log_softmax` of the full forward, and gradient
-//! checkpointing / chunking leave every gradient unchanged.
+//! chunked log-probs equal `log_softmax` of the full forward, gradient
+//! checkpointing / chunking leave every gradient unchanged, and a batch
+//! whose rows share prompts (computed once) gives the same log-probs and
+//! gradients as the rows written out whole.
 use recflow_ml::llm::Model;
 use recflow_ml::train::logprobs::{backward, logprobs, RunOpts, SeqBatch};
 use recflow_ml::train::toy::{write_toy_model, ToySpec};
@@ -41,6 +43,22 @@ fn chunked_logprobs_match_the_full_forward() {
 }
 
 fn grads(checkpointing: bool, chunk: usize, lora: bool) -> Vec<Tensor> {
+    let rows: Vec<(Vec<i64>, Vec<i64>)> = vec![(vec![20, 21, 22], vec![30, 31, 32]), (vec![40, 50], vec![41, 42])];
+    let r: Vec<(&[i64], &[i64])> = rows.iter().map(|(p, c)| (p.as_slice(), c.as_slice())).collect();
+    let w = [0.5f32, -1.0, 2.0, 1.5, -0.25];
+    grads_of(|| SeqBatch::new(&r, 0, Device::Cpu).unwrap(), &w, checkpointing, chunk, lora.then_some(0.2)).1
+}
+
+/// Log-probs and gradients of `Σ w_t · logp_t` over `batch()` under the toy
+/// model (full fine-tuning, or LoRA with this dropout).
+fn grads_of(
+    batch: impl Fn() -> SeqBatch,
+    w: &[f32],
+    checkpointing: bool,
+    chunk: usize,
+    lora_dropout: Option<f64>,
+) -> (Tensor, Vec<Tensor>) {
+    let lora = lora_dropout.is_some();
     let dir = tempfile::tempdir().unwrap();
     write_toy_model(dir.path(), ToySpec::default()).unwrap();
     let mut m = Model::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
@@ -48,7 +66,12 @@ fn grads(checkpointing: bool, chunk: usize, lora: bool) -> Vec<Tensor> {
         // Seeded under the process-wide RNG lock: the other test of this
         // binary draws from torch's global generator at the same time.
         recflow_ml::train::with_torch_seed(1, || {
-            m.add_lora(&recflow_ml::llm::LoraConfig { r: 4, alpha: 8.0, dropout: 0.2, target_modules: vec!["all-linear".into()] })
+            m.add_lora(&recflow_ml::llm::LoraConfig {
+                r: 4,
+                alpha: 8.0,
+                dropout: lora_dropout.unwrap_or(0.0),
+                target_modules: vec!["all-linear".into()],
+            })
                 .unwrap();
             // Non-zero B so the adapters carry gradient into A as well.
             for (_, t) in m.lora_parameters() {
@@ -66,15 +89,57 @@ fn grads(checkpointing: bool, chunk: usize, lora: bool) -> Vec<Tensor> {
         }
         p
     };
-    let rows: Vec<(Vec<i64>, Vec<i64>)> = vec![(vec![20, 21, 22], vec![30, 31, 32]), (vec![40, 50], vec![41, 42])];
-    let r: Vec<(&[i64], &[i64])> = rows.iter().map(|(p, c)| (p.as_slice(), c.as_slice())).collect();
-    let b = SeqBatch::new(&r, 0, Device::Cpu).unwrap();
-    let w = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 1.5, -0.25]);
-    backward(&m, &b, &opts(chunk, checkpointing), |lp, range| {
+    let b = batch();
+    let w = Tensor::from_slice(w);
+    let out = backward(&m, &b, &opts(chunk, checkpointing), |lp, range| {
         Ok((lp * w.narrow(0, range.start as i64, range.len() as i64)).sum(Kind::Float))
     })
     .unwrap();
-    params.iter().map(|(_, t)| t.grad().copy()).collect()
+    (out.logp, params.iter().map(|(_, t)| t.grad().copy()).collect())
+}
+
+fn assert_close(a: &[Tensor], b: &[Tensor], what: &str) {
+    assert_eq!(a.len(), b.len());
+    for (a, b) in a.iter().zip(b) {
+        assert!(a.defined() && b.defined(), "{what}: every trainable tensor gets a gradient");
+        let d = (a - b).abs().max().double_value(&[]);
+        let s = a.abs().max().double_value(&[]).max(1e-12);
+        assert!(d / s < 1e-4, "{what}: differs by {d} (scale {s})");
+    }
+}
+
+#[test]
+fn shared_prompt_prefixes_give_the_same_logprobs_and_gradients() {
+    // Two prompts of different lengths (so the shared batch pads them), G
+    // completions each, one of a single token; rows out of prompt order.
+    let prompts: [&[i64]; 2] = [&[20, 21, 22], &[40, 50]];
+    let rows: Vec<(usize, Vec<i64>)> =
+        vec![(0, vec![30, 31, 32]), (0, vec![33]), (1, vec![41, 42]), (0, vec![34, 35]), (1, vec![43, 44, 45, 46])];
+    let w: Vec<f32> = (0..12).map(|i| (i as f32 - 5.5) / 4.0).collect();
+    let whole: Vec<(&[i64], &[i64])> = rows.iter().map(|(k, c)| (prompts[*k], c.as_slice())).collect();
+    let shared: Vec<(usize, &[i64])> = rows.iter().map(|(k, c)| (*k, c.as_slice())).collect();
+    let plain = || SeqBatch::new(&whole, 0, Device::Cpu).unwrap();
+    let sh = || SeqBatch::shared(&prompts, &shared, 0, Device::Cpu).unwrap();
+    assert!(sh().padded_tokens() < plain().padded_tokens(), "the prompts run once");
+    for lora in [None, Some(0.0)] {
+        let (lp0, g0) = grads_of(plain, &w, false, 1000, lora);
+        for (ckpt, chunk) in [(false, 1000), (true, 1000), (true, 5)] {
+            let (lp, g) = grads_of(sh, &w, ckpt, chunk, lora);
+            let what = format!("shared prefix, lora={lora:?} checkpointing={ckpt} chunk={chunk}");
+            assert_close(&[lp0.shallow_clone()], &[lp], &format!("{what}: log-probs"));
+            assert_close(&g0, &g, &what);
+        }
+    }
+    // The no-grad path agrees too.
+    let dir = tempfile::tempdir().unwrap();
+    write_toy_model(dir.path(), ToySpec::default()).unwrap();
+    let m = Model::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    let (a, ea) = logprobs(&m, &plain(), &opts(4, false)).unwrap();
+    let (b, eb) = logprobs(&m, &sh(), &opts(4, false)).unwrap();
+    assert_close(&[a, ea], &[b, eb], "no-grad log-probs and entropies");
+    // Malformed shared batches are errors, not panics.
+    assert!(SeqBatch::shared(&prompts, &[(2, &[1][..])], 0, Device::Cpu).is_err(), "prefix index out of range");
+    assert!(SeqBatch::shared(&[&[][..]], &[(0, &[1][..])], 0, Device::Cpu).is_err(), "empty prefix");
 }
 
 #[test]
@@ -83,12 +148,7 @@ fn checkpointing_and_chunking_leave_gradients_unchanged() {
         let plain = grads(false, 1000, lora);
         for (ckpt, chunk) in [(true, 1000), (false, 2), (true, 1)] {
             let g = grads(ckpt, chunk, lora);
-            for (a, b) in plain.iter().zip(&g) {
-                assert!(a.defined() && b.defined(), "every trainable tensor gets a gradient");
-                let d = (a - b).abs().max().double_value(&[]);
-                let s = a.abs().max().double_value(&[]).max(1e-12);
-                assert!(d / s < 1e-4, "lora={lora} checkpointing={ckpt} chunk={chunk}: gradient differs by {d} (scale {s})");
-            }
+            assert_close(&plain, &g, &format!("lora={lora} checkpointing={ckpt} chunk={chunk}"));
         }
     }
 }

@@ -210,8 +210,17 @@ pub struct Config {
     // --- memory ----------------------------------------------------------------
     #[serde(default)]
     pub gradient_checkpointing: bool,
-    /// Micro-batches hold at most this many (prompt + completion) tokens
-    /// (at least one sequence). Operational.
+    /// Compute each prompt once per micro-batch and let its G completions
+    /// attend to it, in the forward and the backward pass (the G rows'
+    /// gradients sum into it). The same loss up to float summation order
+    /// (with LoRA dropout the G rows share the prompt's dropout mask); the
+    /// prompt's share of the training FLOPs drops G-fold. Keyed: the bits
+    /// of the results differ.
+    #[serde(default = "d_true")]
+    pub share_prompt_prefix: bool,
+    /// Micro-batches hold at most this many padded tokens — with
+    /// `share_prompt_prefix` each prompt counted once — and at least one
+    /// sequence. Operational.
     #[serde(default = "d_tokens_per_micro")]
     pub max_tokens_per_microbatch: usize,
     /// Positions per chunk when turning hidden states into log-probs, so
@@ -249,7 +258,8 @@ pub struct Grpo;
 impl StageDef for Grpo {
     type Config = Config;
     const KIND: &'static str = "grpo";
-    const VERSION: u32 = 2;
+    // 3: shared prompt prefixes (float summation order).
+    const VERSION: u32 = 3;
     const OPERATIONAL: &'static [&'static str] =
         &["save_steps", "max_tokens_per_microbatch", "logprob_chunk_tokens", "kl_warn_threshold"];
     const USES_DEVICE: bool = true;

@@ -124,42 +124,82 @@ impl DecoderLayer {
         h + self.mlp.forward(&m)
     }
 
-    fn attention(&self, x: &Tensor, ctx: &LayerCtx, cache: Option<&mut KvCache>) -> Tensor {
+    /// Layer `i` over a batch whose rows continue shared prefixes: `hp:
+    /// [P, Tp, H]` are the prefixes (right-padded, causal among themselves),
+    /// `hc: [N, Tc, H]` the continuations, row r continuing prefix
+    /// `row_prefix[r]`. A continuation attends to its prefix's keys/values
+    /// (gathered, so gradients from all G rows sum into the one prefix) and
+    /// causally to its own; `ctx_c.mask: [N, 1, Tc, Tp + Tc]` says which.
+    /// The same function as [`DecoderLayer::forward`] on `prefix ++ row`
+    /// rows, with each prefix computed once instead of once per row (GRPO:
+    /// G completions of one prompt).
+    pub fn forward_shared_prefix(
+        &self,
+        hp: &Tensor,
+        ctx_p: &LayerCtx,
+        hc: &Tensor,
+        ctx_c: &LayerCtx,
+        row_prefix: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let np = self.input_layernorm.forward(hp);
+        let (qp, kp, vp) = self.qkv(&np, ctx_p);
+        let ap = self.attend(&qp, &kp, &vp, None, true);
+        let nc = self.input_layernorm.forward(hc);
+        let (qc, kc, vc) = self.qkv(&nc, ctx_c);
+        let k = Tensor::cat(&[kp.index_select(0, row_prefix), kc], 2); // [N, Hkv, Tp + Tc, D]
+        let v = Tensor::cat(&[vp.index_select(0, row_prefix), vc], 2);
+        let ac = self.attend(&qc, &k, &v, ctx_c.mask.as_ref(), false);
+        let hp = hp + ap;
+        let hc = hc + ac;
+        let mp = self.mlp.forward(&self.post_attention_layernorm.forward(&hp));
+        let mc = self.mlp.forward(&self.post_attention_layernorm.forward(&hc));
+        (hp + mp, hc + mc)
+    }
+
+    /// Projected, RoPE-rotated queries `[B, Hq, T, D]`, keys and values `[B, Hkv, T, D]`.
+    fn qkv(&self, x: &Tensor, ctx: &LayerCtx) -> (Tensor, Tensor, Tensor) {
         let at = &self.self_attn;
         let (b, t) = (x.size()[0], x.size()[1]);
-        let q = at.q_proj.forward(x).view([b, t, at.n_heads, at.head_dim]).transpose(1, 2); // [B, Hq, T, D]
-        let k = at.k_proj.forward(x).view([b, t, at.n_kv, at.head_dim]).transpose(1, 2); // [B, Hkv, T, D]
+        let q = at.q_proj.forward(x).view([b, t, at.n_heads, at.head_dim]).transpose(1, 2);
+        let k = at.k_proj.forward(x).view([b, t, at.n_kv, at.head_dim]).transpose(1, 2);
         let v = at.v_proj.forward(x).view([b, t, at.n_kv, at.head_dim]).transpose(1, 2);
         let q = &q * &ctx.cos + rotate_half(&q) * &ctx.sin;
         let k = &k * &ctx.cos + rotate_half(&k) * &ctx.sin;
+        (q, k, v)
+    }
+
+    /// Scaled dot-product attention of `q` over `k, v` (GQA by SDPA's
+    /// `enable_gqa`), then `o_proj`: `[B, T, H]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, is_causal: bool) -> Tensor {
+        let at = &self.self_attn;
+        let (b, t) = (q.size()[0], q.size()[2]);
+        let g = at.n_heads / at.n_kv;
+        let o = Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal && t > 1, None, g > 1); // [B, Hq, T, D]
+        at.o_proj.forward(&o.transpose(1, 2).reshape([b, t, at.n_heads * at.head_dim]))
+    }
+
+    fn attention(&self, x: &Tensor, ctx: &LayerCtx, cache: Option<&mut KvCache>) -> Tensor {
+        let at = &self.self_attn;
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (q, k, v) = self.qkv(x, ctx);
         let (k, v) = match cache {
             Some(c) => c.append(self.index, &k, &v), // [B, Hkv, S, D]
             None => (k, v),
         };
         let g = at.n_heads / at.n_kv;
-        let o = if t == 1 && g > 1 {
+        if t == 1 && g > 1 {
             // Decode step with GQA: the G query heads sharing a KV head
             // (head h uses KV head h / G, HF's repeat_kv order) become G
             // query rows of that KV head, so K/V are never repeated — the
             // masked SDPA path would otherwise copy the whole cache G times
             // per layer and step. A [B, 1, 1, S] mask broadcasts over the rows.
             let qg = q.view([b, at.n_kv, g, at.head_dim]); // [B, Hkv, G, D]
-            Tensor::scaled_dot_product_attention(&qg, &k, &v, ctx.mask.as_ref(), 0.0, false, None, false)
-                .view([b, at.n_heads, 1, at.head_dim]) // [B, Hq, 1, D]
+            let o = Tensor::scaled_dot_product_attention(&qg, &k, &v, ctx.mask.as_ref(), 0.0, false, None, false)
+                .view([b, at.n_heads, 1, at.head_dim]); // [B, Hq, 1, D]
+            at.o_proj.forward(&o.transpose(1, 2).reshape([b, t, at.n_heads * at.head_dim]))
         } else {
-            Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                ctx.mask.as_ref(),
-                0.0,
-                ctx.is_causal && t > 1,
-                None,
-                g > 1,
-            ) // [B, Hq, T, D]
-        };
-        let o = o.transpose(1, 2).reshape([b, t, at.n_heads * at.head_dim]);
-        at.o_proj.forward(&o)
+            self.attend(&q, &k, &v, ctx.mask.as_ref(), ctx.is_causal)
+        }
     }
 }
 

@@ -65,31 +65,110 @@ struct Rollouts {
     ref_lp: Option<Vec<Vec<f32>>>,
     /// Row-order micro-batches.
     micro: Vec<Vec<usize>>,
+    /// G: rows `i` of one group (`i / G`) share their prompt.
+    group_size: usize,
+    /// Batches compute each group's prompt once (`share_prompt_prefix`).
+    share_prefix: bool,
     stats: Vec<(&'static str, Option<f64>)>,
     term_means: Vec<f64>,
 }
 
-/// Per-row no-grad log-probs of `rows` (split back by row).
-fn row_logprobs(
-    model: &Model,
-    rows: &[(Vec<i64>, Vec<i64>)],
-    micro: &[Vec<usize>],
-    pad: i64,
-    opts: &RunOpts,
-) -> Result<Vec<Vec<f32>>, TrainError> {
-    let mut out = vec![Vec::new(); rows.len()];
-    for mb in micro {
-        let r: Vec<(&[i64], &[i64])> = mb.iter().map(|&i| (rows[i].0.as_slice(), rows[i].1.as_slice())).collect();
-        let batch = SeqBatch::new(&r, pad, model.device())?;
-        let (lp, _) = logprobs::logprobs(model, &batch, opts)?;
-        let lp: Vec<f32> = Vec::<f32>::try_from(lp.to_device(Device::Cpu).to_kind(Kind::Float))?;
-        let mut off = 0;
-        for (k, &i) in mb.iter().enumerate() {
-            out[i] = lp[off..off + batch.counts[k]].to_vec();
-            off += batch.counts[k];
+impl Rollouts {
+    /// The rows `mb` as one batch; with `share_prefix` the prompt of each
+    /// group among them runs once (when some group has ≥ 2 rows there).
+    fn batch(&self, mb: &[usize], pad: i64, device: Device) -> Result<SeqBatch, TrainError> {
+        let mut groups: Vec<usize> = mb.iter().map(|&i| i / self.group_size).collect();
+        groups.dedup();
+        if self.share_prefix && groups.len() < mb.len() {
+            // Rows are in group order within a micro-batch (see `pack`).
+            let first: Vec<usize> = groups.iter().map(|&g| mb.iter().copied().find(|&i| i / self.group_size == g).unwrap_or(0)).collect();
+            let prefixes: Vec<&[i64]> = first.iter().map(|&i| self.rows[i].0.as_slice()).collect();
+            let rows: Vec<(usize, &[i64])> = mb
+                .iter()
+                .map(|&i| (groups.iter().position(|&g| g == i / self.group_size).unwrap_or(0), self.rows[i].1.as_slice()))
+                .collect();
+            return SeqBatch::shared(&prefixes, &rows, pad, device);
+        }
+        let rows: Vec<(&[i64], &[i64])> = mb.iter().map(|&i| (self.rows[i].0.as_slice(), self.rows[i].1.as_slice())).collect();
+        SeqBatch::new(&rows, pad, device)
+    }
+
+    /// Per-row no-grad log-probs of the rollouts under `model` (split back by row).
+    fn logprobs(&self, model: &Model, pad: i64, opts: &RunOpts) -> Result<Vec<Vec<f32>>, TrainError> {
+        let mut out = vec![Vec::new(); self.rows.len()];
+        for mb in &self.micro {
+            let batch = self.batch(mb, pad, model.device())?;
+            let (lp, _) = logprobs::logprobs(model, &batch, opts)?;
+            let lp: Vec<f32> = Vec::<f32>::try_from(lp.to_device(Device::Cpu).to_kind(Kind::Float))?;
+            let mut off = 0;
+            for (k, &i) in mb.iter().enumerate() {
+                out[i] = lp[off..off + batch.counts[k]].to_vec();
+                off += batch.counts[k];
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Micro-batches of rollout rows (`lens[i]` = (prompt, completion) lengths,
+/// G rows per group) of at most `budget` padded tokens each.
+///
+/// Without prefix sharing: [`super::micro_batches`] over whole rows. With
+/// it, whole groups are packed (shortest first) so each prompt runs once,
+/// at a cost of prompts × longest prompt + rows × longest completion; a
+/// group over the budget on its own is split into runs of its rows.
+fn pack(lens: &[(usize, usize)], g: usize, budget: usize, share: bool) -> Vec<Vec<usize>> {
+    if !share {
+        let whole: Vec<usize> = lens.iter().map(|(p, c)| p + c).collect();
+        return super::micro_batches(&whole, budget);
+    }
+    let n_groups = lens.len().div_ceil(g);
+    let rows_of = |k: usize| k * g..((k + 1) * g).min(lens.len());
+    let cost = |groups: &[usize]| {
+        let tp = groups.iter().flat_map(|&k| rows_of(k)).map(|i| lens[i].0).max().unwrap_or(0);
+        let tc = groups.iter().flat_map(|&k| rows_of(k)).map(|i| lens[i].1).max().unwrap_or(0);
+        let n: usize = groups.iter().map(|&k| rows_of(k).len()).sum();
+        groups.len() * tp + n * tc
+    };
+    let mut order: Vec<usize> = (0..n_groups).collect();
+    order.sort_by_key(|&k| (cost(&[k]), k));
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    let flush = |cur: &mut Vec<usize>, out: &mut Vec<Vec<usize>>| {
+        if !cur.is_empty() {
+            out.push(cur.iter().flat_map(|&k| rows_of(k)).collect());
+            cur.clear();
+        }
+    };
+    for k in order {
+        if cost(&[k]) > budget {
+            flush(&mut cur, &mut out);
+            // Runs of this group's rows, shortest completions first, each
+            // with its own copy of the prompt.
+            let mut rows: Vec<usize> = rows_of(k).collect();
+            rows.sort_by_key(|&i| (lens[i].1, i));
+            let mut run: Vec<usize> = Vec::new();
+            for i in rows {
+                let tc = run.iter().chain([&i]).map(|&j| lens[j].1).max().unwrap_or(0);
+                if !run.is_empty() && lens[i].0 + (run.len() + 1) * tc > budget {
+                    run.sort_unstable();
+                    out.push(std::mem::take(&mut run));
+                }
+                run.push(i);
+            }
+            run.sort_unstable();
+            out.push(run);
+            continue;
+        }
+        cur.push(k);
+        if cost(&cur) > budget {
+            cur.pop();
+            flush(&mut cur, &mut out);
+            cur.push(k);
         }
     }
-    Ok(out)
+    flush(&mut cur, &mut out);
+    out
 }
 
 fn fingerprint(cfg: &Config, seed: u64, device: &str) -> String {
@@ -242,17 +321,17 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             model.set_training(false);
             if cfg.beta != 0.0 {
                 r.ref_lp = Some(match &ref_model {
-                    Some(m) => row_logprobs(m, &r.rows, &r.micro, pad, &nograd_opts)?,
+                    Some(m) => r.logprobs(m, pad, &nograd_opts)?,
                     None => {
                         model.set_lora_enabled(false);
-                        let lp = row_logprobs(model, &r.rows, &r.micro, pad, &nograd_opts);
+                        let lp = r.logprobs(model, pad, &nograd_opts);
                         model.set_lora_enabled(true);
                         lp?
                     }
                 });
             }
             if mu > 1 {
-                r.old_lp = Some(row_logprobs(model, &r.rows, &r.micro, pad, &nograd_opts)?);
+                r.old_lp = Some(r.logprobs(model, pad, &nograd_opts)?);
             }
             t_ref += tr.elapsed().as_secs_f64();
             ro = Some(r);
@@ -275,8 +354,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
                 }
                 anyhow::bail!("grpo cancelled during step {}; checkpoint of step {step} kept in the work dir, a rerun continues from it", step + 1);
             }
-            let rows: Vec<(&[i64], &[i64])> = mb.iter().map(|&i| (r.rows[i].0.as_slice(), r.rows[i].1.as_slice())).collect();
-            let batch = SeqBatch::new(&rows, pad, device)?;
+            let batch = r.batch(mb, pad, device)?;
             // Per-token inputs in the batch's token order, [M].
             let cat = |f: &dyn Fn(usize) -> Vec<f32>| -> Tensor {
                 let v: Vec<f32> = mb.iter().flat_map(|&i| f(i)).collect();
@@ -481,8 +559,8 @@ fn score(
     let masked_len: Vec<usize> = rows.iter().zip(&in_loss).map(|(r, &k)| if k { r.1.len() } else { 0 }).collect();
     let num_items: usize = rows.iter().map(|r| r.1.len()).sum();
     let weight = sequence_weights(cfg.loss_type, &masked_len, num_items, cfg.max_completion_length);
-    let lens: Vec<usize> = rows.iter().map(|r| r.0.len() + r.1.len()).collect();
-    let micro = super::micro_batches(&lens, cfg.max_tokens_per_microbatch);
+    let lens: Vec<(usize, usize)> = rows.iter().map(|r| (r.0.len(), r.1.len())).collect();
+    let micro = pack(&lens, g, cfg.max_tokens_per_microbatch, cfg.share_prompt_prefix);
     let trunc_frac = truncated.iter().filter(|&&t| t).count() as f64 / n as f64;
     if a.frac_zero_std >= 1.0 {
         ctx.warn(format!(
@@ -519,6 +597,8 @@ fn score(
         old_lp: None,
         ref_lp: None,
         micro,
+        group_size: g,
+        share_prefix: cfg.share_prompt_prefix,
         stats,
         term_means: term_sums.iter().map(|s| s / n as f64).collect(),
     })
@@ -559,4 +639,42 @@ fn evaluate(
         (n > 0).then(|| ae / n as f64),
         Some(1.0 - n as f64 / k),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pack;
+
+    #[test]
+    fn packing_keeps_groups_whole_within_the_budget() {
+        // 3 groups of G = 2: (prompt, completion) lengths.
+        let lens = [(10, 5), (10, 7), (4, 2), (4, 3), (8, 20), (8, 1)];
+        let cost = |mb: &[usize]| {
+            let mut groups: Vec<usize> = mb.iter().map(|i| i / 2).collect();
+            groups.dedup();
+            groups.len() * mb.iter().map(|&i| lens[i].0).max().unwrap() + mb.len() * mb.iter().map(|&i| lens[i].1).max().unwrap()
+        };
+        for budget in [1, 20, 30, 60, 1000] {
+            let mb = pack(&lens, 2, budget, true);
+            let mut all: Vec<usize> = mb.iter().flatten().copied().collect();
+            all.sort_unstable();
+            assert_eq!(all, (0..6).collect::<Vec<_>>(), "budget {budget}: every row exactly once");
+            for b in &mb {
+                assert!(b.len() == 1 || cost(b) <= budget, "budget {budget}: {b:?} costs {}", cost(b));
+                let mut g: Vec<usize> = b.iter().map(|i| i / 2).collect();
+                g.dedup();
+                let (n, mut u) = (g.len(), g.clone());
+                u.sort_unstable();
+                u.dedup();
+                assert_eq!(n, u.len(), "budget {budget}: rows of a group are adjacent in {b:?}");
+            }
+        }
+        // Room for all: one micro-batch costing 3 prompts × 10 + 6 rows × 20 = 150.
+        assert_eq!(pack(&lens, 2, 150, true).len(), 1);
+        assert_eq!(pack(&lens, 2, 1000, true)[0].len(), 6);
+        // A group over the budget alone is split into runs of its rows.
+        assert_eq!(pack(&lens, 2, 25, true).iter().filter(|b| b.iter().all(|i| i / 2 == 2)).count(), 2);
+        // Without sharing: whole rows, as `micro_batches` packs them.
+        assert_eq!(pack(&lens, 2, 1000, false), super::super::micro_batches(&[15, 17, 6, 7, 28, 9], 1000));
+    }
 }

@@ -13,6 +13,14 @@
 //!   gradient through it. Dropout (LoRA's) draws from torch's generator
 //!   re-seeded per layer, so the recomputed forward is the same function.
 //!
+//! * **Shared prefixes** ([`SeqBatch::shared`]): GRPO's G completions of a
+//!   prompt all start with that prompt, and a causal model's hidden states
+//!   of the prompt do not depend on what follows. So the prompt runs once per
+//!   micro-batch and the completions attend to its keys/values
+//!   ([`DecoderLayer::forward_shared_prefix`]); in the backward pass the G
+//!   rows' gradients sum into the one prompt. Same function, up to float
+//!   summation order; the prompt's share of the FLOPs drops by G×.
+//!
 //! Sequences are right-padded with causal attention (no padding mask needed:
 //! padding comes after every real token), positions `0..T`.
 use std::ops::Range;
@@ -20,21 +28,35 @@ use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
 use super::TrainError;
-use crate::llm::model::Model;
+use crate::llm::model::{DecoderLayer, LayerCtx, Model};
 
 /// A batch of token sequences and the positions to score.
 pub struct SeqBatch {
-    /// `[N, T]` i64, right-padded.
-    pub ids: Tensor,
-    /// `[M]` i64: flat index `row·T + t` of each scored position t (whose
-    /// logits predict token t + 1).
-    pub pos_idx: Tensor,
+    /// `[N, T]` i64, right-padded: whole rows, or with a shared prefix only
+    /// each row's own (scored) part.
+    ids: Tensor,
+    prefix: Option<SharedPrefix>,
+    /// `[M]` i64: flat index of each scored position's hidden state in the
+    /// concatenation [prefix rows `P·Tp`; rows `N·T`] (its logits predict
+    /// the scored token).
+    pos_idx: Tensor,
     /// `[M]` i64: the predicted token of each scored position.
-    pub targets: Tensor,
+    targets: Tensor,
     /// Scored tokens per row (`Σ = M`), in row order.
     pub counts: Vec<usize>,
-    /// Longest row, T.
-    pub max_len: usize,
+}
+
+/// The prompts a [`SeqBatch::shared`] batch computes once.
+struct SharedPrefix {
+    /// `[P, Tp]` i64, right-padded.
+    ids: Tensor,
+    /// `[N]` i64: the prefix each row continues.
+    row_prefix: Tensor,
+    /// `[N, Tc]` RoPE positions of the rows' tokens (prefix length + j).
+    positions: Tensor,
+    /// `[N, 1, Tc, Tp + Tc]`: a row's token sees its prefix's real tokens
+    /// and, causally, its own.
+    mask: Tensor,
 }
 
 impl SeqBatch {
@@ -66,10 +88,64 @@ impl SeqBatch {
         }
         Ok(SeqBatch {
             ids: Tensor::from_slice(&ids).view([rows.len() as i64, t as i64]).to_device(device),
+            prefix: None,
             pos_idx: Tensor::from_slice(&pos).to_device(device),
             targets: Tensor::from_slice(&tgt).to_device(device),
             counts,
-            max_len: t,
+        })
+    }
+
+    /// Like [`SeqBatch::new`] on rows `prefixes[k] ++ scored`, for rows
+    /// `(k, scored)` that share prefixes: each prefix is computed once.
+    /// Every prefix must be non-empty and used by some row.
+    pub fn shared(prefixes: &[&[i64]], rows: &[(usize, &[i64])], pad_id: i64, device: Device) -> Result<SeqBatch, TrainError> {
+        let tp = prefixes.iter().map(|p| p.len()).max().unwrap_or(0);
+        let tc = rows.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
+        if rows.is_empty() || tp == 0 || tc == 0 || prefixes.iter().any(|p| p.is_empty()) {
+            return Err(TrainError::Invalid("empty shared-prefix batch (every prefix and some row need tokens)".into()));
+        }
+        if let Some((k, _)) = rows.iter().find(|(k, _)| *k >= prefixes.len()) {
+            return Err(TrainError::Invalid(format!("row continues prefix {k} of {}", prefixes.len())));
+        }
+        let (n, np) = (rows.len(), prefixes.len());
+        let mut pids = Vec::with_capacity(np * tp);
+        for p in prefixes {
+            pids.extend_from_slice(p);
+            pids.resize(pids.len() + tp - p.len(), pad_id);
+        }
+        let (mut ids, mut positions) = (Vec::with_capacity(n * tc), Vec::with_capacity(n * tc));
+        let mut mask = vec![false; n * tc * (tp + tc)];
+        let (mut pos, mut tgt, mut counts) = (Vec::new(), Vec::new(), Vec::with_capacity(n));
+        for (i, &(k, c)) in rows.iter().enumerate() {
+            let lp = prefixes[k].len();
+            ids.extend_from_slice(c);
+            ids.resize((i + 1) * tc, pad_id);
+            positions.extend((0..tc).map(|j| (lp + j) as i64));
+            for q in 0..tc {
+                let m = &mut mask[(i * tc + q) * (tp + tc)..][..tp + tc];
+                m[..lp].fill(true);
+                m[tp..=tp + q].fill(true);
+            }
+            // Token 0 is predicted by the prefix's last position, token j by row position j − 1.
+            for (j, &tok) in c.iter().enumerate() {
+                pos.push(if j == 0 { (k * tp + lp - 1) as i64 } else { (np * tp + i * tc + j - 1) as i64 });
+                tgt.push(tok);
+            }
+            counts.push(c.len());
+        }
+        let row_prefix: Vec<i64> = rows.iter().map(|&(k, _)| k as i64).collect();
+        let mask = Tensor::from_slice(&mask).view([n as i64, 1, tc as i64, (tp + tc) as i64]);
+        Ok(SeqBatch {
+            ids: Tensor::from_slice(&ids).view([n as i64, tc as i64]).to_device(device),
+            prefix: Some(SharedPrefix {
+                ids: Tensor::from_slice(&pids).view([np as i64, tp as i64]).to_device(device),
+                row_prefix: Tensor::from_slice(&row_prefix).to_device(device),
+                positions: Tensor::from_slice(&positions).view([n as i64, tc as i64]).to_device(device),
+                mask: mask.to_device(device),
+            }),
+            pos_idx: Tensor::from_slice(&pos).to_device(device),
+            targets: Tensor::from_slice(&tgt).to_device(device),
+            counts,
         })
     }
 
@@ -82,6 +158,68 @@ impl SeqBatch {
     /// Row of each scored token, `[M]`.
     pub fn row_of_token(&self) -> Vec<usize> {
         self.counts.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat_n(i, c)).collect()
+    }
+    /// Tokens the trunk runs over (padding included): the cost of the batch.
+    pub fn padded_tokens(&self) -> usize {
+        let n = |t: &Tensor| t.size().iter().product::<i64>() as usize;
+        n(&self.ids) + self.prefix.as_ref().map_or(0, |p| n(&p.ids))
+    }
+}
+
+/// The trunk over a batch's hidden-state parts: `[h]` (`[N, T, H]`) or, with
+/// a shared prefix, `[prefix h: [P, Tp, H], rows h: [N, Tc, H]]`.
+struct Trunk<'a> {
+    model: &'a Model,
+    batch: &'a SeqBatch,
+    /// One context per part.
+    ctx: Vec<LayerCtx>,
+}
+
+impl<'a> Trunk<'a> {
+    fn new(model: &'a Model, batch: &'a SeqBatch) -> Result<Self, TrainError> {
+        let dev = model.device();
+        let causal = |ids: &Tensor| {
+            let (n, t) = (ids.size()[0], ids.size()[1]);
+            let pos = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0).expand([n, t], true);
+            model.layer_ctx(&pos, None, 0).map_err(|e| TrainError::Invalid(e.to_string()))
+        };
+        let ctx = match &batch.prefix {
+            None => vec![causal(&batch.ids)?],
+            Some(p) => {
+                let mut c = model.layer_ctx(&p.positions, None, 0).map_err(|e| TrainError::Invalid(e.to_string()))?;
+                c.mask = Some(p.mask.shallow_clone());
+                c.is_causal = false;
+                vec![causal(&p.ids)?, c]
+            }
+        };
+        Ok(Trunk { model, batch, ctx })
+    }
+
+    fn embed(&self) -> Vec<Tensor> {
+        match &self.batch.prefix {
+            None => vec![self.model.embed(&self.batch.ids)],
+            Some(p) => vec![self.model.embed(&p.ids), self.model.embed(&self.batch.ids)],
+        }
+    }
+
+    fn layer(&self, l: &DecoderLayer, h: &[Tensor]) -> Vec<Tensor> {
+        match &self.batch.prefix {
+            None => vec![l.forward(&h[0], &self.ctx[0], None)],
+            Some(p) => {
+                let (a, b) = l.forward_shared_prefix(&h[0], &self.ctx[0], &h[1], &self.ctx[1], &p.row_prefix);
+                vec![a, b]
+            }
+        }
+    }
+
+    /// `[Σ rows·T, H]`: the parts' positions in the order `pos_idx` indexes.
+    fn flat(h: &[Tensor]) -> Tensor {
+        let v: Vec<Tensor> = h.iter().map(|t| t.view([-1, t.size()[2]])).collect();
+        if v.len() == 1 {
+            v[0].shallow_clone()
+        } else {
+            Tensor::cat(&v, 0)
+        }
     }
 }
 
@@ -121,12 +259,14 @@ fn chunk_logprobs(model: &Model, h: &Tensor, targets: &Tensor, temperature: f64)
 /// Log-probs `[M]` and entropies `[M]` of the scored tokens, without autograd.
 pub fn logprobs(model: &Model, batch: &SeqBatch, opts: &RunOpts) -> Result<(Tensor, Tensor), TrainError> {
     let _g = tch::no_grad_guard();
-    let (n, t) = (batch.rows() as i64, batch.max_len as i64);
-    let pos = Tensor::arange(t, (Kind::Int64, model.device())).unsqueeze(0).expand([n, t], true);
-    let h = tch::autocast(opts.autocast, || model.hidden_states(&batch.ids, &pos, None, None))
-        .map_err(|e| TrainError::Invalid(e.to_string()))?; // [N, T, H]
-    let hdim = h.size()[2];
-    let rows = h.view([n * t, hdim]).index_select(0, &batch.pos_idx); // [M, H]
+    let trunk = Trunk::new(model, batch)?;
+    let mut h = tch::autocast(opts.autocast, || trunk.embed());
+    for l in model.layers() {
+        h = tch::autocast(opts.autocast, || trunk.layer(l, &h));
+    }
+    let h: Vec<Tensor> = tch::autocast(opts.autocast, || h.iter().map(|x| model.final_hidden(x)).collect());
+    let rows = Trunk::flat(&h).index_select(0, &batch.pos_idx); // [M, H]
+    drop(h);
     let m = batch.num_scored() as i64;
     let (mut lp, mut en) = (Vec::new(), Vec::new());
     let mut s = 0;
@@ -163,39 +303,36 @@ pub fn backward(
     opts: &RunOpts,
     mut loss_fn: impl FnMut(&Tensor, Range<usize>) -> Result<Tensor, TrainError>,
 ) -> Result<BackwardOut, TrainError> {
-    let (n, t) = (batch.rows() as i64, batch.max_len as i64);
     let dev = model.device();
-    let pos = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0).expand([n, t], true);
-    let ctx = model.layer_ctx(&pos, None, 0).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let trunk = Trunk::new(model, batch)?;
     let layers = model.layers();
 
     // --- trunk forward -------------------------------------------------------
-    // Checkpointing: keep layer inputs only ([L] × [N, T, H]), no graph.
-    let mut saved: Vec<Tensor> = Vec::new();
-    let trunk_out: Tensor; // [N, T, H]: output of the last layer (graph unless checkpointing)
+    // Checkpointing: keep layer inputs only ([L] × parts), no graph.
+    let mut saved: Vec<Vec<Tensor>> = Vec::new();
+    let trunk_out: Vec<Tensor>; // output of the last layer (graph unless checkpointing)
     if opts.checkpointing {
         let _g = tch::no_grad_guard();
-        let mut h = tch::autocast(opts.autocast, || model.embed(&batch.ids));
+        let mut h = tch::autocast(opts.autocast, || trunk.embed());
         for (i, l) in layers.iter().enumerate() {
-            saved.push(h.shallow_clone());
-            h = seeded_layer(opts, i, || tch::autocast(opts.autocast, || l.forward(&h, &ctx, None)));
+            saved.push(h.iter().map(Tensor::shallow_clone).collect());
+            h = seeded_layer(opts, i, || tch::autocast(opts.autocast, || trunk.layer(l, &h)));
         }
-        trunk_out = h.detach().set_requires_grad(true);
+        trunk_out = h.iter().map(|x| x.detach().set_requires_grad(true)).collect();
     } else {
-        let mut h = tch::autocast(opts.autocast, || model.embed(&batch.ids));
+        let mut h = tch::autocast(opts.autocast, || trunk.embed());
         for (i, l) in layers.iter().enumerate() {
-            h = seeded_layer(opts, i, || tch::autocast(opts.autocast, || l.forward(&h, &ctx, None)));
+            h = seeded_layer(opts, i, || tch::autocast(opts.autocast, || trunk.layer(l, &h)));
         }
         trunk_out = h;
     }
-    let hf = tch::autocast(opts.autocast, || model.final_hidden(&trunk_out)); // [N, T, H]
+    let hf: Vec<Tensor> = tch::autocast(opts.autocast, || trunk_out.iter().map(|x| model.final_hidden(x)).collect());
+    let hf = Trunk::flat(&hf); // [Σ rows·T, H]
 
     // --- chunked head: loss per chunk, backward into detached hidden ---------
     // hd is a leaf: each chunk gathers its own rows from it and back-propagates
     // at once, so its [c, V] logits are freed before the next chunk.
-    let hd = hf.detach().set_requires_grad(true); // [N, T, H]
-    let hdim = hd.size()[2];
-    let flat = hd.view([n * t, hdim]);
+    let hd = hf.detach().set_requires_grad(true);
     let m = batch.num_scored() as i64;
     let mut total = 0f64;
     let (mut lps, mut ents) = (Vec::new(), Vec::new());
@@ -203,7 +340,7 @@ pub fn backward(
     while s < m {
         let len = (opts.chunk as i64).min(m - s);
         let (logp, ent) = tch::autocast(opts.autocast, || {
-            let rows = flat.index_select(0, &batch.pos_idx.narrow(0, s, len)); // [c, H]
+            let rows = hd.index_select(0, &batch.pos_idx.narrow(0, s, len)); // [c, H]
             chunk_logprobs(model, &rows, &batch.targets.narrow(0, s, len), opts.temperature)
         });
         let loss = loss_fn(&logp, s as usize..(s + len) as usize)?;
@@ -215,25 +352,24 @@ pub fn backward(
         ents.push(ent);
         s += len;
     }
-    drop(flat);
 
     // --- backward through the final norm and the trunk -------------------------
-    let g = hd.grad(); // [N, T, H]
+    let g = hd.grad();
     if g.defined() {
-        grad_into(&hf, &g)?;
+        grad_into(&[hf], &[g])?;
         if opts.checkpointing {
-            let mut grad_h = trunk_out.grad();
+            let mut grad_h: Vec<Tensor> = trunk_out.iter().map(Tensor::grad).collect();
             for i in (0..layers.len()).rev() {
-                if !grad_h.defined() {
+                if grad_h.iter().all(|g| !g.defined()) {
                     break;
                 }
-                let x = saved[i].detach().set_requires_grad(true);
-                let y = seeded_layer(opts, i, || tch::autocast(opts.autocast, || layers[i].forward(&x, &ctx, None))); // recompute
+                let x: Vec<Tensor> = saved[i].iter().map(|t| t.detach().set_requires_grad(true)).collect();
+                let y = seeded_layer(opts, i, || tch::autocast(opts.autocast, || trunk.layer(&layers[i], &x))); // recompute
                 grad_into(&y, &grad_h)?;
-                grad_h = x.grad();
+                grad_h = x.iter().map(Tensor::grad).collect();
             }
-            if grad_h.defined() && model.embed_tokens.requires_grad() {
-                let e = tch::autocast(opts.autocast, || model.embed(&batch.ids));
+            if grad_h.iter().any(Tensor::defined) && model.embed_tokens.requires_grad() {
+                let e = tch::autocast(opts.autocast, || trunk.embed());
                 grad_into(&e, &grad_h)?;
             }
         }
@@ -241,13 +377,23 @@ pub fn backward(
     Ok(BackwardOut { loss: total, logp: cat_or_empty(lps, dev), entropy: cat_or_empty(ents, dev) })
 }
 
-/// Back-propagates `grad` (∂L/∂y) through `y`'s graph: `backward(Σ y ⊙ grad)`.
-fn grad_into(y: &Tensor, grad: &Tensor) -> Result<(), TrainError> {
-    if !y.requires_grad() {
-        return Ok(());
+/// Back-propagates `grads[k]` (∂L/∂y_k) through the `ys[k]`' graphs at once:
+/// `backward(Σ_k Σ y_k ⊙ grad_k)`. Parts without a gradient (or a graph) add nothing.
+fn grad_into(ys: &[Tensor], grads: &[Tensor]) -> Result<(), TrainError> {
+    let mut s: Option<Tensor> = None;
+    for (y, g) in ys.iter().zip(grads) {
+        if !y.requires_grad() || !g.defined() {
+            continue;
+        }
+        let t = (y.to_kind(Kind::Float) * g.detach().to_kind(Kind::Float)).sum(Kind::Float);
+        s = Some(match s {
+            Some(a) => a + t,
+            None => t,
+        });
     }
-    let s = (y.to_kind(Kind::Float) * grad.detach().to_kind(Kind::Float)).sum(Kind::Float);
-    s.f_backward()?;
+    if let Some(s) = s {
+        s.f_backward()?;
+    }
     Ok(())
 }
 

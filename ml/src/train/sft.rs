@@ -201,7 +201,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             // L = −Σ log p(completion token) / (completion tokens in the step).
             let out = logprobs::backward(model, &batch, &opts, |lp, _| Ok(-lp.sum(tch::Kind::Float) / n_tok as f64))?;
             loss_sum += out.loss;
-            tokens_seen += batch.rows() * batch.max_len;
+            tokens_seen += batch.padded_tokens();
         }
         let grad_norm = clip_grad_norm(&trainee.trainable, cfg.max_grad_norm)?;
         if !loss_sum.is_finite() || !grad_norm.is_finite() {
