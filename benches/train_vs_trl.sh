@@ -71,18 +71,23 @@ GRPO_CFG="{\"prompts_per_step\": 4, \"num_generations\": 4, \"max_completion_len
 for M in $MODELS; do
   IN="{\"model\": [\"$WORK/$M\"], \"samples\": [\"$WORK/samples.parquet\"], \"valid\": [\"$WORK/valid.parquet\"]}"
   OURS=$(run_stage grpo "grpo_$M" "$GRPO_CFG" "$IN")
-  # The same with each prompt recomputed for every completion, as TRL does:
-  # what prefix sharing buys, and the plain-compute comparison.
-  PLAIN=$(run_stage grpo "grpo_${M}_noshare" "${GRPO_CFG%\}}, \"share_prompt_prefix\": false}" "$IN")
+  # The same computing what TRL computes (each prompt once per completion,
+  # zero-advantage rows through forward and backward): what the two
+  # shortcuts buy, and the plain-compute comparison.
+  PLAIN=$(run_stage grpo "grpo_${M}_plain" "${GRPO_CFG%\}}, \"share_prompt_prefix\": false, \"skip_zero_advantage\": false}" "$IN")
+  # Prompts shared, every row trained: the cost when every group has signal.
+  SHARE=$(run_stage grpo "grpo_${M}_share" "${GRPO_CFG%\}}, \"skip_zero_advantage\": false}" "$IN")
   PEER=$($PY benches/train_bench.py trl "$WORK/$M" "$WORK" "$STEPS" 2>/dev/null | tail -1)
-  echo "$OURS" > "$WORK/grpo_$M.recflow.json"; echo "$PLAIN" > "$WORK/grpo_$M.noshare.json"; echo "$PEER" > "$WORK/grpo_$M.trl.json"
+  echo "$OURS" > "$WORK/grpo_$M.recflow.json"; echo "$PLAIN" > "$WORK/grpo_$M.plain.json"; echo "$SHARE" > "$WORK/grpo_$M.share.json"; echo "$PEER" > "$WORK/grpo_$M.trl.json"
   ratio "$PEER" "$OURS" "GRPO $M (TRL GRPOTrainer vs recflow grpo)"
-  ratio "$PEER" "$PLAIN" "GRPO $M (TRL GRPOTrainer vs recflow grpo, share_prompt_prefix off)"
-  $PY - "$OURS" "$PLAIN" "$PEER" "$STEPS" <<'PY'
+  ratio "$PEER" "$SHARE" "GRPO $M (TRL GRPOTrainer vs recflow grpo, skip_zero_advantage off)"
+  ratio "$PEER" "$PLAIN" "GRPO $M (TRL GRPOTrainer vs recflow grpo, share_prompt_prefix and skip_zero_advantage off)"
+  $PY - "$OURS" "$PLAIN" "$PEER" "$STEPS" "$SHARE" <<'PY'
 import json, sys
-o, n, p, steps = *(json.loads(a) for a in sys.argv[1:4]), int(sys.argv[4])
+o, n, p, steps, sh = *(json.loads(a) for a in sys.argv[1:4]), int(sys.argv[4]), json.loads(sys.argv[5])
 split = lambda m: f"generation {m['generation_s']/steps:.2f} s + training {m['training_s']/steps:.2f} s per step, {m['generated_tokens_per_s']*m['generation_s']/(steps*16):.1f} tok/completion"
-print(f"  recflow: {split(o)}; share_prompt_prefix off: {split(n)}")
+print(f"  recflow: {split(o)}, {o['skipped_rows_fraction']:.0%} of rows skipped (zero advantage)")
+print(f"  recflow, skip off: {split(sh)}; both off: {split(n)}")
 print(f"  TRL: generation {p['generation_s_per_step']:.2f} s per step, {p['completion_mean_length']:.1f} tok/completion")
 PY
 done

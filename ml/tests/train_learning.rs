@@ -79,4 +79,49 @@ fn grpo_raises_reward_on_the_toy_rating_task() {
     for col in ["reward_format", "reward_accuracy", "batch_mae", "batch_rmse", "logprob_gap", "val_rmse"] {
         assert!(log_column(&log, col).iter().any(|v| v.is_some()), "log column {col} must be filled");
     }
+    shortcuts_leave_the_update_unchanged(dir.path(), &start, &samples, &valid);
+}
+
+/// `share_prompt_prefix` and `skip_zero_advantage` change how much is
+/// computed, not the update: from the SFT'd model, a few steps with every
+/// combination give the same weights and the same logged losses and
+/// statistics (up to float summation order), while skipping really skips.
+fn shortcuts_leave_the_update_unchanged(dir: &std::path::Path, start: &std::path::Path, samples: &std::path::Path, valid: &std::path::Path) {
+    let run = |share: bool, skip: bool| {
+        let root = dir.join(format!("shortcuts_{share}_{skip}"));
+        let m = run_stage::<Grpo>(
+            &root,
+            &[("model", start), ("samples", samples), ("valid", valid)],
+            serde_json::json!({"learning_rate": 5e-4, "max_steps": 4, "prompts_per_step": 4, "num_generations": 4,
+                "temperature": 0.5, "max_completion_length": 48, "max_prompt_length": 64, "eval_steps": 0,
+                "eval_max_samples": 4, "loss_type": "dapo", "share_prompt_prefix": share, "skip_zero_advantage": skip}),
+            recflow_ml::train::grpo::run,
+        );
+        (root, m)
+    };
+    let (plain, m_plain) = run(false, false);
+    assert_eq!(m_plain["skipped_rows_fraction"], serde_json::json!(0.0));
+    let weights = |root: &std::path::Path| -> std::collections::BTreeMap<String, tch::Tensor> {
+        tch::Tensor::read_safetensors(root.join("out/model/model.safetensors")).unwrap().into_iter().collect()
+    };
+    let w0 = weights(&plain);
+    for (share, skip) in [(true, false), (false, true), (true, true)] {
+        let (root, m) = run(share, skip);
+        let what = format!("share_prompt_prefix {share}, skip_zero_advantage {skip}");
+        let skipped = m["skipped_rows_fraction"].as_f64().unwrap();
+        if skip {
+            assert!(skipped > 0.0 && skipped < 1.0, "{what}: the toy run must have some zero-variance groups, skipped {skipped}");
+        }
+        for (name, a) in weights(&root) {
+            let d = (&a - &w0[&name]).abs().max().double_value(&[]);
+            assert!(d < 1e-5, "{what}: {name} differs by {d}");
+        }
+        for col in ["loss", "grad_norm", "reward_mean", "frac_reward_zero_std", "clip_low", "clip_high", "kl"] {
+            let (a, b) = (log_column(&plain.join("out/log.parquet"), col), log_column(&root.join("out/log.parquet"), col));
+            for (x, y) in a.iter().zip(&b) {
+                let (x, y) = (x.unwrap(), y.unwrap());
+                assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{what}: {col} {x} vs {y}");
+            }
+        }
+    }
 }

@@ -218,6 +218,14 @@ pub struct Config {
     /// of the results differ.
     #[serde(default = "d_true")]
     pub share_prompt_prefix: bool,
+    /// With `beta` = 0, rows whose advantage is 0 (every row of a group with
+    /// identical rewards) and masked rows add exactly nothing to the
+    /// gradient: skip their forward and backward. The update is the same up
+    /// to float summation order — their tokens still count in the loss
+    /// normalisation and `clip_*` — but `entropy` and `logprob_gap` average
+    /// over the rows trained on (null when none was). Keyed.
+    #[serde(default = "d_true")]
+    pub skip_zero_advantage: bool,
     /// Micro-batches hold at most this many padded tokens — with
     /// `share_prompt_prefix` each prompt counted once — and at least one
     /// sequence. Operational.
@@ -258,7 +266,7 @@ pub struct Grpo;
 impl StageDef for Grpo {
     type Config = Config;
     const KIND: &'static str = "grpo";
-    // 3: shared prompt prefixes (float summation order).
+    // 3: shared prompt prefixes, zero-advantage rows skipped (float summation order).
     const VERSION: u32 = 3;
     const OPERATIONAL: &'static [&'static str] =
         &["save_steps", "max_tokens_per_microbatch", "logprob_chunk_tokens", "kl_warn_threshold"];

@@ -63,8 +63,13 @@ struct Rollouts {
     in_loss: Vec<bool>,
     old_lp: Option<Vec<Vec<f32>>>,
     ref_lp: Option<Vec<Vec<f32>>>,
-    /// Row-order micro-batches.
+    /// Micro-batches of the rows trained on (all, unless `skip_zero_advantage`
+    /// leaves out rows that carry no gradient).
     micro: Vec<Vec<usize>>,
+    /// Loss-mask tokens of the rows left out of `micro`: they still count in
+    /// the per-token means (`clip_*`, `kl`), as in TRL's.
+    skipped_tokens: f64,
+    skipped_rows: usize,
     /// G: rows `i` of one group (`i / G`) share their prompt.
     group_size: usize,
     /// Batches compute each group's prompt once (`share_prompt_prefix`).
@@ -110,27 +115,28 @@ impl Rollouts {
     }
 }
 
-/// Micro-batches of rollout rows (`lens[i]` = (prompt, completion) lengths,
-/// G rows per group) of at most `budget` padded tokens each.
+/// Micro-batches of the rollout rows with `keep[i]` (`lens[i]` = (prompt,
+/// completion) lengths, G rows per group) of at most `budget` padded tokens each.
 ///
 /// Without prefix sharing: [`super::micro_batches`] over whole rows. With
 /// it, whole groups are packed (shortest first) so each prompt runs once,
 /// at a cost of prompts × longest prompt + rows × longest completion; a
 /// group over the budget on its own is split into runs of its rows.
-fn pack(lens: &[(usize, usize)], g: usize, budget: usize, share: bool) -> Vec<Vec<usize>> {
+fn pack(lens: &[(usize, usize)], keep: &[bool], g: usize, budget: usize, share: bool) -> Vec<Vec<usize>> {
     if !share {
-        let whole: Vec<usize> = lens.iter().map(|(p, c)| p + c).collect();
-        return super::micro_batches(&whole, budget);
+        let kept: Vec<usize> = (0..lens.len()).filter(|&i| keep[i]).collect();
+        let whole: Vec<usize> = kept.iter().map(|&i| lens[i].0 + lens[i].1).collect();
+        return super::micro_batches(&whole, budget).into_iter().map(|mb| mb.into_iter().map(|k| kept[k]).collect()).collect();
     }
+    let rows_of = |k: usize| (k * g..((k + 1) * g).min(lens.len())).filter(|&i| keep[i]);
     let n_groups = lens.len().div_ceil(g);
-    let rows_of = |k: usize| k * g..((k + 1) * g).min(lens.len());
     let cost = |groups: &[usize]| {
         let tp = groups.iter().flat_map(|&k| rows_of(k)).map(|i| lens[i].0).max().unwrap_or(0);
         let tc = groups.iter().flat_map(|&k| rows_of(k)).map(|i| lens[i].1).max().unwrap_or(0);
-        let n: usize = groups.iter().map(|&k| rows_of(k).len()).sum();
+        let n: usize = groups.iter().map(|&k| rows_of(k).count()).sum();
         groups.len() * tp + n * tc
     };
-    let mut order: Vec<usize> = (0..n_groups).collect();
+    let mut order: Vec<usize> = (0..n_groups).filter(|&k| rows_of(k).next().is_some()).collect();
     order.sort_by_key(|&k| (cost(&[k]), k));
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
@@ -270,6 +276,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     };
     let mut ro: Option<Rollouts> = None;
     let mut tokens_generated = 0usize;
+    let (mut rows_total, mut rows_skipped) = (0usize, 0usize);
     let mut nonfinite_steps = 0usize;
     let mut step_times: Vec<f64> = Vec::new();
     // Step of the newest checkpoint on disk (a cancel needs no second copy).
@@ -316,6 +323,8 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             t_gen += tg.elapsed().as_secs_f64();
             let r = score(cfg, &reward_fn, &samples, &idx, &batch_prompts, out, ctx)?;
             tokens_generated += r.rows.iter().map(|x| x.1.len()).sum::<usize>();
+            rows_total += r.rows.len();
+            rows_skipped += r.skipped_rows;
             let mut r = r;
             let tr = std::time::Instant::now();
             model.set_training(false);
@@ -342,7 +351,13 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
         let tt = std::time::Instant::now();
         model.set_training(true);
         zero_grad(&trainee.trainable);
-        let (mut loss_sum, mut kl_sum, mut ent_sum, mut low, mut high, mut n_mask) = (0f64, 0f64, 0f64, 0f64, 0f64, 0f64);
+        let (mut loss_sum, mut kl_sum, mut ent_sum, mut low, mut high) = (0f64, 0f64, 0f64, 0f64, 0f64);
+        let (mut n_mask, mut n_ent) = (r.skipped_tokens, 0f64);
+        if r.micro.is_empty() {
+            // Nothing to back-propagate: the gradient is exactly 0, and the
+            // update still runs on it (AdamW's moments move, as in TRL).
+            super::optim::ensure_grads(&trainee.trainable)?;
+        }
         let (mut gap_sum, mut gap_n) = (0f64, 0usize);
         for (mb_i, mb) in r.micro.iter().enumerate() {
             // Cancelled on the first step of a rollout batch, before the
@@ -391,6 +406,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             })?;
             loss_sum += out.loss;
             ent_sum += (&out.entropy * &m).sum(Kind::Double).double_value(&[]);
+            n_ent += m.sum(Kind::Double).double_value(&[]);
             if iter == 0 {
                 // Sampling-vs-training gap of the sampled tokens' log-probs.
                 let sl = cat(&|i| r.sampled_lp[i].clone());
@@ -444,7 +460,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
         let mut row: Vec<(&str, Option<f64>)> = r.stats.clone();
         row.extend([
             ("kl", Some(kl)),
-            ("entropy", Some(ent_sum / denom)),
+            ("entropy", (n_ent > 0.0).then(|| ent_sum / n_ent)),
             ("loss", Some(loss_sum)),
             ("clip_low", Some(low / denom)),
             ("clip_high", Some(high / denom)),
@@ -498,6 +514,8 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     m.insert("reference_s".into(), serde_json::json!(t_ref));
     m.insert("training_s".into(), serde_json::json!(t_train));
     m.insert("generated_tokens_per_s".into(), serde_json::json!(tokens_generated as f64 / t_gen.max(1e-9)));
+    // Rollout rows whose forward/backward `skip_zero_advantage` saved.
+    m.insert("skipped_rows_fraction".into(), serde_json::json!(rows_skipped as f64 / rows_total.max(1) as f64));
     m.insert("step_s_median".into(), serde_json::json!(super::median(&step_times)));
     m.insert("peak_rss_bytes".into(), serde_json::json!(super::peak_rss_bytes()));
     mem.insert_metrics(&mut m);
@@ -559,8 +577,13 @@ fn score(
     let masked_len: Vec<usize> = rows.iter().zip(&in_loss).map(|(r, &k)| if k { r.1.len() } else { 0 }).collect();
     let num_items: usize = rows.iter().map(|r| r.1.len()).sum();
     let weight = sequence_weights(cfg.loss_type, &masked_len, num_items, cfg.max_completion_length);
+    // With β = 0 a row's gradient is A_i · w_i · ∇(its log-probs): 0 when
+    // its advantage or its weight is.
+    let skip = cfg.skip_zero_advantage && cfg.beta == 0.0;
+    let trains: Vec<bool> = (0..n).map(|i| !skip || (a.adv[i] != 0.0 && weight[i] != 0.0)).collect();
+    let skipped_tokens: usize = (0..n).filter(|&i| !trains[i]).map(|i| masked_len[i]).sum();
     let lens: Vec<(usize, usize)> = rows.iter().map(|r| (r.0.len(), r.1.len())).collect();
-    let micro = pack(&lens, g, cfg.max_tokens_per_microbatch, cfg.share_prompt_prefix);
+    let micro = pack(&lens, &trains, g, cfg.max_tokens_per_microbatch, cfg.share_prompt_prefix);
     let trunc_frac = truncated.iter().filter(|&&t| t).count() as f64 / n as f64;
     if a.frac_zero_std >= 1.0 {
         ctx.warn(format!(
@@ -597,6 +620,8 @@ fn score(
         old_lp: None,
         ref_lp: None,
         micro,
+        skipped_tokens: skipped_tokens as f64,
+        skipped_rows: trains.iter().filter(|&&t| !t).count(),
         group_size: g,
         share_prefix: cfg.share_prompt_prefix,
         stats,
@@ -655,7 +680,7 @@ mod tests {
             groups.len() * mb.iter().map(|&i| lens[i].0).max().unwrap() + mb.len() * mb.iter().map(|&i| lens[i].1).max().unwrap()
         };
         for budget in [1, 20, 30, 60, 1000] {
-            let mb = pack(&lens, 2, budget, true);
+            let mb = pack(&lens, &[true; 6], 2, budget, true);
             let mut all: Vec<usize> = mb.iter().flatten().copied().collect();
             all.sort_unstable();
             assert_eq!(all, (0..6).collect::<Vec<_>>(), "budget {budget}: every row exactly once");
@@ -670,11 +695,19 @@ mod tests {
             }
         }
         // Room for all: one micro-batch costing 3 prompts × 10 + 6 rows × 20 = 150.
-        assert_eq!(pack(&lens, 2, 150, true).len(), 1);
-        assert_eq!(pack(&lens, 2, 1000, true)[0].len(), 6);
+        assert_eq!(pack(&lens, &[true; 6], 2, 150, true).len(), 1);
+        assert_eq!(pack(&lens, &[true; 6], 2, 1000, true)[0].len(), 6);
         // A group over the budget alone is split into runs of its rows.
-        assert_eq!(pack(&lens, 2, 25, true).iter().filter(|b| b.iter().all(|i| i / 2 == 2)).count(), 2);
+        assert_eq!(pack(&lens, &[true; 6], 2, 25, true).iter().filter(|b| b.iter().all(|i| i / 2 == 2)).count(), 2);
+        // Left-out rows are in no batch; a group with none left is dropped.
+        let keep = [true, false, false, false, true, true];
+        for share in [true, false] {
+            let mut all: Vec<usize> = pack(&lens, &keep, 2, 1000, share).into_iter().flatten().collect();
+            all.sort_unstable();
+            assert_eq!(all, [0, 4, 5], "share {share}");
+        }
+        assert!(pack(&lens, &[false; 6], 2, 1000, true).is_empty());
         // Without sharing: whole rows, as `micro_batches` packs them.
-        assert_eq!(pack(&lens, 2, 1000, false), super::super::micro_batches(&[15, 17, 6, 7, 28, 9], 1000));
+        assert_eq!(pack(&lens, &[true; 6], 2, 1000, false), super::super::micro_batches(&[15, 17, 6, 7, 28, 9], 1000));
     }
 }

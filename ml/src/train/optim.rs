@@ -124,6 +124,17 @@ pub fn zero_grad(params: &[(String, Tensor)]) {
     }
 }
 
+/// Gives every parameter without a gradient a zero one (by back-propagating
+/// `0 · Σ p`), so the optimizer updates it as it would after a backward
+/// pass whose gradient happens to be 0.
+pub fn ensure_grads(params: &[(String, Tensor)]) -> Result<(), TrainError> {
+    let zero: Vec<Tensor> = params.iter().filter(|(_, p)| !p.grad().defined()).map(|(_, p)| p.sum(Kind::Float) * 0.0).collect();
+    if !zero.is_empty() {
+        Tensor::stack(&zero, 0).sum(Kind::Float).f_backward()?;
+    }
+    Ok(())
+}
+
 /// Global L2 norm of all gradients; when `max_norm > 0` and the norm exceeds
 /// it, scales them by `max_norm / (norm + 1e-6)` (PyTorch
 /// `clip_grad_norm_`). Returns the norm before clipping (what TRL logs).
