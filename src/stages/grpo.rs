@@ -266,7 +266,8 @@ pub struct Grpo;
 impl StageDef for Grpo {
     type Config = Config;
     const KIND: &'static str = "grpo";
-    // 3: shared prompt prefixes, zero-advantage rows skipped (float summation order).
+    // 3: shared prompt prefixes, zero-advantage rows skipped, hand-written
+    // lm_head backward (float summation order).
     const VERSION: u32 = 3;
     const OPERATIONAL: &'static [&'static str] =
         &["save_steps", "max_tokens_per_microbatch", "logprob_chunk_tokens", "kl_warn_threshold"];

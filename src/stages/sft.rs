@@ -234,7 +234,8 @@ pub struct Sft;
 impl StageDef for Sft {
     type Config = Config;
     const KIND: &'static str = "sft";
-    const VERSION: u32 = 2;
+    // 3: hand-written lm_head backward and logsumexp log-probs (float order).
+    const VERSION: u32 = 3;
     const OPERATIONAL: &'static [&'static str] = &["save_steps"];
     const USES_DEVICE: bool = true;
 

@@ -424,6 +424,17 @@ impl Model {
         }
     }
 
+    /// The head's weight `W: [V, H]` (the embedding when tied) when the head
+    /// is exactly `h Wᵀ` — no bias, no adapter — so its backward can be
+    /// written by hand (`train::logprobs`); `None` otherwise.
+    pub fn lm_head_weight(&self) -> Option<&Tensor> {
+        match &self.lm_head_linear {
+            None => Some(&self.embed_tokens),
+            Some(l) if l.bias.is_none() && l.lora.is_none() => Some(&l.weight),
+            Some(_) => None,
+        }
+    }
+
     /// Builds the per-forward layer context.
     ///
     /// * `position_ids: [B, T]` — RoPE positions of the new tokens (for left

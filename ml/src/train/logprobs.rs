@@ -2,17 +2,22 @@
 //! pass, with bounded memory:
 //!
 //! * **Chunked log-probs.** Only the scored positions' hidden states are
-//!   gathered (`[M, H]`), and `lm_head` + `log_softmax` run over `chunk`
-//!   rows at a time; each chunk's loss is back-propagated into the detached
-//!   hidden states at once, so at most `[chunk, V]` logits (plus their
-//!   gradient) exist at any moment — never `[B, T, V]` (Qwen's V = 151,936).
+//!   gathered (`[M, H]`), and `lm_head` + log-softmax run over `chunk` rows
+//!   at a time, so at most one chunk's `[chunk, V]` logits exist at any
+//!   moment — never `[B, T, V]` (Qwen's V = 151,936).
+//! * **Hand-written head backward.** A chunk's loss depends on its log-probs
+//!   only; autograd differentiates it w.r.t. those `[c]` values, and the rest
+//!   is written out (`∂L/∂logits = g ⊙ (onehot − softmax) / τ`, then `dh = g
+//!   W`, `dW += gᵀ h`), reusing the softmax the entropy needed anyway. Each
+//!   `[c, V]` pass is a large memory sweep, and autograd's gather,
+//!   log-softmax and division backward would add several
+//!   (`ml/tests/train_logprobs.rs` checks the gradients against autograd).
 //! * **Gradient checkpointing per decoder layer**, by hand (tch has none):
 //!   the forward runs without autograd keeping only each layer's input
 //!   `[B, T, H]`; the backward walks the layers in reverse, recomputing one
 //!   layer's forward with autograd and back-propagating the incoming
 //!   gradient through it. Dropout (LoRA's) draws from torch's generator
 //!   re-seeded per layer, so the recomputed forward is the same function.
-//!
 //! * **Shared prefixes** ([`SeqBatch::shared`]): GRPO's G completions of a
 //!   prompt all start with that prompt, and a causal model's hidden states
 //!   of the prompt do not depend on what follows. So the prompt runs once per
@@ -247,13 +252,55 @@ fn seeded_layer<T>(opts: &RunOpts, layer: usize, f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Log-probs and entropies of one chunk of gathered hidden rows `h: [c, H]`.
-fn chunk_logprobs(model: &Model, h: &Tensor, targets: &Tensor, temperature: f64) -> (Tensor, Tensor) {
-    let logits = model.lm_head(h).to_kind(Kind::Float) / temperature; // [c, V]
-    let lsm = logits.log_softmax(-1, Kind::Float); // [c, V]
-    let logp = lsm.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1); // [c]
-    let ent = tch::no_grad(|| -(lsm.exp() * &lsm).sum_dim_intlist(-1, false, Kind::Float)); // [c]
-    (logp, ent)
+/// Log-probs `[c]`, entropies `[c]` and the softmax `[c, V]` (f32) of one
+/// chunk of gathered hidden rows `h: [c, H]` at temperature τ, without
+/// autograd: `z = lm_head(h) / τ`, `lse = logsumexp(z)`, `log p_t = z_t −
+/// lse`, `p = exp(z − lse)`, entropy `lse − Σ p z` (a batched dot, no
+/// `[c, V]` temporary). The softmax is what the hand-written backward of
+/// [`backward`] needs; each `[c, V]` pass is a large memory sweep (Qwen's V
+/// = 151,936), which is why autograd's log-softmax, gather and division
+/// backward are not used.
+fn head_stats(model: &Model, h: &Tensor, targets: &Tensor, temperature: f64) -> (Tensor, Tensor, Tensor) {
+    let _g = tch::no_grad_guard();
+    let mut z = model.lm_head(h).to_kind(Kind::Float); // [c, V], a fresh tensor
+    if temperature != 1.0 {
+        let _ = z.f_div_scalar_(temperature);
+    }
+    let lse = z.logsumexp([-1].as_slice(), false); // [c]
+    let logp = z.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1) - &lse;
+    let p = (&z - lse.unsqueeze(1)).exp_(); // [c, V]
+    let ent = &lse - p.unsqueeze(1).bmm(&z.unsqueeze(2)).view([-1]);
+    (logp, ent, p)
+}
+
+/// Back-propagates `dL/dlogits: [c, V]` through `lm_head` at the rows `h:
+/// [c, H]`: accumulates the head weight's gradient (when it is trained) and
+/// returns `dL/dh: [c, H]`. By hand (`dh = g W`, `dW += gᵀ h`) when the head
+/// is a plain product, else through autograd.
+fn head_backward(model: &Model, h: &Tensor, g: &Tensor, autocast: bool) -> Result<Tensor, TrainError> {
+    let Some(w) = model.lm_head_weight() else {
+        let x = h.detach().set_requires_grad(true);
+        let logits = tch::autocast(autocast, || model.lm_head(&x));
+        grad_into(&[logits], &[g.shallow_clone()])?;
+        return Ok(x.grad());
+    };
+    if w.requires_grad() && !w.grad().defined() {
+        // The first step: give the weight its (zero) gradient tensor to add into.
+        tch::with_grad(|| super::optim::ensure_grads(&[(String::new(), w.shallow_clone())]))?;
+    }
+    let _ng = tch::no_grad_guard();
+    let dh = tch::autocast(autocast, || g.f_mm(w))?;
+    if w.requires_grad() {
+        let mut wg = w.grad();
+        let gt = g.transpose(0, 1);
+        if !autocast && wg.kind() == g.kind() && h.kind() == g.kind() {
+            let _ = wg.f_addmm_(&gt, h)?;
+        } else {
+            let dw = tch::autocast(autocast, || gt.f_mm(h))?;
+            let _ = wg.f_add_(&dw.to_kind(wg.kind()))?;
+        }
+    }
+    Ok(dh)
 }
 
 /// Log-probs `[M]` and entropies `[M]` of the scored tokens, without autograd.
@@ -272,8 +319,8 @@ pub fn logprobs(model: &Model, batch: &SeqBatch, opts: &RunOpts) -> Result<(Tens
     let mut s = 0;
     while s < m {
         let len = (opts.chunk as i64).min(m - s);
-        let (l, e) = tch::autocast(opts.autocast, || {
-            chunk_logprobs(model, &rows.narrow(0, s, len), &batch.targets.narrow(0, s, len), opts.temperature)
+        let (l, e, _) = tch::autocast(opts.autocast, || {
+            head_stats(model, &rows.narrow(0, s, len), &batch.targets.narrow(0, s, len), opts.temperature)
         });
         lp.push(l);
         en.push(e);
@@ -329,34 +376,49 @@ pub fn backward(
     let hf: Vec<Tensor> = tch::autocast(opts.autocast, || trunk_out.iter().map(|x| model.final_hidden(x)).collect());
     let hf = Trunk::flat(&hf); // [Σ rows·T, H]
 
-    // --- chunked head: loss per chunk, backward into detached hidden ---------
-    // hd is a leaf: each chunk gathers its own rows from it and back-propagates
-    // at once, so its [c, V] logits are freed before the next chunk.
-    let hd = hf.detach().set_requires_grad(true);
+    // --- chunked head: loss per chunk, hand-written head backward ---------------
+    // Each chunk's loss is a function of its log-probs only, so autograd runs
+    // over the `[c]` log-probs (giving g = ∂L/∂log p_t) and the rest is
+    // written out: ∂L/∂z = g ⊙ (onehot(t) − p), ∂L/∂logits = ∂L/∂z / τ, then
+    // through `lm_head` into the rows' slots of `grad_hd`. At most one
+    // chunk's `[c, V]` softmax exists at a time.
+    let hd = hf.detach();
+    let mut grad_hd = hd.zeros_like();
+    let mut any_grad = false;
     let m = batch.num_scored() as i64;
     let mut total = 0f64;
     let (mut lps, mut ents) = (Vec::new(), Vec::new());
     let mut s = 0i64;
     while s < m {
         let len = (opts.chunk as i64).min(m - s);
-        let (logp, ent) = tch::autocast(opts.autocast, || {
-            let rows = hd.index_select(0, &batch.pos_idx.narrow(0, s, len)); // [c, H]
-            chunk_logprobs(model, &rows, &batch.targets.narrow(0, s, len), opts.temperature)
-        });
-        let loss = loss_fn(&logp, s as usize..(s + len) as usize)?;
+        let idx = batch.pos_idx.narrow(0, s, len);
+        let targets = batch.targets.narrow(0, s, len);
+        let rows = hd.index_select(0, &idx); // [c, H]
+        let (logp, ent, mut p) = tch::autocast(opts.autocast, || head_stats(model, &rows, &targets, opts.temperature));
+        let lp = logp.set_requires_grad(true);
+        let loss = loss_fn(&lp, s as usize..(s + len) as usize)?;
         total += loss.double_value(&[]);
         if loss.requires_grad() {
             loss.f_backward()?;
+            let g = lp.grad();
+            if g.defined() {
+                let _ng = tch::no_grad_guard();
+                let gs = g.to_kind(Kind::Float) / opts.temperature; // [c]
+                let _ = p.f_mul_(&(-&gs).unsqueeze(1))?.f_scatter_add_(1, &targets.unsqueeze(1), &gs.unsqueeze(1))?;
+                let dh = head_backward(model, &rows, &p, opts.autocast)?;
+                let _ = grad_hd.f_index_add_(0, &idx, &dh.to_kind(grad_hd.kind()))?;
+                any_grad = true;
+            }
         }
-        lps.push(logp.detach());
+        drop(p);
+        lps.push(lp.detach());
         ents.push(ent);
         s += len;
     }
 
     // --- backward through the final norm and the trunk -------------------------
-    let g = hd.grad();
-    if g.defined() {
-        grad_into(&[hf], &[g])?;
+    if any_grad {
+        grad_into(&[hf], &[grad_hd])?;
         if opts.checkpointing {
             let mut grad_h: Vec<Tensor> = trunk_out.iter().map(Tensor::grad).collect();
             for i in (0..layers.len()).rev() {
