@@ -191,12 +191,12 @@ fn hand_written_head_backward_matches_autograd() {
             let t = ids.len() as i64;
             let pos = Tensor::arange(t, (Kind::Int64, Device::Cpu)).view([1, t]);
             let ls = (m.forward(&Tensor::from_slice(&ids).view([1, t]), &pos, None, None).unwrap() / 0.7).log_softmax(-1, Kind::Float);
-            let mut loss = Tensor::zeros([], (Kind::Float, Device::Cpu));
+            let mut terms = Vec::new();
             for (j, &tok) in c.iter().enumerate() {
-                loss = loss + ls.get(0).get((p.len() - 1 + j) as i64).get(tok) * w[k] as f64;
+                terms.push(ls.get(0).get((p.len() - 1 + j) as i64).get(tok) * w[k] as f64);
                 k += 1;
             }
-            loss.backward();
+            Tensor::stack(&terms, 0).sum(Kind::Float).backward();
         }
         let want: Vec<Tensor> = params.iter().map(|(_, t)| t.grad().copy()).collect();
         // backward(): chunks of 2 so the head runs several times.
