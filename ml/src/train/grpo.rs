@@ -82,17 +82,21 @@ impl Rollouts {
     /// The rows `mb` as one batch; with `share_prefix` the prompt of each
     /// group among them runs once (when some group has ≥ 2 rows there).
     fn batch(&self, mb: &[usize], pad: i64, device: Device) -> Result<SeqBatch, TrainError> {
-        let mut groups: Vec<usize> = mb.iter().map(|&i| i / self.group_size).collect();
-        groups.dedup();
-        if self.share_prefix && groups.len() < mb.len() {
-            // Rows are in group order within a micro-batch (see `pack`).
-            let first: Vec<usize> = groups.iter().map(|&g| mb.iter().copied().find(|&i| i / self.group_size == g).unwrap_or(0)).collect();
-            let prefixes: Vec<&[i64]> = first.iter().map(|&i| self.rows[i].0.as_slice()).collect();
-            let rows: Vec<(usize, &[i64])> = mb
-                .iter()
-                .map(|&i| (groups.iter().position(|&g| g == i / self.group_size).unwrap_or(0), self.rows[i].1.as_slice()))
-                .collect();
-            return SeqBatch::shared(&prefixes, &rows, pad, device);
+        if self.share_prefix {
+            // `pack` keeps a group's rows adjacent: a new group starts a new prefix.
+            let mut prefixes: Vec<&[i64]> = Vec::new();
+            let mut rows: Vec<(usize, &[i64])> = Vec::new();
+            let mut last = None;
+            for &i in mb {
+                if last != Some(i / self.group_size) {
+                    prefixes.push(&self.rows[i].0);
+                    last = Some(i / self.group_size);
+                }
+                rows.push((prefixes.len() - 1, &self.rows[i].1));
+            }
+            if prefixes.len() < rows.len() {
+                return SeqBatch::shared(&prefixes, &rows, pad, device);
+            }
         }
         let rows: Vec<(&[i64], &[i64])> = mb.iter().map(|&i| (self.rows[i].0.as_slice(), self.rows[i].1.as_slice())).collect();
         SeqBatch::new(&rows, pad, device)
@@ -352,7 +356,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
         model.set_training(true);
         zero_grad(&trainee.trainable);
         let (mut loss_sum, mut kl_sum, mut ent_sum, mut low, mut high) = (0f64, 0f64, 0f64, 0f64, 0f64);
-        let (mut n_mask, mut n_ent) = (r.skipped_tokens, 0f64);
+        let mut n_mask = r.skipped_tokens;
         if r.micro.is_empty() {
             // Nothing to back-propagate: the gradient is exactly 0, and the
             // update still runs on it (AdamW's moments move, as in TRL).
@@ -406,7 +410,6 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             })?;
             loss_sum += out.loss;
             ent_sum += (&out.entropy * &m).sum(Kind::Double).double_value(&[]);
-            n_ent += m.sum(Kind::Double).double_value(&[]);
             if iter == 0 {
                 // Sampling-vs-training gap of the sampled tokens' log-probs.
                 let sl = cat(&|i| r.sampled_lp[i].clone());
@@ -460,7 +463,8 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
         let mut row: Vec<(&str, Option<f64>)> = r.stats.clone();
         row.extend([
             ("kl", Some(kl)),
-            ("entropy", (n_ent > 0.0).then(|| ent_sum / n_ent)),
+            // Over the tokens trained on: the skipped rows' are not in `ent_sum`.
+            ("entropy", (n_mask > r.skipped_tokens).then(|| ent_sum / (n_mask - r.skipped_tokens))),
             ("loss", Some(loss_sum)),
             ("clip_low", Some(low / denom)),
             ("clip_high", Some(high / denom)),

@@ -410,7 +410,6 @@ pub fn backward(
                 any_grad = true;
             }
         }
-        drop(p);
         lps.push(lp.detach());
         ents.push(ent);
         s += len;
