@@ -46,36 +46,40 @@ impl AdamW {
     pub fn step(&mut self, params: &[(String, Tensor)], lr: f64) -> Result<(), TrainError> {
         let _g = tch::no_grad_guard();
         self.step += 1;
-        let c = Coeffs::new(&self.cfg, self.step, lr);
-        // (θ, g, m, v) of every parameter with a gradient; shallow handles,
-        // so the fused pass below can borrow all four buffers at once.
-        let mut todo: Vec<(Tensor, Tensor, Tensor, Tensor)> = Vec::new();
+        let t = self.step as i32;
+        let bc1 = 1.0 - self.cfg.beta1.powi(t);
+        let bc2 = 1.0 - self.cfg.beta2.powi(t);
         for (name, p) in params {
             let g = p.grad();
             if !g.defined() {
                 continue;
             }
             let g = g.f_to_kind(Kind::Float)?;
-            let m = self.m.entry(name.clone()).or_insert_with(|| g.zeros_like()).shallow_clone();
-            let v = self.v.entry(name.clone()).or_insert_with(|| g.zeros_like()).shallow_clone();
-            todo.push((p.shallow_clone(), g, m, v));
-        }
-        // Two names for one tensor would update it twice (and alias the
-        // fused pass's buffers): refuse.
-        let mut seen = std::collections::HashSet::new();
-        for ((name, _), (p, ..)) in params.iter().filter(|(_, p)| p.grad().defined()).zip(&todo) {
-            if !seen.insert(p.data_ptr() as usize) {
-                return Err(TrainError::Invalid(format!("parameter {name} shares its storage with another trainable parameter")));
+            let m = self.m.entry(name.clone()).or_insert_with(|| g.zeros_like());
+            let v = self.v.entry(name.clone()).or_insert_with(|| g.zeros_like());
+            // In place, as PyTorch's single-tensor AdamW: a 135M-parameter
+            // model makes every temporary a 0.5 GB pass over memory (this
+            // halves the optimizer's time on CPU against the naive form).
+            // m ← lerp(m, g, 1 − β1) ; v ← β2 v + (1 − β2) g²
+            let _ = m.f_lerp_(&g, 1.0 - self.cfg.beta1)?;
+            let _ = v.f_mul_scalar_(self.cfg.beta2)?.f_addcmul_(&(&g * (1.0 - self.cfg.beta2)), &g)?;
+            if lr == 0.0 {
+                continue; // warmup's first step: moments advance, θ stays
+            }
+            // denom' = (√v / √bc2 + ε) · (−bc1 / lr), so θ + m / denom' is the update.
+            let mut denom = v.f_sqrt()?;
+            let _ = denom.f_div_scalar_(bc2.sqrt())?.f_add_scalar_(self.cfg.eps)?.f_mul_scalar_(-bc1 / lr)?;
+            let mut p = p.shallow_clone();
+            if self.cfg.weight_decay != 0.0 {
+                let _ = p.f_mul_scalar_(1.0 - lr * self.cfg.weight_decay)?;
+            }
+            if p.kind() == Kind::Float {
+                let _ = p.f_addcdiv_(&*m, &denom)?;
+            } else {
+                // bf16/f16 parameters: the update in f32, rounded once.
+                let _ = p.f_add_(&(&*m / &denom).f_to_kind(p.kind())?)?;
             }
         }
-        let mut fused: Vec<Slices> = Vec::new();
-        for (p, g, m, v) in &todo {
-            match Slices::of(p, g, m, v) {
-                Some(s) => fused.push(s),
-                None => tensor_step(p, g, m, v, &c)?,
-            }
-        }
-        fused_step(fused, &c);
         Ok(())
     }
 
@@ -108,146 +112,6 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
-}
-
-/// The per-step scalars of the update (PyTorch's single-tensor AdamW).
-struct Coeffs {
-    lr: f64,
-    /// 1 − lr·λ.
-    decay: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    /// √(1 − β2^t).
-    bc2_sqrt: f64,
-    /// lr / (1 − β1^t).
-    step_size: f64,
-}
-
-impl Coeffs {
-    fn new(cfg: &AdamWConfig, step: u64, lr: f64) -> Self {
-        let t = step as i32;
-        Coeffs {
-            lr,
-            decay: 1.0 - lr * cfg.weight_decay,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            bc2_sqrt: (1.0 - cfg.beta2.powi(t)).sqrt(),
-            step_size: lr / (1.0 - cfg.beta1.powi(t)),
-        }
-    }
-}
-
-/// The update as tensor ops, for parameters [`fused_step`] cannot take (on
-/// CUDA, or stored in bf16/f16): each line a pass over the tensor, in place
-/// where PyTorch's single-tensor AdamW is.
-fn tensor_step(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, c: &Coeffs) -> Result<(), TrainError> {
-    let (mut m, mut v) = (m.shallow_clone(), v.shallow_clone());
-    // m ← lerp(m, g, 1 − β1) ; v ← β2 v + (1 − β2) g²
-    let _ = m.f_lerp_(g, 1.0 - c.beta1)?;
-    let _ = v.f_mul_scalar_(c.beta2)?.f_addcmul_(&(g * (1.0 - c.beta2)), g)?;
-    if c.lr == 0.0 {
-        return Ok(()); // warmup's first step: moments advance, θ stays
-    }
-    // denom' = (√v / √bc2 + ε) · (−1 / step_size), so θ + m / denom' is the update.
-    let mut denom = v.f_sqrt()?;
-    let _ = denom.f_div_scalar_(c.bc2_sqrt)?.f_add_scalar_(c.eps)?.f_mul_scalar_(-1.0 / c.step_size)?;
-    let mut p = p.shallow_clone();
-    if c.decay != 1.0 {
-        let _ = p.f_mul_scalar_(c.decay)?;
-    }
-    if p.kind() == Kind::Float {
-        let _ = p.f_addcdiv_(&m, &denom)?;
-    } else {
-        // bf16/f16 parameters: the update in f32, rounded once.
-        let _ = p.f_add_(&(&m / &denom).f_to_kind(p.kind())?)?;
-    }
-    Ok(())
-}
-
-/// A CPU f32 parameter's buffers, borrowed for [`fused_step`].
-struct Slices<'a> {
-    p: &'a mut [f32],
-    g: &'a [f32],
-    m: &'a mut [f32],
-    v: &'a mut [f32],
-}
-
-impl<'a> Slices<'a> {
-    /// The four buffers when all are contiguous f32 on the CPU with one
-    /// shape (the common case); `None` sends the parameter to [`tensor_step`].
-    fn of(p: &'a Tensor, g: &'a Tensor, m: &'a Tensor, v: &'a Tensor) -> Option<Slices<'a>> {
-        let n = p.numel();
-        let ok = |t: &Tensor| t.device() == tch::Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() && t.numel() == n;
-        if ![p, g, m, v].into_iter().all(ok) || n == 0 {
-            return None;
-        }
-        // SAFETY: each tensor owns `n` contiguous f32s on the host; p, g, m
-        // and v are distinct storages (m and v are this optimizer's own
-        // zeros_like / loaded tensors, g is p's gradient), and nothing else
-        // touches them while the step runs (no-grad, single caller).
-        unsafe {
-            Some(Slices {
-                p: std::slice::from_raw_parts_mut(p.data_ptr() as *mut f32, n),
-                g: std::slice::from_raw_parts(g.data_ptr() as *const f32, n),
-                m: std::slice::from_raw_parts_mut(m.data_ptr() as *mut f32, n),
-                v: std::slice::from_raw_parts_mut(v.data_ptr() as *mut f32, n),
-            })
-        }
-    }
-}
-
-/// The update of CPU f32 parameters in one pass over memory: per element,
-/// read θ, g, m, v and write θ, m, v — where the tensor-op form sweeps each
-/// tensor about ten times and allocates two temporaries (on SmolLM2-135M,
-/// 0.6–0.9 s of a GRPO step against ~0.2 s). The arithmetic is
-/// [`tensor_step`]'s, in f32: `m += (1 − β1)(g − m)`; `v = β2 v + (1 − β2)
-/// g²`; `θ = θ(1 − lr·λ) − step_size · m / (√v / √bc2 + ε)`. Elements are
-/// independent, so the split over torch's intra-op thread count cannot
-/// change a bit of the result.
-fn fused_step(params: Vec<Slices>, c: &Coeffs) {
-    let threads = tch::get_num_threads().max(1) as usize;
-    let (w1, b2, w2) = ((1.0 - c.beta1) as f32, c.beta2 as f32, (1.0 - c.beta2) as f32);
-    let (decay, bc2s, eps, step) = (c.decay as f32, c.bc2_sqrt as f32, c.eps as f32, c.step_size as f32);
-    let update = c.lr != 0.0;
-    let run = |s: Slices| {
-        for (((p, &g), m), v) in s.p.iter_mut().zip(s.g).zip(s.m.iter_mut()).zip(s.v.iter_mut()) {
-            let mi = *m + w1 * (g - *m);
-            let vi = *v * b2 + w2 * g * g;
-            *m = mi;
-            *v = vi;
-            if update {
-                *p = *p * decay - step * (mi / (vi.sqrt() / bc2s + eps));
-            }
-        }
-    };
-    // Cut every parameter into `threads` contiguous parts; thread k takes
-    // part k of each (small tensors stay whole, on the first thread).
-    let mut parts: Vec<Vec<Slices>> = (0..threads).map(|_| Vec::new()).collect();
-    for s in params {
-        let n = s.p.len();
-        let k = if n < 1 << 16 { 1 } else { threads };
-        let chunk = n.div_ceil(k);
-        let mut rest = s;
-        for part in parts.iter_mut().take(k) {
-            let take = chunk.min(rest.p.len());
-            let (p0, p1) = rest.p.split_at_mut(take);
-            let (g0, g1) = rest.g.split_at(take);
-            let (m0, m1) = rest.m.split_at_mut(take);
-            let (v0, v1) = rest.v.split_at_mut(take);
-            part.push(Slices { p: p0, g: g0, m: m0, v: v0 });
-            rest = Slices { p: p1, g: g1, m: m1, v: v1 };
-        }
-    }
-    let mut parts = parts.into_iter();
-    let first = parts.next().unwrap_or_default();
-    std::thread::scope(|sc| {
-        for part in parts {
-            sc.spawn(|| part.into_iter().for_each(run));
-        }
-        first.into_iter().for_each(run);
-    });
 }
 
 /// Zeroes (drops) every parameter's gradient.
@@ -361,50 +225,6 @@ mod tests {
         let expect = 0.89 * (1.0 - 0.01) - (0.1 / (1.0 - 0.81)) * m / ((v / (1.0 - 0.999f64.powi(2))).sqrt() + 1e-8);
         let w: Vec<f32> = Vec::try_from(&params[0].1).unwrap();
         assert!((w[0] as f64 - expect).abs() < 1e-5, "step 2: {} vs hand {expect}", w[0]);
-    }
-
-    #[test]
-    fn the_one_pass_update_is_the_tensor_op_update() {
-        // A parameter big enough to be split over threads, plus a small one,
-        // through warmup (lr 0), weight decay and bias correction.
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
-        tch::manual_seed(7);
-        let shapes = [[300i64, 700], [3, 5]];
-        let init: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu))).collect();
-        let zeros = || -> Vec<Tensor> { init.iter().map(|t| t.zeros_like()).collect() };
-        let (ma, va, mb, vb) = (zeros(), zeros(), zeros(), zeros());
-        let (pa, pb): (Vec<Tensor>, Vec<Tensor>) = (init.iter().map(|t| t.copy()).collect(), init.iter().map(|t| t.copy()).collect());
-        for (step, lr) in [(1u64, 0.0), (2, 1e-2), (3, 3e-3)] {
-            let c = Coeffs::new(&cfg, step, lr);
-            let grads: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu))).collect();
-            for i in 0..2 {
-                tensor_step(&pa[i], &grads[i], &ma[i], &va[i], &c).unwrap();
-            }
-            let slices: Vec<Slices> = (0..2).map(|i| Slices::of(&pb[i], &grads[i], &mb[i], &vb[i]).expect("CPU f32 contiguous")).collect();
-            fused_step(slices, &c);
-            for i in 0..2 {
-                for (a, b, what) in [(&pa[i], &pb[i], "weights"), (&ma[i], &mb[i], "m"), (&va[i], &vb[i], "v")] {
-                    let d = (a - b).abs().max().double_value(&[]);
-                    let scale = a.abs().max().double_value(&[]).max(1e-30);
-                    assert!(d <= 1e-6 * scale, "step {step}, param {i}: {what} differ by {d} (scale {scale})");
-                }
-            }
-            if step == 1 {
-                assert!(pb[0].equal(&init[0]), "lr 0 leaves the weights alone");
-            } else {
-                assert!(!pb[0].equal(&init[0]), "the update moved the weights");
-            }
-        }
-    }
-
-    #[test]
-    fn one_tensor_under_two_names_is_refused() {
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-        let w = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
-        (&w * &w).sum(Kind::Float).backward();
-        let params = vec![("a".to_string(), w.shallow_clone()), ("b".to_string(), w.shallow_clone())];
-        let e = AdamW::new(cfg).step(&params, 0.1).unwrap_err().to_string();
-        assert!(e.contains("parameter b shares its storage"), "{e}");
     }
 
     #[test]
