@@ -5,7 +5,8 @@ a median over steps after the first (warm-up), in seconds.
 usage:
   train_bench.py prepare WORK          # WORK/tiny_qwen2, WORK/smollm2, WORK/*.parquet
   train_bench.py cuda_model WORK       # WORK/qwen2_0p5b_random (random Qwen2-0.5B architecture)
-  train_bench.py trl MODEL WORK STEPS  # TRL GRPOTrainer, B=4 prompts x G=4 x 64 tokens
+  train_bench.py trl MODEL WORK STEPS [SAMPLES.parquet MAX_COMPLETION MAX_PROMPT]
+                                       # TRL GRPOTrainer, B=4 prompts x G=4 x 64 tokens (or on real prompts)
   train_bench.py sft MODEL WORK STEPS  # plain PyTorch/transformers step, 16 x 320 tokens, full FT
 """
 import json
@@ -112,12 +113,14 @@ def cuda_model(work):
 
 
 def paper_reward(completions, target=None, **_):
-    """RecZero's reward: valid -> 1 + (1 - |pred - y| / 2), else -1 (format check simplified: <rate>x</rate>)."""
+    """RecZero's reward: valid -> 1 + (1 - |pred - y| / 2), else -1 (format check simplified: <rate>x</rate>).
+    y is the sample's `target` column when the dataset has one (real prompts), else 4."""
     out = []
-    for c in completions:
+    for i, c in enumerate(completions):
         text = c if isinstance(c, str) else c[0]["content"]
+        y = float(target[i]) if target is not None else 4.0
         m = re.search(r"<rate>\s*([0-9]+(?:\.[0-9]+)?)\s*</rate>", text)
-        out.append(1.0 + (1.0 - abs(float(m.group(1)) - 4.0) / 2.0) if m else -1.0)
+        out.append(1.0 + (1.0 - abs(float(m.group(1)) - y) / 2.0) if m else -1.0)
     return out
 
 
@@ -138,13 +141,21 @@ class Timer:
         return CB()
 
 
-def trl(model_dir, work, steps):
+def trl(model_dir, work, steps, samples=None, completion=COMPLETION, prompt_len=PROMPT):
+    """TRL GRPOTrainer on the bench prompts, or on a recflow samples Parquet
+    (its `messages` as the conversation, its `target` for the reward)."""
     import trl as trl_mod
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts(64)])
+    if samples:
+        import pyarrow.parquet as pq
+        rows = pq.read_table(samples).to_pylist()
+        ds = Dataset.from_list([{"prompt": [{"role": m["role"], "content": m["content"]} for m in r["messages"]],
+                                 "target": float(r["target"])} for r in rows])
+    else:
+        ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts(64)])
     args = GRPOConfig(output_dir=os.path.join(work, "trl_out"), per_device_train_batch_size=B * G, num_generations=G,
-                      max_completion_length=COMPLETION, max_prompt_length=PROMPT, max_steps=steps, learning_rate=1e-6,
+                      max_completion_length=completion, max_prompt_length=prompt_len, max_steps=steps, learning_rate=1e-6,
                       beta=0.0, loss_type="dapo", temperature=1.0, logging_steps=1, report_to=[], save_strategy="no",
                       use_cpu=True, bf16=False, gradient_accumulation_steps=1, seed=0, dataloader_num_workers=0)
     timer = Timer()
@@ -173,7 +184,8 @@ def trl(model_dir, work, steps):
     # Completion lengths differ when the model stops early: report them so
     # step times are compared at equal work (recflow's metrics say the same).
     lens = [h["completions/mean_length"] for h in t.state.log_history if "completions/mean_length" in h]
-    print(json.dumps({"peer": f"trl {trl_mod.__version__}", "model": model_dir, "step_s_median": med,
+    zero_std = [h["frac_reward_zero_std"] for h in t.state.log_history if "frac_reward_zero_std" in h]
+    print(json.dumps({"frac_reward_zero_std_mean": statistics.mean(zero_std) if zero_std else None,"peer": f"trl {trl_mod.__version__}", "model": model_dir, "step_s_median": med,
                       "completion_mean_length": statistics.mean(lens) if lens else None,
                       "generation_s_per_step": gen_s[0] / max(1, steps),
                       "peak_rss_mb": peak_rss_mb()}))
@@ -210,7 +222,9 @@ if __name__ == "__main__":
     elif cmd == "cuda_model":
         cuda_model(sys.argv[2])
     elif cmd == "trl":
-        trl(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        # optional: SAMPLES_PARQUET MAX_COMPLETION MAX_PROMPT (the real-prompts row)
+        extra = sys.argv[5:8]
+        trl(sys.argv[2], sys.argv[3], int(sys.argv[4]), *(extra[:1] + [int(x) for x in extra[1:]]))
     elif cmd == "sft":
         sft(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:

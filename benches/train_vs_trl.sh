@@ -8,6 +8,11 @@
 # usage: benches/train_vs_trl.sh [STEPS]      (default 4; the first step is warm-up)
 # Env: BENCH_MODELS="tiny_qwen2 smollm2" picks the GRPO rows ("" for none), BENCH_SFT=0 skips
 # the SFT row; RECFLOW_WORKER=path uses that worker binary instead of building the release one.
+# BENCH_MODELS=smollm2_real adds a row with learning signal: SmolLM2 after the SFT of
+# pipelines/real_fashion_smollm2.yaml (it writes valid <rate> answers, so rewards vary), on that
+# pipeline's real Amazon Fashion prompts (~560 characters), 128 completion tokens. It reads the
+# model and prompts from the store ($RECFLOW_CACHE, default cache/) through that pipeline's lock:
+# run `recflow run pipelines/real_fashion_smollm2.yaml` first (CPU, about 20 minutes).
 #
 # The peers (TRL, datasets, accelerate, pyarrow) are pinned and go into a git-ignored bench venv,
 # .bench/train-venv, never into the project's test venv .venv: the bench venv sees .venv's torch
@@ -67,9 +72,44 @@ if p.get("step_cpu_s_median") and r.get("step_cpu_s_median"):
 PY
 }
 
-GRPO_CFG="{\"prompts_per_step\": 4, \"num_generations\": 4, \"max_completion_length\": 64, \"max_prompt_length\": 64, \"max_steps\": $STEPS, \"learning_rate\": 1e-6, \"beta\": 0.0, \"loss_type\": \"dapo\", \"eval_steps\": 0, \"eval_max_samples\": 0, \"save_steps\": 1000}"
+# The real-prompts row's model and samples, from real_fashion_smollm2's lock and the store:
+# the SFT'd model (its dir lacks a tokenizer_config.json, so both sides get one naming the
+# ChatML template the model was fine-tuned with) and the prompts stage's train/valid Parquet.
+prepare_real() {
+  $PY - "$ROOT" "${RECFLOW_CACHE:-$ROOT/cache}" "$WORK" <<'PY'
+import json, os, sys
+root, store, work = sys.argv[1:4]
+lock = json.load(open(os.path.join(root, "pipelines", "real_fashion_smollm2.lock")))["stages"]
+model = os.path.join(store, "out", lock["sft"]["key"], "model")
+obj = lambda i: os.path.join(store, "objects", i.split(":")[1][:2], i.split(":")[1])
+files = {"train": obj(lock["prompts"]["outputs"]["train"]["id"]), "valid": obj(lock["prompts"]["outputs"]["valid"]["id"])}
+if not os.path.isfile(os.path.join(model, "model.safetensors")) or not all(map(os.path.isfile, files.values())):
+    sys.exit("smollm2_real: the SFT'd model or the prompts are not in the store; run `recflow run pipelines/real_fashion_smollm2.yaml` first")
+d = os.path.join(work, "smollm2_real")
+os.makedirs(d, exist_ok=True)
+for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]:
+    if not os.path.lexists(os.path.join(d, f)):
+        os.symlink(os.path.join(model, f), os.path.join(d, f))
+tc = json.load(open(os.path.join(work, "smollm2", "tokenizer_config.json")))
+tc["chat_template"] = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+                       "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+json.dump(tc, open(os.path.join(d, "tokenizer_config.json"), "w"), indent=1)
+for k, f in files.items():
+    dst = os.path.join(work, f"real_{k}.parquet")
+    if not os.path.exists(dst):
+        os.symlink(f, dst)
+PY
+}
+
 for M in $MODELS; do
-  IN="{\"model\": [\"$WORK/$M\"], \"samples\": [\"$WORK/samples.parquet\"], \"valid\": [\"$WORK/valid.parquet\"]}"
+  COMPLETION=64; PROMPT=64; SAMPLES="$WORK/samples.parquet"; VALID="$WORK/valid.parquet"; TRL_EXTRA=()
+  if [ "$M" = smollm2_real ]; then
+    prepare_real || continue
+    COMPLETION=128; PROMPT=1024; SAMPLES="$WORK/real_train.parquet"; VALID="$WORK/real_valid.parquet"
+    TRL_EXTRA=("$SAMPLES" "$COMPLETION" "$PROMPT")
+  fi
+  GRPO_CFG="{\"prompts_per_step\": 4, \"num_generations\": 4, \"max_completion_length\": $COMPLETION, \"max_prompt_length\": $PROMPT, \"max_steps\": $STEPS, \"learning_rate\": 1e-6, \"beta\": 0.0, \"loss_type\": \"dapo\", \"eval_steps\": 0, \"eval_max_samples\": 0, \"save_steps\": 1000}"
+  IN="{\"model\": [\"$WORK/$M\"], \"samples\": [\"$SAMPLES\"], \"valid\": [\"$VALID\"]}"
   OURS=$(run_stage grpo "grpo_$M" "$GRPO_CFG" "$IN")
   # The same computing what TRL computes (each prompt once per completion,
   # zero-advantage rows through forward and backward): what the two
@@ -77,7 +117,7 @@ for M in $MODELS; do
   PLAIN=$(run_stage grpo "grpo_${M}_plain" "${GRPO_CFG%\}}, \"share_prompt_prefix\": false, \"skip_zero_advantage\": false}" "$IN")
   # Prompts shared, every row trained: the cost when every group has signal.
   SHARE=$(run_stage grpo "grpo_${M}_share" "${GRPO_CFG%\}}, \"skip_zero_advantage\": false}" "$IN")
-  PEER=$($PY benches/train_bench.py trl "$WORK/$M" "$WORK" "$STEPS" 2>/dev/null | tail -1)
+  PEER=$($PY benches/train_bench.py trl "$WORK/$M" "$WORK" "$STEPS" "${TRL_EXTRA[@]}" 2>/dev/null | tail -1)
   echo "$OURS" > "$WORK/grpo_$M.recflow.json"; echo "$PLAIN" > "$WORK/grpo_$M.plain.json"; echo "$SHARE" > "$WORK/grpo_$M.share.json"; echo "$PEER" > "$WORK/grpo_$M.trl.json"
   ratio "$PEER" "$OURS" "GRPO $M (TRL GRPOTrainer vs recflow grpo)"
   ratio "$PEER" "$SHARE" "GRPO $M (TRL GRPOTrainer vs recflow grpo, skip_zero_advantage off)"
@@ -85,10 +125,10 @@ for M in $MODELS; do
   $PY - "$OURS" "$PLAIN" "$PEER" "$STEPS" "$SHARE" <<'PY'
 import json, sys
 o, n, p, steps, sh = *(json.loads(a) for a in sys.argv[1:4]), int(sys.argv[4]), json.loads(sys.argv[5])
-split = lambda m: f"generation {m['generation_s']/steps:.2f} s + training {m['training_s']/steps:.2f} s per step, {m['generated_tokens_per_s']*m['generation_s']/(steps*16):.1f} tok/completion"
+split = lambda m: f"generation {m['generation_s']/steps:.2f} s + training {m['training_s']/steps:.2f} s per step, {m['generated_tokens_per_s']*m['generation_s']/(steps*16):.1f} tok/completion, frac_reward_zero_std {m['frac_reward_zero_std_mean']:.3f}"
 print(f"  recflow: {split(o)}, {o['skipped_rows_fraction']:.0%} of rows skipped (zero advantage)")
 print(f"  recflow, skip off: {split(sh)}; both off: {split(n)}")
-print(f"  TRL: generation {p['generation_s_per_step']:.2f} s per step, {p['completion_mean_length']:.1f} tok/completion")
+print(f"  TRL: generation {p['generation_s_per_step']:.2f} s per step, {p['completion_mean_length']:.1f} tok/completion, frac_reward_zero_std {p.get('frac_reward_zero_std_mean')}")
 PY
 done
 
