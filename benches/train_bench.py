@@ -185,8 +185,9 @@ def trl(model_dir, work, steps, samples=None, completion=COMPLETION, prompt_len=
     # step times are compared at equal work (recflow's metrics say the same).
     lens = [h["completions/mean_length"] for h in t.state.log_history if "completions/mean_length" in h]
     zero_std = [h["frac_reward_zero_std"] for h in t.state.log_history if "frac_reward_zero_std" in h]
-    print(json.dumps({"frac_reward_zero_std_mean": statistics.mean(zero_std) if zero_std else None,"peer": f"trl {trl_mod.__version__}", "model": model_dir, "step_s_median": med,
+    print(json.dumps({"peer": f"trl {trl_mod.__version__}", "model": model_dir, "step_s_median": med,
                       "completion_mean_length": statistics.mean(lens) if lens else None,
+                      "frac_reward_zero_std_mean": statistics.mean(zero_std) if zero_std else None,
                       "generation_s_per_step": gen_s[0] / max(1, steps),
                       "peak_rss_mb": peak_rss_mb()}))
 
@@ -222,9 +223,10 @@ if __name__ == "__main__":
     elif cmd == "cuda_model":
         cuda_model(sys.argv[2])
     elif cmd == "trl":
-        # optional: SAMPLES_PARQUET MAX_COMPLETION MAX_PROMPT (the real-prompts row)
-        extra = sys.argv[5:8]
-        trl(sys.argv[2], sys.argv[3], int(sys.argv[4]), *(extra[:1] + [int(x) for x in extra[1:]]))
+        if len(sys.argv) >= 8:  # the real-prompts row: SAMPLES_PARQUET MAX_COMPLETION MAX_PROMPT
+            trl(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), int(sys.argv[7]))
+        else:
+            trl(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif cmd == "sft":
         sft(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:

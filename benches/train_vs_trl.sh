@@ -10,9 +10,9 @@
 # the SFT row; RECFLOW_WORKER=path uses that worker binary instead of building the release one.
 # BENCH_MODELS=smollm2_real adds a row with learning signal: SmolLM2 after the SFT of
 # pipelines/real_fashion_smollm2.yaml (it writes valid <rate> answers, so rewards vary), on that
-# pipeline's real Amazon Fashion prompts (~560 characters), 128 completion tokens. It reads the
-# model and prompts from the store ($RECFLOW_CACHE, default cache/) through that pipeline's lock:
-# run `recflow run pipelines/real_fashion_smollm2.yaml` first (CPU, about 20 minutes).
+# pipeline's real Amazon Fashion prompts (214-392 tokens), 128 completion tokens. It reads the
+# model and prompts from that pipeline's last run (runs/real_fashion_smollm2/): run
+# `recflow run pipelines/real_fashion_smollm2.yaml` first (CPU, about 20 minutes).
 #
 # The peers (TRL, datasets, accelerate, pyarrow) are pinned and go into a git-ignored bench venv,
 # .bench/train-venv, never into the project's test venv .venv: the bench venv sees .venv's torch
@@ -72,32 +72,32 @@ if p.get("step_cpu_s_median") and r.get("step_cpu_s_median"):
 PY
 }
 
-# The real-prompts row's model and samples, from real_fashion_smollm2's lock and the store:
-# the SFT'd model (its dir lacks a tokenizer_config.json, so both sides get one naming the
-# ChatML template the model was fine-tuned with) and the prompts stage's train/valid Parquet.
+# The real-prompts row's model and samples, from that pipeline's last run (runs/PIPELINE/STAGE,
+# the engine's symlinks into the store): the SFT'd model (its dir lacks a tokenizer_config.json,
+# so both sides get one naming the ChatML template the model was fine-tuned with: recflow's
+# fallback, CHATML_TEMPLATE in ml/src/llm/tokenizer.rs, copied here because TRL needs it spelled
+# out) and the prompts stage's train/valid Parquet.
 prepare_real() {
-  $PY - "$ROOT" "${RECFLOW_CACHE:-$ROOT/cache}" "$WORK" <<'PY'
+  $PY - "$ROOT/runs/real_fashion_smollm2" "$WORK" <<'PY'
 import json, os, sys
-root, store, work = sys.argv[1:4]
-lock = json.load(open(os.path.join(root, "pipelines", "real_fashion_smollm2.lock")))["stages"]
-model = os.path.join(store, "out", lock["sft"]["key"], "model")
-obj = lambda i: os.path.join(store, "objects", i.split(":")[1][:2], i.split(":")[1])
-files = {"train": obj(lock["prompts"]["outputs"]["train"]["id"]), "valid": obj(lock["prompts"]["outputs"]["valid"]["id"])}
+run, work = sys.argv[1:3]
+model = os.path.join(run, "sft", "model")
+files = {k: os.path.join(run, "prompts", f"{k}.parquet") for k in ["train", "valid"]}
 if not os.path.isfile(os.path.join(model, "model.safetensors")) or not all(map(os.path.isfile, files.values())):
-    sys.exit("smollm2_real: the SFT'd model or the prompts are not in the store; run `recflow run pipelines/real_fashion_smollm2.yaml` first")
+    sys.exit(f"smollm2_real: {model} or the prompts are missing; run `recflow run pipelines/real_fashion_smollm2.yaml` first")
 d = os.path.join(work, "smollm2_real")
 os.makedirs(d, exist_ok=True)
 for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]:
     if not os.path.lexists(os.path.join(d, f)):
-        os.symlink(os.path.join(model, f), os.path.join(d, f))
+        os.symlink(os.path.realpath(os.path.join(model, f)), os.path.join(d, f))
 tc = json.load(open(os.path.join(work, "smollm2", "tokenizer_config.json")))
 tc["chat_template"] = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
                        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 json.dump(tc, open(os.path.join(d, "tokenizer_config.json"), "w"), indent=1)
 for k, f in files.items():
     dst = os.path.join(work, f"real_{k}.parquet")
-    if not os.path.exists(dst):
-        os.symlink(f, dst)
+    if not os.path.lexists(dst):
+        os.symlink(os.path.realpath(f), dst)
 PY
 }
 
