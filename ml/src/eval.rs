@@ -125,7 +125,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     recflow::util::write_atomic(&ctx.output("metrics")?, serde_json::to_string_pretty(&metrics)?.as_bytes())?;
     write_predictions(&ctx.output("predictions")?, &preds)?;
     let mut flat = Metrics::new();
-    for k in ["n", "rmse", "mae", "invalid_rate", "rmse_valid", "mae_valid", "exact", "reward_mean"] {
+    for k in ["n", "rmse", "mae", "invalid_rate", "rmse_valid", "mae_valid", "exact", "reward_mean", "distinct_predictions", "pearson"] {
         flat.insert(k.into(), metrics[k].clone());
     }
     ctx.log(

@@ -56,6 +56,33 @@ pub fn exact(rows: &[Scored]) -> Option<f64> {
     Some(rows.iter().filter(|r| (r.prediction.round() - r.target).abs() < 1e-9).count() as f64 / rows.len() as f64)
 }
 
+/// Distinct predicted values among the valid rows (a method that answers one
+/// constant rating has 1: it ignores the evidence, whatever its RMSE).
+pub fn distinct_predictions(rows: &[Scored]) -> usize {
+    let mut v: Vec<u64> = rows.iter().filter(|r| r.valid).map(|r| r.prediction.to_bits()).collect();
+    v.sort_unstable();
+    v.dedup();
+    v.len()
+}
+
+/// Pearson correlation of predictions with targets over all rows; `None`
+/// when either side is constant (the correlation is undefined there).
+pub fn pearson(rows: &[Scored]) -> Option<f64> {
+    let n = rows.len() as f64;
+    if rows.len() < 2 {
+        return None;
+    }
+    let (mp, mt) = (rows.iter().map(|r| r.prediction).sum::<f64>() / n, rows.iter().map(|r| r.target).sum::<f64>() / n);
+    let (mut spt, mut spp, mut stt) = (0.0, 0.0, 0.0);
+    for r in rows {
+        let (dp, dt) = (r.prediction - mp, r.target - mt);
+        spt += dp * dt;
+        spp += dp * dp;
+        stt += dt * dt;
+    }
+    (spp > 0.0 && stt > 0.0).then(|| spt / (spp * stt).sqrt())
+}
+
 /// Confusion matrix over whole ratings `min..=max`: `counts[t][p]`, with
 /// `p == labels.len()` the `invalid` column. Predictions are rounded and
 /// clamped into the scale; targets rounded.
@@ -155,6 +182,9 @@ pub struct Summary {
     pub rmse_valid: Option<f64>,
     pub mae_valid: Option<f64>,
     pub exact: Option<f64>,
+    /// [`distinct_predictions`] and [`pearson`]: does the method read the evidence?
+    pub distinct_predictions: usize,
+    pub pearson: Option<f64>,
     pub rmse_ci95: Option<[f64; 2]>,
     pub mae_ci95: Option<[f64; 2]>,
     pub confusion: Confusion,
@@ -181,6 +211,8 @@ pub fn summarize(rows: &[Scored], cfg: &SummaryConfig) -> Summary {
         rmse_valid: rmse(&valid),
         mae_valid: mae(&valid),
         exact: exact(rows),
+        distinct_predictions: distinct_predictions(rows),
+        pearson: pearson(rows),
         rmse_ci95: ci.map(|c| c.0),
         mae_ci95: ci.map(|c| c.1),
         confusion: confusion(rows, cfg.scale_min, cfg.scale_max),
@@ -205,6 +237,8 @@ impl Summary {
         m.insert("rmse_valid".into(), json!(self.rmse_valid));
         m.insert("mae_valid".into(), json!(self.mae_valid));
         m.insert("exact".into(), json!(self.exact));
+        m.insert("distinct_predictions".into(), json!(self.distinct_predictions));
+        m.insert("pearson".into(), json!(self.pearson));
         m.insert("fallback".into(), json!(fallback));
         m.insert("rmse_ci95".into(), json!(self.rmse_ci95));
         m.insert("mae_ci95".into(), json!(self.mae_ci95));
@@ -235,6 +269,19 @@ mod tests {
         assert_eq!(s.invalid_rate, 0.25, "one of four invalid");
         assert!((s.rmse_valid.unwrap() - (5.0f64 / 3.0).sqrt()).abs() < 1e-12, "valid-only RMSE excludes the invalid row");
         assert!((s.mae_valid.unwrap() - 1.0).abs() < 1e-12, "valid-only MAE = 3/3");
+        assert_eq!(s.distinct_predictions, 2, "valid predictions 5, 1, 5: two distinct values");
+    }
+
+    #[test]
+    fn pearson_hand_computed_and_undefined_for_constants() {
+        // p = t → 1; p = −t → −1; constant p → undefined, not NaN.
+        let up = [row(1.0, 1.0, true, 0), row(3.0, 3.0, true, 0), row(5.0, 5.0, true, 0)];
+        let down = [row(1.0, 5.0, true, 0), row(3.0, 3.0, true, 0), row(5.0, 1.0, true, 0)];
+        let flat = [row(1.0, 4.0, true, 0), row(3.0, 4.0, true, 0), row(5.0, 4.0, true, 0)];
+        assert!((pearson(&up).unwrap() - 1.0).abs() < 1e-12, "identical series correlate at 1");
+        assert!((pearson(&down).unwrap() + 1.0).abs() < 1e-12, "mirrored series correlate at −1");
+        assert_eq!(pearson(&flat), None, "a constant prediction has no correlation");
+        assert_eq!(distinct_predictions(&flat), 1, "one constant rating");
     }
 
     #[test]

@@ -112,7 +112,7 @@ pub struct Baselines;
 impl StageDef for Baselines {
     type Config = Config;
     const KIND: &'static str = "baselines";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     fn inputs() -> Vec<InputSpec> {
         vec![InputSpec::one("train"), InputSpec::one("valid"), InputSpec::one("test"), InputSpec::optional("samples")]
     }

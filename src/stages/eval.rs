@@ -88,7 +88,7 @@ pub struct Eval;
 impl StageDef for Eval {
     type Config = Config;
     const KIND: &'static str = "eval";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const OPERATIONAL: &'static [&'static str] = &["batch_size", "progress_every"];
     const USES_DEVICE: bool = true;
     const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] = &[("model", super::model_files::ModelForm::HfDir)];
