@@ -513,6 +513,11 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     m.insert("reward_first_decile".into(), serde_json::json!(mean(&rewards[..k.min(rewards.len())])));
     m.insert("reward_last_decile".into(), serde_json::json!(mean(&rewards[rewards.len().saturating_sub(k)..])));
     m.insert("frac_reward_zero_std_mean".into(), serde_json::json!(mean(&log.column("frac_reward_zero_std"))));
+    // Lowest sampled valid fraction once the first 10% of steps are past:
+    // a policy that collapses into invalid answers shows here, not in the means.
+    let valid = log.column("valid_fraction");
+    let after = &valid[k.min(valid.len())..];
+    m.insert("valid_fraction_min_after_first_decile".into(), serde_json::json!(after.iter().copied().reduce(f64::min)));
     m.insert("wall_s".into(), serde_json::json!(wall));
     m.insert("generation_s".into(), serde_json::json!(t_gen));
     m.insert("reference_s".into(), serde_json::json!(t_ref));
