@@ -49,8 +49,9 @@ fn a_profile_that_was_not_applied_is_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("was not applied") && err.contains("aten: requested avx2, ATen runs default"), "the message names the field: {err}");
 
-    // Threads forced to another count.
-    let o = worker_with("aten=native,mkl=off,threads=2", &[("OMP_NUM_THREADS", "1")], &["exec-stage", spec]);
+    // Threads forced to another count (MKL_NUM_THREADS wins over
+    // OMP_NUM_THREADS in torch's start-up, so both).
+    let o = worker_with("aten=native,mkl=off,threads=2", &[("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1")], &["exec-stage", spec]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("threads: requested 2, torch runs 1"), "{}", text(&o));
 
@@ -84,7 +85,7 @@ fn sft_project(dir: &Path) {
     sft_data(dir, 12, 2);
     std::fs::write(
         dir.join("p.yaml"),
-        "name: num\nstages:\n  sft:\n    uses: sft\n    inputs:\n      model: base\n      data: coldstart.parquet\n      valid: valid.parquet\n    with:\n      device: cpu\n      learning_rate: 0.001\n      max_steps: 4\n      per_device_train_batch_size: 2\n      eval_steps: 4\n      eval_max_samples: 2\n      eval_max_new_tokens: 6\n      save_steps: 2\n",
+        "name: num\nstages:\n  sft:\n    uses: sft\n    seed: 7\n    inputs:\n      model: base\n      data: coldstart.parquet\n      valid: valid.parquet\n    with:\n      device: cpu\n      learning_rate: 0.001\n      max_steps: 4\n      per_device_train_batch_size: 2\n      eval_steps: 4\n      eval_max_samples: 2\n      eval_max_new_tokens: 6\n      save_steps: 2\n",
     )
     .unwrap();
 }
