@@ -8,6 +8,10 @@
 //!   headers) for the CUDA caching allocator's peak statistics, which tch
 //!   does not expose; cfg `recflow_cuda_mem` says it was built. Without it
 //!   the training stages report host memory only.
+//! * a second shim (`src/numerics.cpp`, against ATen's headers) that reads
+//!   back ATen's CPU capability and MKL's CNR branch for the numerics
+//!   profile; cfg `recflow_numerics_shim`. Without it the worker reports
+//!   both as `unknown` and refuses a profile that pins them.
 //!
 //! Emitted with `rustc-link-arg`, which reaches only this package's own
 //! linked targets (the worker, its tests, examples and benches): every one of
@@ -40,6 +44,32 @@ fn build_cuda_shim(torch_lib: &Path) {
     }
 }
 
+/// Compiles the numerics read-back shim when ATen's headers are there.
+fn build_numerics_shim(torch_lib: &Path) {
+    let Some(inc) = torch_lib.parent().map(|t| t.join("include")) else { return };
+    if !inc.join("ATen/Version.h").exists() {
+        println!("cargo:warning=ATen headers not found: the numerics profile cannot be read back");
+        return;
+    }
+    let ok = cc::Build::new()
+        .cpp(true)
+        .file("src/numerics.cpp")
+        .include(&inc)
+        .include(inc.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .try_compile("recflow_numerics")
+        .map_err(|e| println!("cargo:warning=numerics read-back shim not built: {e}"))
+        .is_ok();
+    if ok {
+        println!("cargo:rustc-link-search=native={}", torch_lib.display());
+        println!("cargo:rustc-link-lib=dylib=torch_cpu");
+        println!("cargo:rustc-link-lib=dylib=c10");
+        println!("cargo:rustc-cfg=recflow_numerics_shim");
+    }
+}
+
 fn torch_lib_dir() -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("LIBTORCH") {
         return Some(PathBuf::from(dir).join("lib"));
@@ -60,7 +90,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=RECFLOW_PYTHON");
     println!("cargo:rerun-if-changed=src/cuda/mem_stats.cpp");
+    println!("cargo:rerun-if-changed=src/numerics.cpp");
     println!("cargo::rustc-check-cfg=cfg(recflow_cuda_mem)");
+    println!("cargo::rustc-check-cfg=cfg(recflow_numerics_shim)");
     let Some(lib) = torch_lib_dir() else {
         println!("cargo:warning=could not locate PyTorch's lib dir; run scripts/setup.sh");
         return;
@@ -71,6 +103,7 @@ fn main() {
         args.extend(["-Wl,--no-as-needed".into(), "-ltorch_cuda".into(), "-Wl,--as-needed".into()]);
     }
     build_cuda_shim(Path::new(&lib));
+    build_numerics_shim(Path::new(&lib));
     for a in &args {
         println!("cargo:rustc-link-arg={a}");
     }

@@ -14,12 +14,15 @@
 //! * **Store** — content-addressed objects and run records under `cache/`: [`cache`].
 //! * **Lock** — the observed hashes next to the pipeline file: [`lock`].
 //! * **Exec-stage protocol** — how the runner starts a worker: [`worker`].
+//! * **Numerics profile** — the CPU code paths pinned in every worker and
+//!   recorded per stage: [`numerics`].
 //! * **Answer grammar and reward** — shared by teacher, GRPO and eval: [`answer`].
 pub mod answer;
 pub mod cache;
 pub mod cf;
 pub mod data;
 pub mod lock;
+pub mod numerics;
 pub mod pipeline;
 pub mod report;
 pub mod run;

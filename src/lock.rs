@@ -33,6 +33,10 @@ pub struct LockStage {
     /// Flat scalar metrics of the stage.
     #[serde(default)]
     pub metrics: Value,
+    /// The numerics profile the outputs were produced under (never part of
+    /// the key; absent for shell stages and in locks written before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numerics: Option<crate::numerics::Profile>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +135,7 @@ mod tests {
                 sources: Default::default(),
                 outputs: Default::default(),
                 metrics: Value::Null,
+                numerics: None,
             },
         );
         let t = l.to_text();

@@ -18,6 +18,11 @@ struct Cli {
     /// Log format of the runner's own logs (`RUST_LOG` sets the level).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Numerics profile of the workers (overrides RECFLOW_NUMERICS): a comma
+    /// list `aten=avx2,mkl=compatible,threads=2`, omitted fields default
+    /// (docs/engine.md "Numerics profile").
+    #[arg(long, global = true, value_name = "PROFILE")]
+    numerics: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -188,10 +193,13 @@ fn root_of(root: Option<PathBuf>) -> PathBuf {
     root.unwrap_or_else(|| pipeline::project_root(&cwd))
 }
 
-/// Execs the worker with the given arguments (model / doctor).
-fn exec_worker(args: &[String]) -> ExitCode {
+/// Execs the worker with the given arguments (model / doctor), under the
+/// numerics profile stages get.
+fn exec_worker(args: &[String], numerics: &recflow::numerics::Resolved) -> ExitCode {
     let w = recflow::run::worker_path(None);
-    match std::process::Command::new(&w).args(args).status() {
+    let mut cmd = std::process::Command::new(&w);
+    numerics.apply(&mut cmd);
+    match cmd.args(args).status() {
         Ok(s) => ExitCode::from(s.code().unwrap_or(1).clamp(0, 255) as u8),
         Err(e) => {
             eprintln!(
@@ -268,7 +276,11 @@ fn real_main(cli: Cli) -> Result<i32, RunError> {
         }
         Cmd::Verify { p, stage, tolerance } => {
             let pl = load(&p, false, false)?;
-            let diffs = recflow::run::verify::verify(pl, &stage, tolerance)?;
+            let v = recflow::run::verify::verify(pl, &stage, tolerance)?;
+            for n in &v.notes {
+                println!("note: {n}");
+            }
+            let diffs = v.diffs;
             if diffs.is_empty() {
                 println!("verify: all outputs match the lock");
                 return Ok(0);
@@ -311,7 +323,7 @@ fn real_main(cli: Cli) -> Result<i32, RunError> {
     }
 }
 
-fn doctor_facts() {
+fn doctor_facts(numerics: &recflow::numerics::Resolved) {
     let cwd = std::env::current_dir().unwrap_or_default();
     let root = pipeline::project_root(&cwd);
     println!("recflow {} (runner, torch-free)", env!("CARGO_PKG_VERSION"));
@@ -321,18 +333,35 @@ fn doctor_facts() {
     println!("worker: {} ({})", w.display(), if w.is_file() { "found" } else { "NOT FOUND" });
     println!("device auto → {} ({} NVIDIA device nodes)", pipeline::resolve_auto_device(), pipeline::gpu_count());
     println!("cpus: {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let cpu = recflow::numerics::Cpu::read();
+    println!("cpu: {} \"{}\" (ATen's best here: {})", cpu.vendor, cpu.model, cpu.best_aten());
+    println!(
+        "numerics requested: {numerics} ({}); the worker below reports what is in force",
+        if std::env::var_os(recflow::numerics::ENV).is_some() { "RECFLOW_NUMERICS / --numerics" } else { "the default profile" }
+    );
     let kinds: Vec<&str> = recflow::stages::meta::builtin().iter().map(|m| m.kind).collect();
     println!("built-in stage kinds: {}", if kinds.is_empty() { "(none yet)".into() } else { kinds.join(", ") });
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(n) = &cli.numerics {
+        // Before any thread exists; every later reader (the engine) sees it.
+        std::env::set_var(recflow::numerics::ENV, n);
+    }
+    let numerics = match recflow::numerics::Request::from_env() {
+        Ok(r) => r.resolve(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match &cli.cmd {
         Cmd::Supervise { args } => return ExitCode::from(recflow::run::supervise::main(args).clamp(0, 255) as u8),
         Cmd::Model { args } => {
             let mut a = vec!["model".to_string()];
             a.extend(args.iter().cloned());
-            return exec_worker(&a);
+            return exec_worker(&a, &numerics);
         }
         Cmd::Show { pipeline, json, diff } => {
             return match recflow::report::show::show(pipeline, *json, diff.as_deref()) {
@@ -344,10 +373,10 @@ fn main() -> ExitCode {
             };
         }
         Cmd::Doctor { args } => {
-            doctor_facts();
+            doctor_facts(&numerics);
             let mut a = vec!["doctor".to_string()];
             a.extend(args.iter().cloned());
-            return exec_worker(&a);
+            return exec_worker(&a, &numerics);
         }
         _ => {}
     }

@@ -1,12 +1,14 @@
 //! # recflow-ml
 //!
 //! The libtorch half of recflow: the LLM engine ([`llm`]), RL math ([`rl`]),
-//! training stages ([`train`]) and the worker's full stage registry
-//! ([`builtin_registry`]). Only the `recflow-worker` binary links this crate.
+//! training stages ([`train`]), the numerics-profile read-back
+//! ([`numerics`]) and the worker's full stage registry ([`builtin_registry`]).
+//! Only the `recflow-worker` binary links this crate.
 
 pub mod cuda;
 pub mod eval;
 pub mod llm;
+pub mod numerics;
 pub mod teacher_local;
 pub mod rl;
 pub mod train;

@@ -6,7 +6,7 @@
 //!   boundary and exit 130, then rerun;
 //!
 //! and each rerun must end with weights and log bit-identical to an
-//! uninterrupted run. Tiny toy models, so the whole file takes seconds.
+//! uninterrupted run, every attempt under one pinned numerics profile. Tiny toy models, so the whole file takes seconds.
 mod common;
 
 use std::io::BufRead;
@@ -42,9 +42,14 @@ fn spec(root: &Path, attempt: &str, job: &Job) -> PathBuf {
     p
 }
 
+/// Every attempt runs under one pinned numerics profile, as the runner sets
+/// it (issue 13: bytes identical across runs and resumes under one profile).
+const NUMERICS: &str = "aten=avx2,mkl=compatible,threads=2";
+
 fn spawn(spec: &Path, stdout: Stdio) -> Child {
-    Command::new(WORKER)
-        .arg("exec-stage")
+    let mut cmd = Command::new(WORKER);
+    recflow::numerics::Request::parse(NUMERICS).expect("profile parses").resolve().apply(&mut cmd);
+    cmd.arg("exec-stage")
         .arg(spec)
         .stdout(stdout)
         .stderr(Stdio::piped())

@@ -37,6 +37,10 @@ pub struct RunRecord {
     /// Unix seconds at start.
     pub started: u64,
     pub wall_s: f64,
+    /// The numerics profile the worker had in force (None: a shell stage,
+    /// or a record written before profiles were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numerics: Option<crate::numerics::Profile>,
 }
 
 #[derive(Debug, Clone)]

@@ -351,6 +351,7 @@ mod tests {
             sources: Default::default(),
             outputs: [("metrics".to_string(), OutputRecord { id, path: "metrics.json".into() })].into(),
             metrics: json!({}),
+            numerics: None,
         }
     }
 

@@ -102,6 +102,9 @@ pub(crate) struct Engine {
     /// teacher's response cache lives there). Verify's scratch store differs:
     /// re-execution reuses bought answers instead of paying for them again.
     pub home: PathBuf,
+    /// The numerics profile set in every stage's environment (checked and
+    /// reported back by the worker).
+    pub numerics: crate::numerics::Resolved,
 }
 
 impl Engine {
@@ -123,6 +126,8 @@ impl Engine {
             scratch: false,
             write_lock: true,
             home,
+            // main validates RECFLOW_NUMERICS before any engine exists.
+            numerics: crate::numerics::Request::from_env().unwrap_or(crate::numerics::Request::DEFAULT).resolve(),
         }
     }
 
@@ -147,6 +152,8 @@ pub(crate) struct Done {
     pub avail: BTreeMap<String, Avail>,
     pub metrics: Value,
     pub ran: bool,
+    /// The profile the worker reported (None for shell stages).
+    pub numerics: Option<crate::numerics::Profile>,
 }
 
 /// Paths at which a stage's recorded outputs can be read.
@@ -216,7 +223,15 @@ pub(crate) fn try_reuse(eng: &Engine, stage: &ResolvedStage, key: &str) -> Optio
         eng.store.materialize_outputs(key, &rec.outputs).ok()?;
     }
     let avail = avail_of(eng, stage, key, &rec.outputs);
-    Some(Done { key: key.to_string(), ki: rec.key_inputs, outputs: rec.outputs, avail, metrics: rec.metrics, ran: false })
+    Some(Done {
+        key: key.to_string(),
+        ki: rec.key_inputs,
+        outputs: rec.outputs,
+        avail,
+        metrics: rec.metrics,
+        ran: false,
+        numerics: rec.numerics,
+    })
 }
 
 /// Single-quotes a string for `sh`.
@@ -254,8 +269,13 @@ fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// What one execution of a stage produced: output records, metrics, and the
+/// numerics profile its worker reported.
+pub(crate) type Executed = (BTreeMap<String, OutputRecord>, Value, Option<crate::numerics::Profile>);
+
 /// Runs a stage's process under the held key lock; on success ingests its
-/// outputs into `eng.store` and returns their records and the metrics.
+/// outputs into `eng.store` and returns their records, the metrics and the
+/// worker's numerics profile.
 pub(crate) async fn execute(
     eng: &Arc<Engine>,
     stage: &ResolvedStage,
@@ -263,7 +283,7 @@ pub(crate) async fn execute(
     paths: &BTreeMap<String, Vec<PathBuf>>,
     lock: &FileLock,
     gpu_ids: &[u32],
-) -> Result<(BTreeMap<String, OutputRecord>, Value), String> {
+) -> Result<Executed, String> {
     let store = &eng.store;
     let work = store.work_dir(key);
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create work dir {}: {e}", work.display()))?;
@@ -350,6 +370,13 @@ pub(crate) async fn execute(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::from(logf));
+    // The numerics profile: pinned fields set, fields left to the library removed.
+    for (k, v) in eng.numerics.env() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
     if !gpu_ids.is_empty() {
         let ids: Vec<String> = gpu_ids.iter().map(|g| g.to_string()).collect();
         cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
@@ -376,6 +403,7 @@ pub(crate) async fn execute(
     );
     bar.set_prefix(stage.name.clone());
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let mut numerics: Option<crate::numerics::Profile> = None;
     if let Some(out) = child.stdout.take() {
         let mut lines = tokio::io::BufReader::new(out).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -387,6 +415,10 @@ pub(crate) async fn execute(
                     }
                     bar.set_position(p.get("done").and_then(|d| d.as_u64()).unwrap_or(0));
                     bar.set_message(p.get("unit").and_then(|u| u.as_str()).unwrap_or("").to_string());
+                }
+                Ok(v) if v.get("numerics").is_some() => {
+                    numerics = serde_json::from_value(v["numerics"].clone()).ok();
+                    log_line(&log, &format!("== recflow: numerics {}", numerics.as_ref().map(|p| p.summary()).unwrap_or_else(|| line.clone())));
                 }
                 Ok(v) if v.get("log").is_some() => {
                     let level = v["log"].get("level").and_then(|l| l.as_str()).unwrap_or("info").to_string();
@@ -466,7 +498,7 @@ pub(crate) async fn execute(
             }
         }
     }
-    Ok((outs, metrics))
+    Ok((outs, metrics, numerics))
 }
 
 /// Reuse or run one stage (the body of a scheduler task).
@@ -527,7 +559,7 @@ async fn stage_task(
     }
     let started = now_unix();
     let t0 = Instant::now();
-    let (outputs, metrics) = execute(&eng, &stage, &key, &paths, &lock, &gpu_ids).await?;
+    let (outputs, metrics, numerics) = execute(&eng, &stage, &key, &paths, &lock, &gpu_ids).await?;
     let rec = RunRecord {
         schema: RECORD_SCHEMA,
         key: key.clone(),
@@ -538,13 +570,14 @@ async fn stage_task(
         metrics: metrics.clone(),
         started,
         wall_s: t0.elapsed().as_secs_f64(),
+        numerics: numerics.clone(),
     };
     eng.store.write_record(&rec).map_err(|e| e.to_string())?;
     // Committed: the work dir (checkpoints of this key) is no longer needed.
     remove_any(&eng.store.work_dir(&key));
     drop(lock);
     let avail = avail_of(&eng, &stage, &key, &outputs);
-    Ok(Done { key, ki, outputs, avail, metrics, ran: true })
+    Ok(Done { key, ki, outputs, avail, metrics, ran: true, numerics })
 }
 
 /// Records a finished stage in the lock file and the `runs/` view.
@@ -573,6 +606,7 @@ fn commit_lock(eng: &Engine, stage: &ResolvedStage, d: &Done) -> Result<(), RunE
         sources: sources(stage),
         outputs: d.outputs.clone(),
         metrics: metrics_summary(&d.metrics),
+        numerics: d.numerics.clone(),
     };
     let (name, params) = (eng.p.name.clone(), eng.p.params.clone());
     LockFile::update(&lock_path(&eng.p.file), &eng.store.dir, |l| {

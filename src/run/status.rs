@@ -26,6 +26,10 @@ pub struct StageStatus {
     /// Lock entry of another stage with this very key (a rename).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub same_key_as: Option<String>,
+    /// The lock's outputs were produced under another numerics profile than
+    /// this machine's: how they differ (not staleness; `--check` ignores it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub numerics_differs: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +55,11 @@ impl Status {
             if !st.trusted.is_empty() {
                 s.push_str(&format!(" (trusted recorded hashes of absent {})", st.trusted.join(", ")));
             }
+            if let Some(d) = &st.numerics_differs {
+                s.push_str(&format!(
+                    "\n  numerics: the lock was produced under another profile ({d}); `verify` compares metrics within tolerance, not bytes"
+                ));
+            }
             s.push('\n');
         }
         s.push_str(&format!("{} of {} stages stale\n", self.stale(), self.stages.len()));
@@ -67,6 +76,8 @@ pub fn status(p: &Pipeline) -> Result<Status, RunError> {
     let mut avail: Available = BTreeMap::new();
     let mut up: BTreeMap<String, bool> = BTreeMap::new();
     let mut out = Vec::new();
+    // This machine's profile as the runner can predict it (torch's version unknown).
+    let here = crate::numerics::Request::from_env().unwrap_or(crate::numerics::Request::DEFAULT).resolve().predict();
     for s in &p.stages {
         let entry = lock.stages.get(&s.name);
         let mut st = StageStatus {
@@ -76,6 +87,10 @@ pub fn status(p: &Pipeline) -> Result<Status, RunError> {
             trusted: vec![],
             changes: vec![],
             same_key_as: None,
+            numerics_differs: entry.and_then(|e| e.numerics.as_ref()).and_then(|l| {
+                let d = l.differences(&here);
+                (!d.is_empty()).then(|| d.join(", "))
+            }),
         };
         let stale_up: Vec<&String> = s.deps.iter().filter(|d| !up.get(*d).copied().unwrap_or(false)).collect();
         if !stale_up.is_empty() {

@@ -1,7 +1,11 @@
 //! `recflow verify`: re-executes stages into a scratch store and compares
-//! their output hashes with the lock. Bit-identity is promised on the same
-//! machine type; elsewhere `--tolerance` compares the numbers of JSON
-//! outputs (metrics) within a tolerance instead of their bytes.
+//! their output hashes with the lock. Bytes are compared when the rerun's
+//! numerics profile equals the one the lock recorded
+//! ([`crate::numerics::Profile::differences`]); when it does not (or the lock
+//! predates profiles), a byte difference is expected, so the stage's metrics
+//! (and JSON outputs) are compared within a relative tolerance instead
+//! ([`crate::numerics::TOLERANCE`], or `--tolerance`), and a note says that it
+//! did and why. `--tolerance` also relaxes byte comparison under one profile.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -13,7 +17,8 @@ use crate::cache::hash;
 use crate::cache::locks::FileLock;
 use crate::cache::store::remove_any;
 use crate::cache::Store;
-use crate::lock::{lock_path, LockFile};
+use crate::lock::{lock_path, metrics_summary, LockFile};
+use crate::numerics::{is_operational_metric, Profile, TOLERANCE};
 use crate::pipeline::resolve::Action;
 use crate::pipeline::Pipeline;
 
@@ -24,6 +29,37 @@ pub struct Difference {
     pub output: String,
     pub locked: String,
     pub got: String,
+}
+
+/// What `verify` found: differences (exit 1) and notes on how it compared.
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    pub diffs: Vec<Difference>,
+    pub notes: Vec<String>,
+}
+
+/// Why bytes cannot be expected to match: the profiles differ, or the lock
+/// has none. None = compare bytes (same profile, or a shell stage).
+fn profile_gap(locked: Option<&Profile>, here: Option<&Profile>) -> Option<String> {
+    let here = here?;
+    match locked {
+        None => Some(format!("the lock records no numerics profile (written before profiles were); here {}", here.summary())),
+        Some(l) => {
+            let d = l.differences(here);
+            (!d.is_empty()).then(|| {
+                format!("numerics profile differs from the lock's ({}): lock {}, here {}", d.join(", "), l.summary(), here.summary())
+            })
+        }
+    }
+}
+
+/// The result-describing scalars of a metrics object (times, rates and
+/// memory left out: [`crate::numerics::is_operational_metric`]).
+fn result_metrics(m: &Value) -> BTreeMap<String, Value> {
+    match metrics_summary(m) {
+        Value::Object(o) => o.into_iter().filter(|(k, _)| !is_operational_metric(k)).collect(),
+        _ => BTreeMap::new(),
+    }
 }
 
 /// |a-b| ≤ tol·max(1, |a|, |b|) for every number, equal elsewhere.
@@ -41,8 +77,8 @@ pub fn json_close(a: &Value, b: &Value, tol: f64) -> bool {
     }
 }
 
-/// Verifies `stages` (all when empty). Returns the differences.
-pub fn verify(p: Pipeline, stages: &[String], tolerance: Option<f64>) -> Result<Vec<Difference>, RunError> {
+/// Verifies `stages` (all when empty). Returns the differences and notes.
+pub fn verify(p: Pipeline, stages: &[String], tolerance: Option<f64>) -> Result<Verified, RunError> {
     let lock = LockFile::read(&lock_path(&p.file))?;
     let real = Store::open(&crate::cache::store_dir(&p.root));
     let chosen: Vec<String> = if stages.is_empty() {
@@ -71,6 +107,7 @@ pub fn verify(p: Pipeline, stages: &[String], tolerance: Option<f64>) -> Result<
     // Upstream outputs come from the real store, as recorded in the lock.
     let mut avail: Available = BTreeMap::new();
     let mut diffs = Vec::new();
+    let mut notes = Vec::new();
     let mut sc = crate::cache::StatCache::load(&real.dir);
     for s in &p.stages {
         let Some(entry) = lock.stages.get(&s.name) else {
@@ -105,27 +142,67 @@ pub fn verify(p: Pipeline, stages: &[String], tolerance: Option<f64>) -> Result<
             let lk = FileLock::exclusive(&eng.store.lock_path(&key)).map_err(|e| RunError::Failed(e.to_string()))?;
             let res = rt.block_on(execute(&eng, s, &key, &paths, &lk, &[]));
             drop(lk);
-            let (outs, _) = res.map_err(|m| RunError::Failed(format!("stage `{}` failed during verify: {m}", s.name)))?;
+            let (outs, metrics, prof) =
+                res.map_err(|m| RunError::Failed(format!("stage `{}` failed during verify: {m}", s.name)))?;
+            let gap = profile_gap(entry.numerics.as_ref(), prof.as_ref());
+            // Under another profile: numbers within the declared tolerance.
+            let tolerance = if gap.is_some() { Some(tolerance.unwrap_or(TOLERANCE)) } else { tolerance };
+            let mut byte_diffs = Vec::new();
             for (name, o) in &entry.outputs {
                 let got = outs.get(name).map(|x| x.id.clone()).unwrap_or_else(|| "(missing)".into());
                 if got == o.id {
                     continue;
                 }
+                byte_diffs.push(name.clone());
                 // Tolerance: compare JSON numbers between the locked object (if here) and the new one.
+                let json = |st: &Store, id: &str| -> Option<Value> {
+                    if hash::is_tree(id) {
+                        return None;
+                    }
+                    let v: Value = serde_json::from_slice(&std::fs::read(st.object_path(hash::hex_of(id))).ok()?).ok()?;
+                    // Times and memory inside a JSON output are not results.
+                    Some(match v {
+                        Value::Object(o) => Value::Object(o.into_iter().filter(|(k, _)| !is_operational_metric(k)).collect()),
+                        v => v,
+                    })
+                };
+                if gap.is_some() && got != "(missing)" && json(&real, &o.id).is_none() {
+                    // Not JSON (weights, Parquet): under another profile its
+                    // bytes are expected to differ; the metrics speak for it.
+                    continue;
+                }
                 let close = tolerance.is_some_and(|tol| {
-                    let read = |st: &Store, id: &str| -> Option<Value> {
-                        if hash::is_tree(id) {
-                            return None;
-                        }
-                        serde_json::from_slice(&std::fs::read(st.object_path(hash::hex_of(id))).ok()?).ok()
-                    };
-                    match (read(&real, &o.id), read(&eng.store, &got)) {
+                    match (json(&real, &o.id), json(&eng.store, &got)) {
                         (Some(x), Some(y)) => json_close(&x, &y, tol),
                         _ => false,
                     }
                 });
                 if !close {
                     diffs.push(Difference { stage: s.name.clone(), output: name.clone(), locked: o.id.clone(), got });
+                }
+            }
+            if let (Some(why), Some(tol)) = (&gap, tolerance) {
+                if byte_diffs.is_empty() {
+                    notes.push(format!("{}: {why}; its outputs are byte-identical all the same", s.name));
+                } else {
+                    let (a, b) = (result_metrics(&entry.metrics), result_metrics(&metrics));
+                    let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                    for k in names {
+                        let (x, y) = (a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null));
+                        if !json_close(x, y, tol) {
+                            diffs.push(Difference {
+                                stage: s.name.clone(),
+                                output: format!("metrics.{k}"),
+                                locked: x.to_string(),
+                                got: y.to_string(),
+                            });
+                        }
+                    }
+                    notes.push(format!(
+                        "{}: {why}; so its metrics (and JSON outputs) were compared within relative tolerance {tol} instead of bytes (outputs differing in bytes: {})",
+                        s.name,
+                        byte_diffs.join(", ")
+                    ));
                 }
             }
             // Shell stages wrote into the workspace: put the locked outputs back.
@@ -143,7 +220,7 @@ pub fn verify(p: Pipeline, stages: &[String], tolerance: Option<f64>) -> Result<
     }
     sc.save();
     remove_any(&scratch_dir);
-    Ok(diffs)
+    Ok(Verified { diffs, notes })
 }
 
 #[cfg(test)]
@@ -158,5 +235,18 @@ mod tests {
         assert!(!json_close(&a, &b, 1e-9), "outside tolerance they differ");
         let c = serde_json::json!({"rmse": 1.0, "method": "y", "n": 10});
         assert!(!json_close(&a, &c, 1.0), "strings must match exactly");
+    }
+
+    #[test]
+    fn profile_gap_says_why_bytes_may_differ() {
+        let p = Profile { aten: "avx2".into(), mkl: "compatible".into(), threads: 2, ..Default::default() };
+        assert_eq!(profile_gap(Some(&p), Some(&p)), None, "same profile: bytes are compared");
+        assert_eq!(profile_gap(Some(&p), None), None, "a shell stage reports no profile: bytes are compared");
+        let q = Profile { aten: "default".into(), ..p.clone() };
+        let why = profile_gap(Some(&p), Some(&q)).expect("another ATen capability is a gap");
+        assert!(why.contains("aten avx2 → default"), "{why}");
+        assert!(profile_gap(None, Some(&p)).expect("old lock").contains("no numerics profile"));
+        let m = serde_json::json!({"final_loss": 0.5, "step_s_median": 0.2, "wall_s": 3.0, "nested": {"x": 1}});
+        assert_eq!(result_metrics(&m).keys().collect::<Vec<_>>(), vec!["final_loss"], "times and nested values are left out");
     }
 }

@@ -245,7 +245,7 @@ fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
 
 /// The libtorch library this process loaded and its version (PyTorch's
 /// `torch/version.py` next to `lib/`), from `/proc/self/maps`.
-fn libtorch_info() -> Option<(PathBuf, String)> {
+pub(crate) fn libtorch_info() -> Option<(PathBuf, String)> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     let lib = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.contains("libtorch_cpu"))?;
     let lib = PathBuf::from(lib);
@@ -263,7 +263,8 @@ fn libtorch_info() -> Option<(PathBuf, String)> {
 }
 
 /// `doctor [--json]`: libtorch version and path, CUDA availability,
-/// devices, thread count. Exit 1 when libtorch cannot be identified.
+/// devices, thread count, the numerics profile in force. Exit 1 when
+/// libtorch cannot be identified or the requested profile is not in force.
 pub fn doctor_main(args: &[String]) -> i32 {
     let json = args.iter().any(|a| a == "--json");
     // Touch libtorch so it is mapped, then inspect.
@@ -275,18 +276,31 @@ pub fn doctor_main(args: &[String]) -> i32 {
     let torch_cuda_linked = std::fs::read_to_string("/proc/self/maps").map(|m| m.contains("libtorch_cuda")).unwrap_or(false);
     let (path, ver) = info.clone().map(|(p, v)| (p.display().to_string(), v)).unwrap_or_default();
     let devices: Vec<String> = std::iter::once("cpu".to_string()).chain((0..n).map(|i| format!("cuda:{i}"))).collect();
+    let (numerics, numerics_error) = match crate::numerics::check() {
+        Ok((_, p)) => (p, None),
+        Err(e) => (crate::numerics::observe(None), Some(e)),
+    };
     if json {
         println!(
             "{}",
             serde_json::json!({"libtorch_version": ver, "libtorch_path": path, "cuda_available": cuda,
                 "cuda_device_count": n, "cudnn_available": cudnn, "torch_cuda_linked": torch_cuda_linked,
-                "devices": devices, "threads": threads})
+                "devices": devices, "threads": threads, "numerics": numerics, "numerics_error": numerics_error})
         );
     } else {
         println!("libtorch: {ver} ({path})");
         println!("CUDA available: {cuda} ({n} devices; cuDNN {cudnn}; libtorch_cuda linked: {torch_cuda_linked})");
         println!("devices: {}", devices.join(", "));
         println!("threads: {threads} (OMP_NUM_THREADS / torch.set_num_threads)");
+        println!(
+            "numerics in force: {} (requested: {})",
+            numerics.summary(),
+            if numerics.requested.is_empty() { "nothing; RECFLOW_NUMERICS unset" } else { numerics.requested.as_str() }
+        );
+    }
+    if let Some(e) = &numerics_error {
+        eprintln!("error: {e}");
+        return 1;
     }
     if info.is_none() {
         eprintln!("error: libtorch was not found in this process; reinstall with scripts/setup.sh (torch==2.11.0 in .venv)");
