@@ -590,6 +590,11 @@ fn commit_lock(eng: &Engine, stage: &ResolvedStage, d: &Done) -> Result<(), RunE
         l.pipeline = name;
         l.params = params;
         l.stages.insert(stage.name.clone(), entry);
+        // Entries written before the summary dropped timings lose them on
+        // the next write (idempotent for current ones).
+        for st in l.stages.values_mut() {
+            st.metrics = metrics_summary(&st.metrics);
+        }
     })?;
     Ok(())
 }
