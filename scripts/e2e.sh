@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end checks through the real binaries (called by scripts/test.sh):
+#  0. the README's results tables match the committed locks they are
+#     generated from (`recflow readme --check`), before anything reruns;
 #  1. `status --check` of the quickstart against its committed lock, before
 #     anything runs: code or configs changed without regenerating the lock
 #     fail here (the data is absent; the lock's recorded hashes are trusted);
@@ -19,6 +21,9 @@ cd "$ROOT"
 R=./target/debug/recflow
 export RECFLOW_CACHE="${RECFLOW_E2E_CACHE:-$ROOT/target/e2e-cache}"
 rm -rf "$RECFLOW_CACHE"
+
+echo "--- README results tables against the committed locks (before running)"
+"$R" readme --check README.md
 
 echo "--- status --check against the committed lock (before running)"
 "$R" status --check pipelines/quickstart.yaml "$@"

@@ -30,7 +30,10 @@ pub struct LockStage {
     /// Where each input came from: a path relative to the pipeline, or `STAGE.OUTPUT`.
     pub sources: BTreeMap<String, Vec<String>>,
     pub outputs: BTreeMap<String, OutputRecord>,
-    /// Flat scalar metrics of the stage.
+    /// The stage's metrics as [`metrics_summary`] keeps them: scalars, lists
+    /// of scalars, the baselines' per-method `methods`; no timings. Locks
+    /// written before that hold flat scalars only (and timings): they parse
+    /// the same.
     #[serde(default)]
     pub metrics: Value,
     /// The numerics profile the outputs were produced under (never part of
@@ -101,14 +104,58 @@ impl LockFile {
     }
 }
 
-/// Keeps the flat scalars of a metrics object (the lock's summary).
+/// The lock's summary of a stage's metrics: what a reader of the committed
+/// lock needs to rebuild the results tables without the store, and nothing
+/// that differs between two runs of the same key.
+///
+/// * kept: scalars, lists of scalars (`rmse_ci95: [lo, hi]`), and lists of
+///   objects reduced the same way (the baselines' `methods`, one object per
+///   method);
+/// * dropped: nested objects (confusion matrices, histograms: they live in
+///   the metrics output) and timing-like fields ([`is_timing_key`]: wall
+///   times, throughput, memory peaks, cost), which belong in run records —
+///   so rerunning a cached pipeline, or rerunning a stage on another
+///   machine, leaves the lock as it was.
 pub fn metrics_summary(m: &Value) -> Value {
+    fn scalar(v: &Value) -> bool {
+        !v.is_object() && !v.is_array()
+    }
+    fn reduce(o: &serde_json::Map<String, Value>, depth: u32) -> Value {
+        let mut out = serde_json::Map::new();
+        for (k, v) in o {
+            if is_timing_key(k) {
+                continue;
+            }
+            match v {
+                Value::Array(a) if a.iter().all(scalar) => {
+                    out.insert(k.clone(), v.clone());
+                }
+                Value::Array(a) if depth == 0 && a.iter().all(Value::is_object) => {
+                    let items = a.iter().filter_map(Value::as_object).map(|o| reduce(o, depth + 1)).collect();
+                    out.insert(k.clone(), Value::Array(items));
+                }
+                v if scalar(v) => {
+                    out.insert(k.clone(), v.clone());
+                }
+                _ => {}
+            }
+        }
+        Value::Object(out)
+    }
     match m {
-        Value::Object(o) => Value::Object(
-            o.iter().filter(|(_, v)| !v.is_object() && !v.is_array()).map(|(k, v)| (k.clone(), v.clone())).collect(),
-        ),
+        Value::Object(o) => reduce(o, 0),
         _ => Value::Object(Default::default()),
     }
+}
+
+/// Metric names that measure the machine rather than the result: a `_`-word
+/// `s` or `ms` (`wall_s`, `step_s_median`, `tokens_per_s`), memory peaks
+/// (`rss`, CUDA `allocated` / `reserved` bytes) and `cost`. They stay in run
+/// records (`recflow show` reads them there) and out of the lock.
+pub fn is_timing_key(k: &str) -> bool {
+    let words: Vec<&str> = k.split('_').collect();
+    let has = |w: &str| words.contains(&w);
+    has("s") || has("ms") || has("rss") || has("cost") || (has("cuda") && (has("allocated") || has("reserved")))
 }
 
 #[cfg(test)]
@@ -144,5 +191,30 @@ mod tests {
         let p = d.path().join("x.lock");
         l.write(&p).unwrap();
         assert_eq!(LockFile::read(&p).unwrap().stages, l.stages, "lock roundtrips");
+    }
+
+    #[test]
+    fn summary_keeps_results_and_drops_timings() {
+        let m = serde_json::json!({
+            "stage": "baselines", "wall_s": 3.2, "step_s_median": 0.5, "step_cpu_s_median": 1.0,
+            "tokens_per_s": 10.0, "generated_tokens_per_s": 9.0, "peak_rss_bytes": 1, "step_peak_rss_bytes_max": 2,
+            "step_peak_cuda_allocated_bytes_max": 3, "cost_usd": 0.1, "n_samples": 4, "test_samples": 5,
+            "samples_per_prompt": 4, "confusion": {"labels": [1, 2]},
+            "rmse_ci95": [0.9, 1.1],
+            "methods": [{"method": "bias", "rmse": 1.0, "rmse_ci95": [0.9, 1.1], "wall_s": 1.0, "confusion": {}}]
+        });
+        let s = metrics_summary(&m);
+        for k in ["wall_s", "step_s_median", "step_cpu_s_median", "tokens_per_s", "generated_tokens_per_s", "peak_rss_bytes", "step_peak_rss_bytes_max", "step_peak_cuda_allocated_bytes_max", "cost_usd", "confusion"] {
+            assert!(s.get(k).is_none(), "`{k}` stays out of the lock (timing, memory, cost or nested object)");
+        }
+        for k in ["stage", "n_samples", "test_samples", "samples_per_prompt"] {
+            assert!(s.get(k).is_some(), "`{k}` is a result and stays in the lock");
+        }
+        assert_eq!(s["rmse_ci95"], serde_json::json!([0.9, 1.1]), "intervals kept: show builds its table from the lock");
+        assert_eq!(
+            s["methods"],
+            serde_json::json!([{"method": "bias", "rmse": 1.0, "rmse_ci95": [0.9, 1.1]}]),
+            "every baseline method kept, reduced the same way"
+        );
     }
 }

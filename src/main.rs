@@ -149,12 +149,26 @@ enum Cmd {
     Show {
         /// Pipeline YAML file (its lock file is read).
         pipeline: PathBuf,
-        /// Print the pinned JSON shape instead of the table.
-        #[arg(long)]
+        /// Print the pinned JSON shape instead of the table (= --format json).
+        #[arg(long, conflicts_with = "format")]
         json: bool,
+        /// text (tables with timings), json (the pinned shape) or markdown
+        /// (the methods table from the lock alone, as the README embeds it).
+        #[arg(long, value_enum, default_value_t = recflow::report::show::Format::Text)]
+        format: recflow::report::show::Format,
         /// Compare metrics with another lock file or a git revision's lock.
         #[arg(long, value_name = "LOCK_OR_GIT_REV")]
         diff: Option<String>,
+    },
+    /// Regenerates the results tables of a Markdown file from the locks its
+    /// `<!-- results: LOCK -->` … `<!-- /results -->` blocks name; with
+    /// --check, prints a diff and exits 1 when a block differs instead.
+    Readme {
+        /// Markdown file (lock paths in it are relative to its directory).
+        #[arg(default_value = "README.md")]
+        file: PathBuf,
+        #[arg(long)]
+        check: bool,
     },
     /// Internal: supervises one stage process (see run::supervise).
     #[command(name = "__supervise", hide = true)]
@@ -317,7 +331,7 @@ fn real_main(cli: Cli) -> Result<i32, RunError> {
                 Ok(1)
             }
         }
-        Cmd::Model { .. } | Cmd::Doctor { .. } | Cmd::Supervise { .. } | Cmd::Show { .. } => {
+        Cmd::Model { .. } | Cmd::Doctor { .. } | Cmd::Supervise { .. } | Cmd::Show { .. } | Cmd::Readme { .. } => {
             unreachable!("dispatched in main")
         }
     }
@@ -363,8 +377,18 @@ fn main() -> ExitCode {
             a.extend(args.iter().cloned());
             return exec_worker(&a, &numerics);
         }
-        Cmd::Show { pipeline, json, diff } => {
-            return match recflow::report::show::show(pipeline, *json, diff.as_deref()) {
+        Cmd::Show { pipeline, json, format, diff } => {
+            let format = if *json { recflow::report::show::Format::Json } else { *format };
+            return match recflow::report::show::show(pipeline, format, diff.as_deref()) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Cmd::Readme { file, check } => {
+            return match recflow::report::readme::run(file, *check) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
                     eprintln!("error: {e:#}");

@@ -1,10 +1,19 @@
-//! `recflow show PIPELINE [--json] [--diff LOCK_OR_GIT_REV]`: the methods
-//! table of a pipeline's last run, read from its lock file and the store.
+//! `recflow show PIPELINE [--format text|json|markdown] [--diff LOCK_OR_GIT_REV]`:
+//! the methods table of a pipeline's last run, read from its lock file and
+//! the store.
 //!
 //! * Rows: one per eval stage and per baseline method, read from each
-//!   stage's `metrics` output in the store (the lock's flat summary when the
-//!   object is gone); matrix expansions (`eval@seed=1`, …) are grouped into
-//!   mean ± 95% t-interval over runs ([`super::table::group_matrix`]).
+//!   stage's `metrics` output in the store, or from the lock's summary
+//!   (which carries every eval's and every baseline method's metrics and
+//!   intervals) when the object is gone; matrix expansions (`eval@seed=1`,
+//!   …) are grouped into mean ± 95% t-interval over runs
+//!   ([`super::table::group_matrix`]).
+//! * `--format markdown` reads the lock alone (never the store), so the
+//!   README's tables ([`super::readme`]) are a function of the committed
+//!   lock. Locks written before the lock kept per-method metrics lack the
+//!   baselines (and intervals): the table shows what is there and says so.
+//! * A stage whose metrics record a collapse (GRPO:
+//!   [`crate::stages::grpo::collapse_note`]) is marked in every format.
 //! * Timings and store state come from the run records (they never enter
 //!   outputs): wall time of the run that produced each key, and whether its
 //!   outputs are still in the store (a rerun is then a cache hit).
@@ -21,6 +30,19 @@ use serde_json::{json, Value};
 use super::table::{fmt, fmt_ci, group_matrix, rows_from_metrics, MethodRow};
 use crate::cache::{hash, Store};
 use crate::lock::{lock_path, LockFile};
+use crate::stages::grpo::collapse_note;
+
+/// What `recflow show` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    /// Terminal tables (methods, stages with timings, teacher cost).
+    #[default]
+    Text,
+    /// The pinned JSON shape.
+    Json,
+    /// The methods as a Markdown table, from the lock alone (the README's blocks).
+    Markdown,
+}
 
 /// One stage's run facts.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +56,8 @@ pub struct StageFacts {
     /// Teacher stages: the dataset's cost (every answer used × the
     /// configured prices) and its token counts, from the run record.
     pub teacher: Option<TeacherCost>,
+    /// The stage's collapse verdict (lock summary, else run record).
+    pub collapse: Option<String>,
 }
 
 /// What a teacher stage's answers cost (its `metrics.json`).
@@ -56,17 +80,18 @@ fn teacher_cost(m: &Value) -> Option<TeacherCost> {
     })
 }
 
-/// Method rows of a lock (metrics outputs read from the store when present).
-pub fn method_rows(lock: &LockFile, store: &Store) -> Vec<MethodRow> {
+/// Method rows of a lock (metrics outputs read from the store when one is
+/// given and holds them; else the lock's summary).
+pub fn method_rows(lock: &LockFile, store: Option<&Store>) -> Vec<MethodRow> {
     let mut rows = Vec::new();
     for (name, st) in &lock.stages {
-        let from_store = st.outputs.get("metrics").and_then(|o| {
+        let from_store = store.and_then(|store| st.outputs.get("metrics").and_then(|o| {
             if hash::is_tree(&o.id) {
                 return None;
             }
             let bytes = std::fs::read(store.object_path(hash::hex_of(&o.id))).ok()?;
             serde_json::from_slice::<Value>(&bytes).ok()
-        });
+        }));
         let v = from_store.unwrap_or_else(|| st.metrics.clone());
         let mut r = rows_from_metrics(name, &v);
         // The lock's stage name is authoritative (a metrics file may predate a rename).
@@ -94,6 +119,7 @@ pub fn stage_facts(lock: &LockFile, store: &Store) -> Vec<StageFacts> {
             let teacher = (st.key_inputs.kind == "teacher")
                 .then(|| rec.as_ref().and_then(|r| teacher_cost(&r.metrics)).or_else(|| teacher_cost(&st.metrics)))
                 .flatten();
+            let collapse = collapse_note(&st.metrics).or_else(|| rec.as_ref().and_then(|r| collapse_note(&r.metrics)));
             StageFacts {
                 stage: name.clone(),
                 kind: st.key_inputs.kind.clone(),
@@ -101,6 +127,7 @@ pub fn stage_facts(lock: &LockFile, store: &Store) -> Vec<StageFacts> {
                 wall_s: rec.as_ref().map(|r| r.wall_s),
                 in_store,
                 teacher,
+                collapse,
             }
         })
         .collect()
@@ -152,7 +179,7 @@ pub fn to_json(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: O
     let stages: Vec<Value> = facts
         .iter()
         .map(|f| {
-            let mut v = json!({"stage": f.stage, "kind": f.kind, "key": f.key, "wall_s": f.wall_s, "in_store": f.in_store});
+            let mut v = json!({"stage": f.stage, "kind": f.kind, "key": f.key, "wall_s": f.wall_s, "in_store": f.in_store, "collapse": f.collapse});
             if let Some(t) = &f.teacher {
                 v["cost_usd"] = json!(t.cost_usd);
                 v["tokens_in"] = json!(t.tokens_in);
@@ -176,6 +203,11 @@ pub fn to_json(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: O
 /// The terminal table.
 pub fn to_text(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: Option<&[DiffRow]>) -> String {
     let mut s = format!("pipeline {pipeline}\n\n");
+    for f in facts {
+        if let Some(c) = &f.collapse {
+            s.push_str(&format!("!! stage `{}` {c}\n\n", f.stage));
+        }
+    }
     let header = ["stage", "method", "n", "runs", "RMSE", "RMSE 95% CI", "MAE", "invalid"];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for r in rows {
@@ -196,13 +228,14 @@ pub fn to_text(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: O
         s.push_str(&columns(&table));
     }
     s.push_str("\nstages (timings from run records):\n");
-    let mut t2: Vec<Vec<String>> = vec![vec!["stage".into(), "kind".into(), "wall".into(), "cache".into()]];
+    let mut t2: Vec<Vec<String>> = vec![vec!["stage".into(), "kind".into(), "wall".into(), "cache".into(), "note".into()]];
     for f in facts {
         t2.push(vec![
             f.stage.clone(),
             f.kind.clone(),
             f.wall_s.map_or("–".into(), |w| format!("{w:.1}s")),
             if f.in_store { "hit on rerun".into() } else { "missing (reruns)".into() },
+            if f.collapse.is_some() { "COLLAPSED".into() } else { String::new() },
         ]);
     }
     s.push_str(&columns(&t2));
@@ -283,21 +316,104 @@ fn other_lock(spec: &str, lock_file: &Path) -> anyhow::Result<LockFile> {
     serde_json::from_slice(&out.stdout).map_err(|e| anyhow::anyhow!("--diff {spec}: {} at that revision is not a lock file: {e}", name))
 }
 
+/// A method's name for people: the baselines' method ids spelled out; eval
+/// methods are named by their pipeline (`method:`), shown as they are.
+pub fn method_label(r: &MethodRow) -> String {
+    let base = match (r.baseline, r.method.as_str()) {
+        (true, "global_mean") => "global mean".to_string(),
+        (true, "bias") => "user/item bias".to_string(),
+        (true, "mf") => "matrix factorisation".to_string(),
+        (true, "item_mean") => "item mean".to_string(),
+        (true, "user_mean") => "user mean".to_string(),
+        _ => r.method.clone(),
+    };
+    if r.runs > 1 {
+        format!("{base} (mean of {} runs)", r.runs)
+    } else {
+        base
+    }
+}
+
+/// The methods of a lock as a Markdown table, from the lock alone: one row
+/// per eval stage and baseline method, the synthetic data's best
+/// achievable RMSE when the ingest recorded it, and a line per collapsed
+/// stage or missing piece. A pure function of the lock (the README's
+/// generated blocks).
+pub fn to_markdown(lock: &LockFile) -> String {
+    let rows = group_matrix(&method_rows(lock, None));
+    let f3 = |v: Option<f64>| match v {
+        Some(x) if x.is_finite() => format!("{x:.3}"),
+        _ => String::new(),
+    };
+    let mut s = String::from("| method | n | RMSE [95% CI] | MAE | invalid | exact |\n|---|---|---|---|---|---|\n");
+    for r in &rows {
+        let ci = r.rmse_ci95.map(|[a, b]| format!(" [{a:.3}, {b:.3}]")).unwrap_or_default();
+        s.push_str(&format!(
+            "| {} | {} | {}{ci} | {} | {} | {} |\n",
+            method_label(r).replace('|', "\\|"),
+            r.n,
+            f3(r.rmse),
+            f3(r.mae),
+            f3(r.invalid_rate),
+            f3(r.exact)
+        ));
+    }
+    let best = lock.stages.values().find_map(|st| st.metrics.get("synthetic_best_rmse").and_then(Value::as_f64));
+    if let Some(b) = best {
+        s.push_str(&format!("| best achievable (Bayes predictor of the synthetic model) | all | {b:.3} | | | |\n"));
+    }
+    let mut notes = Vec::new();
+    for (name, st) in &lock.stages {
+        if st.key_inputs.kind == "baselines" && rows_from_metrics(name, &st.metrics).is_empty() {
+            notes.push(format!(
+                "Stage `{name}` (baselines): this lock predates per-method metrics in locks; rerun the pipeline to list them here."
+            ));
+        }
+        if let Some(c) = collapse_note(&st.metrics) {
+            notes.push(format!("**Stage `{name}` {c}**"));
+        }
+    }
+    if rows.iter().any(|r| r.rmse_ci95.is_none() && r.runs == 1) {
+        notes.push("Rows without an interval come from a lock written before locks kept intervals.".into());
+    }
+    if rows.iter().any(|r| r.runs > 1) {
+        notes.push("Rows over several runs: mean, with the t-interval over runs.".into());
+    }
+    if !notes.is_empty() {
+        s.push('\n');
+        s.push_str(&notes.join("\n"));
+        s.push('\n');
+    }
+    s
+}
+
 /// The `recflow show` entry point; returns the exit code (0; errors are
 /// bad input → the caller maps them to 2).
-pub fn show(pipeline_path: &Path, json: bool, diff: Option<&str>) -> anyhow::Result<i32> {
-    let text = render(pipeline_path, json, diff)?;
+pub fn show(pipeline_path: &Path, format: Format, diff: Option<&str>) -> anyhow::Result<i32> {
+    let text = render(pipeline_path, format, diff)?;
     print!("{text}");
     Ok(0)
 }
 
+/// A pipeline file or its lock file → the lock's path.
+fn lock_of(path: &Path) -> PathBuf {
+    if path.extension().is_some_and(|e| e == "lock") {
+        path.to_path_buf()
+    } else {
+        lock_path(path)
+    }
+}
+
 /// What [`show`] prints.
-pub fn render(pipeline_path: &Path, json: bool, diff: Option<&str>) -> anyhow::Result<String> {
-    let lp = lock_path(pipeline_path);
+pub fn render(pipeline_path: &Path, format: Format, diff: Option<&str>) -> anyhow::Result<String> {
+    let lp = lock_of(pipeline_path);
     if !lp.is_file() {
         anyhow::bail!("{} has no lock file ({}): run the pipeline first (`recflow run {}`)", pipeline_path.display(), lp.display(), pipeline_path.display());
     }
     let lock = LockFile::read(&lp)?;
+    if format == Format::Markdown {
+        return Ok(to_markdown(&lock));
+    }
     let dir = pipeline_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let store = Store::open(&crate::cache::store_dir(&crate::pipeline::project_root(&dir)));
@@ -306,16 +422,16 @@ pub fn render(pipeline_path: &Path, json: bool, diff: Option<&str>) -> anyhow::R
     } else {
         lock.pipeline.clone()
     };
-    let rows = group_matrix(&method_rows(&lock, &store));
+    let rows = group_matrix(&method_rows(&lock, Some(&store)));
     let facts = stage_facts(&lock, &store);
     let d = match diff {
         Some(spec) => {
             let old = other_lock(spec, &lp)?;
-            Some(diff_rows(&group_matrix(&method_rows(&old, &store)), &rows))
+            Some(diff_rows(&group_matrix(&method_rows(&old, Some(&store))), &rows))
         }
         None => None,
     };
-    Ok(if json {
+    Ok(if format == Format::Json {
         let mut s = serde_json::to_string_pretty(&to_json(&name, &rows, &facts, d.as_deref()))?;
         s.push('\n');
         s
@@ -371,7 +487,7 @@ mod tests {
         let pipe = dir.path().join("quick.yaml");
         std::fs::write(&pipe, "name: quick\n").unwrap();
         lock.write(&lock_path(&pipe)).unwrap();
-        let v: Value = serde_json::from_str(&render(&pipe, true, None).unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&render(&pipe, Format::Json, None).unwrap()).unwrap();
         assert_eq!(v["pipeline"], "quick", "pinned: pipeline name");
         let m = v["methods"].as_array().expect("pinned: methods array");
         assert_eq!(m.len(), 2, "one baseline row + one grouped eval row");
@@ -391,12 +507,12 @@ mod tests {
         );
         let old_path = dir.path().join("old.lock");
         old.write(&old_path).unwrap();
-        let v: Value = serde_json::from_str(&render(&pipe, true, Some(old_path.to_str().unwrap())).unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&render(&pipe, Format::Json, Some(old_path.to_str().unwrap())).unwrap()).unwrap();
         let d = v["diff"].as_array().unwrap();
         assert_eq!(d.len(), 1, "only the changed metric is listed: {d:?}");
         assert!((d[0]["change"].as_f64().unwrap() + 0.2).abs() < 1e-12, "1.2 → 1.0 is −0.2");
-        let text = render(&pipe, false, None).unwrap();
+        let text = render(&pipe, Format::Text, None).unwrap();
         assert!(text.contains("eval@*") && text.contains("bias"), "terminal table lists the methods");
-        assert!(render(&dir.path().join("nope.yaml"), false, None).unwrap_err().to_string().contains("run the pipeline first"));
+        assert!(render(&dir.path().join("nope.yaml"), Format::Text, None).unwrap_err().to_string().contains("run the pipeline first"));
     }
 }

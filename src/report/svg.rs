@@ -20,8 +20,38 @@ pub fn esc(s: &str) -> String {
 
 const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"];
 
-/// Short tick label.
-fn tick(v: f64) -> String {
+/// "Nice" tick positions covering `[lo, hi]`: multiples of 1, 2 or 5 × 10^k,
+/// at most `max_n` of them; with `integer` the step is a whole number (step
+/// axes). Returns (ticks, step).
+pub fn nice_ticks(lo: f64, hi: f64, max_n: usize, integer: bool) -> (Vec<f64>, f64) {
+    let span = (hi - lo).abs().max(f64::MIN_POSITIVE);
+    let raw = span / (max_n.max(2) - 1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let mut step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|st| *st >= raw).unwrap_or(10.0 * mag);
+    if integer {
+        step = step.max(1.0).round();
+    }
+    let first = (lo / step).ceil();
+    let ticks = (0..=max_n * 2)
+        .map(|k| (first + k as f64) * step)
+        .take_while(|t| *t <= hi + step * 1e-9)
+        .map(|t| if t.abs() < step * 1e-9 { 0.0 } else { t })
+        .collect();
+    (ticks, step)
+}
+
+/// Tick label with as many decimals as the tick step needs.
+fn tick(v: f64, step: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && !(1e-3..1e5).contains(&a) {
+        return format!("{v:.2e}");
+    }
+    let d = if step >= 1.0 { 0 } else { (-step.log10().floor()) as usize };
+    format!("{v:.d$}")
+}
+
+/// Value label of a single point (3 significant decimals at most).
+fn value_label(v: f64) -> String {
     let a = v.abs();
     if a != 0.0 && !(1e-3..1e5).contains(&a) {
         format!("{v:.2e}")
@@ -32,10 +62,16 @@ fn tick(v: f64) -> String {
     }
 }
 
-/// A line chart of named series of (x, y) points (non-finite points skipped).
+/// A line chart of named series of (x, y) points (non-finite points
+/// skipped). `x_label` "step" gives integer x ticks. The legend sits above
+/// the plot area (never on the curves); a series with a single point is
+/// drawn as a dot labelled with its value (and, when it is the chart's only
+/// x, the axis spans one step either side of it).
 pub fn line_chart(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
-    let (w, h, l, r, t, b) = (560.0, 260.0, 64.0, 16.0, 28.0, 40.0);
-    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.1.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+    let integer_x = x_label == "step";
+    let (w, h, l, r, t, b) = (560.0, 270.0, 64.0, 16.0, 44.0, 40.0);
+    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.1.iter().filter(finite).copied()).collect();
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\"><title>{}</title>\
 <text x=\"{}\" y=\"18\" font-size=\"14\" text-anchor=\"middle\">{}</text>",
@@ -55,43 +91,63 @@ pub fn line_chart(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>
         y1 = y1.max(*y);
     }
     if x1 == x0 {
-        x1 = x0 + 1.0;
+        x0 -= 1.0;
+        x1 += 1.0;
     }
     if y1 == y0 {
-        y0 -= 0.5;
-        y1 += 0.5;
+        let pad = if y0 == 0.0 { 0.5 } else { y0.abs() * 0.05 };
+        y0 -= pad;
+        y1 += pad;
     }
     let pw = w - l - r;
     let ph = h - t - b;
     let sx = |x: f64| l + (x - x0) / (x1 - x0) * pw;
     let sy = |y: f64| t + (1.0 - (y - y0) / (y1 - y0)) * ph;
-    // Axes and ticks (5 per axis).
     svg.push_str(&format!(
         "<g stroke=\"#444\" stroke-width=\"1\"><line x1=\"{l}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\"/><line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{:.1}\"/></g>",
         t + ph, l + pw, t + ph, t + ph
     ));
-    for k in 0..5 {
-        let fy = y0 + (y1 - y0) * k as f64 / 4.0;
-        let fx = x0 + (x1 - x0) * k as f64 / 4.0;
+    let (yt, ys) = nice_ticks(y0, y1, 5, false);
+    for fy in yt {
         svg.push_str(&format!(
             "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">{}</text><line x1=\"{l}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>",
-            l - 4.0, sy(fy) + 3.0, tick(fy), sy(fy), l + pw, sy(fy)
+            l - 4.0, sy(fy) + 3.0, tick(fy, ys), sy(fy), l + pw, sy(fy)
         ));
-        svg.push_str(&format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{}</text>", sx(fx), t + ph + 14.0, tick(fx)));
+    }
+    let (xt, xs) = nice_ticks(x0, x1, 7, integer_x);
+    for fx in xt {
+        svg.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{}</text><line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#444\"/>",
+            sx(fx), t + ph + 14.0, tick(fx, xs), sx(fx), t + ph, sx(fx), t + ph + 3.0
+        ));
     }
     svg.push_str(&format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">{}</text>", l + pw / 2.0, h - 6.0, esc(x_label)));
+    // Legend: one row between the title and the plot area.
+    let mut lx = l;
+    for (k, (name, _)) in series.iter().enumerate() {
+        let c = COLORS[k % COLORS.len()];
+        svg.push_str(&format!(
+            "<rect x=\"{lx:.1}\" y=\"29\" width=\"12\" height=\"3\" fill=\"{c}\"/><text x=\"{:.1}\" y=\"34\" font-size=\"10\">{}</text>",
+            lx + 16.0, esc(name)
+        ));
+        lx += 16.0 + 6.0 * name.chars().count() as f64 + 18.0;
+    }
     for (k, (name, s)) in series.iter().enumerate() {
         let c = COLORS[k % COLORS.len()];
-        let path: Vec<String> = s.iter().filter(|p| p.0.is_finite() && p.1.is_finite()).map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y))).collect();
-        if path.len() == 1 {
-            svg.push_str(&format!("<circle cx=\"{}\" cy=\"{}\" r=\"3\" fill=\"{c}\"/>", path[0].split(',').next().unwrap_or("0"), path[0].split(',').nth(1).unwrap_or("0")));
-        } else if !path.is_empty() {
-            svg.push_str(&format!("<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"1.5\" points=\"{}\"/>", path.join(" ")));
+        let p: Vec<(f64, f64)> = s.iter().filter(finite).map(|(x, y)| (sx(*x), sy(*y))).collect();
+        if p.len() == 1 {
+            let ((cx, cy), (x, y)) = (p[0], s.iter().find(finite).copied().unwrap_or((0.0, 0.0)));
+            let xs = if integer_x { format!("step {x:.0}") } else { value_label(x) };
+            // Label left of the dot when it sits in the right half.
+            let (anchor, dx) = if cx > l + pw / 2.0 { ("end", -7.0) } else { ("start", 7.0) };
+            svg.push_str(&format!(
+                "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"4\" fill=\"{c}\"><title>{}</title></circle><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"{anchor}\" fill=\"{c}\">{} {} ({xs})</text>",
+                esc(name), cx + dx, cy - 6.0, esc(name), value_label(y)
+            ));
+        } else if !p.is_empty() {
+            let pts: Vec<String> = p.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+            svg.push_str(&format!("<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"1.5\" points=\"{}\"/>", pts.join(" ")));
         }
-        svg.push_str(&format!(
-            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"10\" height=\"3\" fill=\"{c}\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{}</text>",
-            l + 8.0, t + 6.0 + 13.0 * k as f64, l + 22.0, t + 10.0 + 13.0 * k as f64, esc(name)
-        ));
     }
     svg.push_str("</svg>");
     svg
@@ -196,5 +252,25 @@ mod tests {
         assert!(s.contains("a&lt;b") && !s.contains("a<b"), "titles are escaped");
         assert!(s.contains("<polyline"), "finite points are drawn");
         assert!(line_chart("x", "step", &[]).contains("no data"), "an empty chart says so");
+    }
+
+    #[test]
+    fn step_axes_have_integer_ticks_and_single_points_are_labelled() {
+        let (t, st) = nice_ticks(1.0, 30.0, 7, true);
+        assert_eq!(st, 5.0, "30 steps: a tick every 5");
+        assert_eq!(t, vec![5.0, 10.0, 15.0, 20.0, 25.0, 30.0]);
+        let (t, _) = nice_ticks(29.0, 31.0, 7, true);
+        assert_eq!(t, vec![29.0, 30.0, 31.0], "never a fractional step");
+        let (t, st) = nice_ticks(0.94, 1.21, 5, false);
+        assert!((st - 0.1).abs() < 1e-12 && t.len() == 3, "1.0, 1.1, 1.2: {t:?} {st}");
+        let s = line_chart("reward", "step", &[("reward_mean".into(), (1..=30).map(|i| (i as f64, i as f64 / 30.0)).collect())]);
+        for bad in [">1.000<", ">8.250<", ">15.500<"] {
+            assert!(!s.contains(bad), "no fractional step tick {bad}");
+        }
+        assert!(s.contains(">15</text>") && s.contains(">30</text>"), "integer step ticks");
+        let one = line_chart("validation RMSE", "step", &[("val_rmse".into(), vec![(30.0, 1.1989)])]);
+        assert!(one.contains("<circle") && one.contains("val_rmse 1.199 (step 30)"), "a single evaluation is a labelled point: {one}");
+        assert!(!one.contains("30.000") && !one.contains("31.000"), "no 30.000–31.000 axis");
+        assert!(one.contains(">30</text>"), "its step is a tick");
     }
 }

@@ -53,6 +53,10 @@ pub struct Row {
     pub stage: String,
     pub outcome: Outcome,
     pub wall_s: f64,
+    /// A verdict the stage recorded in its metrics that the end of the run
+    /// must repeat (GRPO collapse: [`crate::stages::grpo::collapse_note`]);
+    /// also for cached stages, whose warnings were printed by an earlier run.
+    pub note: Option<String>,
 }
 
 /// The end-of-run table.
@@ -74,7 +78,8 @@ impl Summary {
                 Outcome::Skipped(m) => ("skipped", format!("  {m}")),
                 Outcome::NotSelected => ("-", "  not selected".to_string()),
             };
-            s.push_str(&format!("{:<w$}  {:<7}  {:>7.2}s{extra}\n", r.stage, st, r.wall_s));
+            let note = r.note.as_ref().map(|n| format!("  {n}")).unwrap_or_default();
+            s.push_str(&format!("{:<w$}  {:<7}  {:>7.2}s{extra}{note}\n", r.stage, st, r.wall_s));
         }
         s
     }
@@ -137,7 +142,13 @@ impl Engine {
 
     fn note(&self, msg: &str) {
         if !self.quiet {
-            let _ = self.mp.println(msg);
+            // Without a terminal the bars are hidden and so is their
+            // `println`: warnings must still reach a CI log.
+            if self.mp.is_hidden() {
+                eprintln!("{msg}");
+            } else {
+                let _ = self.mp.println(msg);
+            }
         }
         tracing::info!("{msg}");
     }
@@ -613,6 +624,11 @@ fn commit_lock(eng: &Engine, stage: &ResolvedStage, d: &Done) -> Result<(), RunE
         l.pipeline = name;
         l.params = params;
         l.stages.insert(stage.name.clone(), entry);
+        // Entries written before the summary dropped timings lose them on
+        // the next write (idempotent for current ones).
+        for st in l.stages.values_mut() {
+            st.metrics = metrics_summary(&st.metrics);
+        }
     })?;
     Ok(())
 }
@@ -646,6 +662,7 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
     let mut done: BTreeMap<String, Done> = BTreeMap::new();
     let mut ended: BTreeMap<String, Outcome> = BTreeMap::new();
     let mut walls: BTreeMap<String, f64> = BTreeMap::new();
+    let mut notes: BTreeMap<String, String> = BTreeMap::new();
     let mut started: BTreeMap<String, (Instant, Vec<u32>)> = BTreeMap::new();
     let mut set: tokio::task::JoinSet<(usize, Result<Done, String>)> = tokio::task::JoinSet::new();
     let mut stop_launching = false;
@@ -718,6 +735,9 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
                 if d.ran {
                     eng.note(&format!("ran {} ({:.2}s)", s.name, walls[&s.name]));
                 }
+                if let Some(n) = crate::stages::grpo::collapse_note(&d.metrics) {
+                    notes.insert(s.name.clone(), n);
+                }
                 ended.insert(s.name.clone(), if d.ran { Outcome::Ran } else { Outcome::Cached });
                 done.insert(s.name.clone(), d);
             }
@@ -749,6 +769,7 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
             stage: s.name.clone(),
             outcome: ended.get(&s.name).cloned().unwrap_or(Outcome::Skipped("not started (an earlier stage failed)".into())),
             wall_s: walls.get(&s.name).copied().unwrap_or(0.0),
+            note: notes.get(&s.name).cloned(),
         })
         .collect();
     let hashed_bytes = eng.sc().hashed_bytes;

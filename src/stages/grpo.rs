@@ -100,8 +100,10 @@ fn d_tokens_per_micro() -> usize {
 fn d_chunk() -> usize {
     1024
 }
+/// Default `kl_warn_threshold` (the report judges logs against it).
+pub const DEFAULT_KL_WARN_THRESHOLD: f64 = 1.0;
 fn d_kl_warn() -> f64 {
-    1.0
+    DEFAULT_KL_WARN_THRESHOLD
 }
 
 /// `with:` of a grpo stage.
@@ -327,6 +329,126 @@ impl StageDef for Grpo {
     }
 }
 
+// --- collapse ------------------------------------------------------------------
+
+/// Valid-answer fraction below which a step counts toward collapse.
+pub const COLLAPSE_VALID_FRACTION: f64 = 0.2;
+/// Consecutive steps (after the first 10%) a condition must hold.
+pub const COLLAPSE_STEPS: usize = 3;
+
+/// Watches a GRPO run's per-step statistics for collapse, after the first
+/// 10% of steps (`ceil(steps / 10)`, the same warm-up the reward deciles
+/// use): the sampled valid-answer fraction below
+/// [`COLLAPSE_VALID_FRACTION`], or every group with zero reward variance
+/// (`frac_reward_zero_std = 1`: all advantages 0), for
+/// [`COLLAPSE_STEPS`] consecutive steps; or the KL to the reference above
+/// `kl_warn_threshold` (β > 0 only) at any step.
+///
+/// The verdict enters the stage's metrics ([`Self::metrics`]: flat scalars,
+/// so the lock carries them) and [`collapse_note`] turns it into the line
+/// the runner's end-of-run table, `recflow show` and the report print. The
+/// threshold is operational (out of the key): a cached stage keeps the
+/// verdict of the threshold it ran with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CollapseWatch {
+    warmup: u64,
+    kl_threshold: Option<f64>,
+    low_valid_run: usize,
+    zero_std_run: usize,
+    /// Longest runs after the warm-up, and KL steps over the threshold.
+    pub low_valid_steps: usize,
+    pub zero_std_steps: usize,
+    pub kl_steps: usize,
+    /// (first step it tripped, condition, what), in trip order.
+    tripped: Vec<(u64, u8, String)>,
+}
+
+impl CollapseWatch {
+    /// `kl_threshold`: `Some(kl_warn_threshold)` when β > 0 (else KL is not computed).
+    pub fn new(total_steps: usize, kl_threshold: Option<f64>) -> Self {
+        CollapseWatch {
+            warmup: total_steps.div_ceil(10) as u64,
+            kl_threshold,
+            low_valid_run: 0,
+            zero_std_run: 0,
+            low_valid_steps: 0,
+            zero_std_steps: 0,
+            kl_steps: 0,
+            tripped: Vec::new(),
+        }
+    }
+
+    /// Feeds step `step` (1-based); returns a warning the first time a
+    /// condition trips.
+    pub fn observe(&mut self, step: u64, valid_fraction: f64, frac_zero_std: f64, kl: f64) -> Option<String> {
+        if step <= self.warmup {
+            return None;
+        }
+        let run = |r: &mut usize, hit: bool| {
+            *r = if hit { *r + 1 } else { 0 };
+            *r
+        };
+        let lv = run(&mut self.low_valid_run, !(valid_fraction >= COLLAPSE_VALID_FRACTION));
+        let zs = run(&mut self.zero_std_run, frac_zero_std >= 1.0);
+        self.low_valid_steps = self.low_valid_steps.max(lv);
+        self.zero_std_steps = self.zero_std_steps.max(zs);
+        let kl_hit = self.kl_threshold.is_some_and(|t| !(kl <= t));
+        self.kl_steps += kl_hit as usize;
+        // (condition index, message): each condition trips once.
+        let mut new = Vec::new();
+        if lv >= COLLAPSE_STEPS {
+            new.push((0, format!("valid fraction below {COLLAPSE_VALID_FRACTION} for {COLLAPSE_STEPS} consecutive steps (to step {step})")));
+        }
+        if zs >= COLLAPSE_STEPS {
+            new.push((1, format!("every group with zero reward variance for {COLLAPSE_STEPS} consecutive steps (to step {step})")));
+        }
+        if kl_hit {
+            new.push((2, format!("KL {kl:.3} above kl_warn_threshold {} at step {step}", self.kl_threshold.unwrap_or(f64::NAN))));
+        }
+        new.retain(|(c, _)| !self.tripped.iter().any(|t| t.1 == *c));
+        if new.is_empty() {
+            return None;
+        }
+        let msg = new.iter().map(|n| n.1.as_str()).collect::<Vec<_>>().join("; ");
+        self.tripped.extend(new.into_iter().map(|(c, w)| (step, c, w)));
+        Some(format!("grpo collapse: {msg}"))
+    }
+
+    pub fn collapsed(&self) -> bool {
+        !self.tripped.is_empty()
+    }
+
+    /// `collapse` (bool), `collapse_step` (first trip, or null),
+    /// `collapse_reason` (or null), `collapse_low_valid_steps`,
+    /// `collapse_zero_std_steps` (longest runs after the warm-up),
+    /// `collapse_kl_steps`.
+    pub fn metrics(&self) -> Vec<(&'static str, serde_json::Value)> {
+        use serde_json::json;
+        let reason = (!self.tripped.is_empty()).then(|| self.tripped.iter().map(|t| t.2.as_str()).collect::<Vec<_>>().join("; "));
+        vec![
+            ("collapse", json!(self.collapsed())),
+            ("collapse_step", json!(self.tripped.first().map(|t| t.0))),
+            ("collapse_reason", json!(reason)),
+            ("collapse_low_valid_steps", json!(self.low_valid_steps)),
+            ("collapse_zero_std_steps", json!(self.zero_std_steps)),
+            ("collapse_kl_steps", json!(self.kl_steps)),
+        ]
+    }
+}
+
+/// The collapse line of a stage's metrics (a run record's, a metrics file's
+/// or the lock's summary): `Some("collapsed at step 4: …")` when
+/// `collapse` is true; None for every other stage and for runs recorded
+/// before the check existed.
+pub fn collapse_note(metrics: &serde_json::Value) -> Option<String> {
+    if metrics.get("collapse").and_then(serde_json::Value::as_bool) != Some(true) {
+        return None;
+    }
+    let step = metrics.get("collapse_step").and_then(serde_json::Value::as_u64).map(|s| format!(" at step {s}")).unwrap_or_default();
+    let why = metrics.get("collapse_reason").and_then(serde_json::Value::as_str).unwrap_or("see the stage log");
+    Some(format!("COLLAPSED{step}: {why}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,5 +479,37 @@ mod tests {
         c.reward.error_scale = 2.0;
         c.lora_target_modules = vec!["qkv".into()];
         assert!(Grpo::validate(&c).unwrap_err().contains("lora_target_modules"), "grpo validates LoRA targets too");
+    }
+
+    #[test]
+    fn collapse_watch_trips_after_warmup_and_for_three_steps() {
+        use super::{collapse_note, CollapseWatch};
+        // 20 steps: the first 2 are warm-up.
+        let mut w = CollapseWatch::new(20, None);
+        assert!(w.observe(1, 0.0, 1.0, 0.0).is_none() && w.observe(2, 0.0, 1.0, 0.0).is_none(), "warm-up steps never count");
+        assert!(w.observe(3, 0.1, 0.5, 0.0).is_none() && w.observe(4, 0.1, 0.5, 0.0).is_none());
+        assert!(w.observe(5, 0.5, 0.5, 0.0).is_none(), "a valid step breaks the run");
+        assert!(w.observe(6, 0.1, 0.5, 0.0).is_none() && w.observe(7, 0.1, 0.5, 0.0).is_none());
+        let msg = w.observe(8, 0.1, 0.5, 5.0).expect("3 consecutive low-valid steps trip");
+        assert!(msg.contains("valid fraction"), "{msg}");
+        assert!(w.observe(9, 0.1, 0.5, 0.0).is_none(), "a tripped condition warns once");
+        assert_eq!(w.kl_steps, 0, "KL is not watched without β");
+        let m: serde_json::Map<String, serde_json::Value> = w.metrics().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let m = serde_json::Value::Object(m);
+        assert_eq!(m["collapse"], true);
+        assert_eq!(m["collapse_step"], 8);
+        assert_eq!(m["collapse_low_valid_steps"], 4);
+        assert!(collapse_note(&m).unwrap().starts_with("COLLAPSED at step 8: valid fraction"));
+
+        let mut w = CollapseWatch::new(10, Some(1.0));
+        for s in 1..=10 {
+            w.observe(s, 0.9, if s >= 5 { 1.0 } else { 0.0 }, if s == 3 { 2.0 } else { 0.1 });
+        }
+        assert_eq!((w.zero_std_steps, w.kl_steps), (6, 1), "zero-variance run 5..10, one KL step");
+        assert!(w.metrics()[2].1.as_str().unwrap().contains("KL 2.000"), "both reasons listed");
+        let quiet = CollapseWatch::new(10, Some(1.0));
+        let m: serde_json::Map<String, serde_json::Value> = quiet.metrics().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        assert_eq!(collapse_note(&serde_json::Value::Object(m)), None, "a healthy run has no note");
+        assert_eq!(collapse_note(&serde_json::json!({"steps": 3})), None, "runs recorded before the check have no note");
     }
 }

@@ -14,7 +14,7 @@
 //! flight; every draw derives from `(seed, step)` so the regenerated ones
 //! are the same. On cancellation the stage checkpoints at the next rollout
 //! boundary (the next step with μ = 1) and exits.
-use recflow::stages::grpo::Config;
+use recflow::stages::grpo::{CollapseWatch, Config};
 use recflow::stages::{Metrics, StageCtx};
 use tch::{Device, Kind, Tensor};
 
@@ -286,6 +286,14 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     // Step of the newest checkpoint on disk (a cancel needs no second copy).
     let mut last_saved = state.step;
     let mut mem = super::StepStats::on(device);
+    // Collapse (valid fraction, zero-variance groups, KL): watched per step
+    // and warned once per condition; a resumed run replays its restored log
+    // first, so its verdict equals an uninterrupted run's.
+    let mut watch = CollapseWatch::new(total, (cfg.beta != 0.0).then_some(cfg.kl_warn_threshold));
+    for (i, &s) in log.steps.iter().enumerate() {
+        let at = |c: &str| log.columns.iter().position(|x| x == c).and_then(|j| log.rows[i][j]).unwrap_or(f64::NAN);
+        watch.observe(s as u64, at("valid_fraction"), at("frac_reward_zero_std"), at("kl"));
+    }
 
     // --- loop --------------------------------------------------------------------
     for step in state.step as usize..total {
@@ -478,6 +486,10 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
             row.push((c.as_str(), Some(*v)));
         }
         log.push(state.step as i64, &row)?;
+        let stat = |c: &str| r.stats.iter().find(|x| x.0 == c).and_then(|x| x.1).unwrap_or(f64::NAN);
+        if let Some(w) = watch.observe(state.step, stat("valid_fraction"), stat("frac_reward_zero_std"), kl) {
+            ctx.warn(format!("{w} — the run goes on; lower learning_rate, or check the reward and the SFT start"));
+        }
         ctx.progress(state.step, Some(total as u64), "step");
         // Checkpoint at rollout boundaries once `save_steps` more steps are done.
         let s1 = step + 1;
@@ -518,6 +530,9 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let valid = log.column("valid_fraction");
     let after = &valid[k.min(valid.len())..];
     m.insert("valid_fraction_min_after_first_decile".into(), serde_json::json!(after.iter().copied().reduce(f64::min)));
+    for (name, v) in watch.metrics() {
+        m.insert(name.into(), v);
+    }
     m.insert("wall_s".into(), serde_json::json!(wall));
     m.insert("generation_s".into(), serde_json::json!(t_gen));
     m.insert("reference_s".into(), serde_json::json!(t_ref));
