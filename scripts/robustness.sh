@@ -13,6 +13,9 @@
 #             values: the portable default profile, and the machine's native code paths)
 # Each run lives in its own scratch project under target/robustness/ (a copy
 # of the pipeline, the repo's stages/), so the committed lock is untouched.
+# The scratch stores are kept between invocations: a rerun is a cache hit for
+# every finished cell and resumes an interrupted one where it stopped
+# (`rm -rf target/robustness` to start over).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -22,7 +25,6 @@ SEEDS=${1:-"42 43 44"}
 PROFILES=${2:-"aten=avx2,mkl=compatible aten=native,mkl=off"}
 R="$ROOT/target/debug/recflow"
 OUT="$ROOT/target/robustness"
-rm -rf "$OUT"
 mkdir -p "$OUT"
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
 t_all=$(date +%s)
@@ -33,7 +35,7 @@ for profile in $PROFILES; do
     mkdir -p "$dir/pipelines"
     : > "$dir/recflow.toml"           # the scratch project's root
     cp pipelines/quickstart.yaml "$dir/pipelines/"
-    ln -s "$ROOT/stages" "$dir/stages"
+    ln -sfn "$ROOT/stages" "$dir/stages"
     echo "--- $label"
     t0=$(date +%s)
     RECFLOW_NUMERICS="$profile" RECFLOW_CACHE="$dir/cache" \
