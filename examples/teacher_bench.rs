@@ -134,7 +134,7 @@ fn client(url: &str, n: usize, concurrency: usize, dir: &Path) -> anyhow::Result
     std::fs::create_dir_all(&ctx.out_dir)?;
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
-    let m = recflow::teacher::run::run_stage(&cfg, &mut ctx, &recflow::teacher::run::default_backend)?;
+    let m = recflow::stages::teacher::run_stage(&cfg, &mut ctx, &recflow::stages::teacher::default_backend)?;
     let wall = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
     let journal = events

@@ -230,7 +230,7 @@ fn dry_run_previews_the_teachers_cost_and_checks_its_key() {
         "max_tokens": 100, "max_rationalize": 1, "price_in_per_mtok": 1.5, "price_out_per_mtok": 6.0
     }))
     .unwrap();
-    let pv = recflow::teacher::run::preview(&cfg, &samples);
+    let pv = recflow::stages::teacher::preview(&cfg, &samples);
     assert!(pv.paid && pv.est_cost_first_usd > 0.0, "the preview of a paid backend has a cost");
     let want = format!("3 samples → 3 requests (≤ 6 with rationalization), ~{} prompt tokens, ≤ 300 completion tokens", pv.est_tokens_in);
     assert!(out.contains(&want), "the dry run prints requests and tokens ({want}): {out}");

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use recflow::teacher::cache::ResponseCache;
 use recflow::data::{Interaction, Item, Sample};
 use recflow::teacher::io::{self, ColdRow};
-use recflow::teacher::run::Stats;
+use recflow::teacher::stats::Stats;
 use recflow::teacher::testserver::{Fault, Plan, TestServer};
 use recflow::teacher::Message;
 use recflow::worker::ExecSpec;
@@ -546,7 +546,7 @@ fn local_backend_in_the_torch_free_worker_is_a_clear_error_and_preview_counts() 
         "max_rationalize": 2, "max_tokens": 100, "price_in_per_mtok": 1.0, "price_out_per_mtok": 2.0
     }))
     .unwrap();
-    let p = recflow::teacher::preview(&cfg, &samples);
+    let p = recflow::stages::teacher::preview(&cfg, &samples);
     assert_eq!((p.n_samples, p.requests_min, p.requests_max), (4, 4, 12), "preview request counts");
     assert_eq!(p.est_tokens_out_max, 400);
     assert!(p.est_cost_first_usd > 0.0 && p.est_cost_max_usd > p.est_cost_first_usd);

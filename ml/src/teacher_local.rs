@@ -19,9 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use recflow::stages::teacher::{Backend, Config};
+use recflow::stages::teacher::{default_backend, run_stage, Backend, BackendInputs, Config};
 use recflow::stages::{Metrics, StageCtx};
-use recflow::teacher::run::{default_backend, run_stage, BackendInputs};
 use recflow::teacher::{AskFuture, Reply, Request, TeacherBackend, TeacherError, Usage};
 use sha2::{Digest, Sha256};
 

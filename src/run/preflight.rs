@@ -5,7 +5,7 @@
 //!   an HF directory with config.json and weights, or a GGUF file where the
 //!   kind takes one;
 //! * API keys named by `api_key_env` are set (for stages that will run);
-//! * the teacher's cost preview ([`crate::teacher::run::preview`]): requests,
+//! * the teacher's cost preview ([`crate::stages::teacher::preview`]): requests,
 //!   estimated tokens and cost, printed before anything is bought.
 //!
 //! With `--allow-missing`, absent external things (inputs, keys) are warnings;
@@ -99,7 +99,7 @@ fn teacher(p: &Pipeline, s: &ResolvedStage, avail: &Available, will_run: bool, a
 }
 
 fn preview_line(cfg: &crate::stages::teacher::Config, samples: &[crate::data::Sample], path: &Path) -> String {
-    let pv = crate::teacher::run::preview(cfg, samples);
+    let pv = crate::stages::teacher::preview(cfg, samples);
     let cost = if pv.paid {
         format!("est. cost ${:.4} (≤ ${:.4} if every sample used every attempt)", pv.est_cost_first_usd, pv.est_cost_max_usd)
     } else {

@@ -17,11 +17,31 @@
 //! Backends: `openai` (any Chat Completions server), `cf` (offline,
 //! deterministic), `local` (a model directory run by recflow's own
 //! generation engine; only in `recflow-worker`, which registers its own run
-//! function through [`crate::teacher::run::run_stage`] with a backend factory).
+//! function through [`run_stage`] with a backend factory).
+//!
+//! This file is the stage's I/O: it reads the inputs, builds the backend and
+//! the response cache, reports progress, and writes the outputs; the
+//! rationalization loop itself is [`crate::teacher::rationalize`], the
+//! `--dry-run` estimate [`crate::teacher::preview`], the stats
+//! [`crate::teacher::stats`].
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use super::{InputSpec, Metrics, OutputSpec, Stage, StageCtx, StageDef};
+use super::{EventSink, InputSpec, Metrics, OutputSpec, Stage, StageCtx, StageDef};
 use crate::answer::Scale;
+use crate::data::Sample;
+use crate::teacher::cache::ResponseCache;
+use crate::teacher::io::{self as cold_io, ColdRow};
+use crate::teacher::preview::{Preview, PreviewConfig};
+use crate::teacher::rationalize::{drive, failure_report, select_rows, LoopConfig, Money, Outcome, Shared, Stopped};
+use crate::teacher::stats::{stats_of, Stats};
+use crate::teacher::{Sampling, TeacherBackend};
 
 /// Which teacher answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +86,7 @@ fn d_progress() -> f64 {
     2.0
 }
 fn d_hint() -> String {
-    crate::teacher::run::DEFAULT_HINT.to_string()
+    crate::teacher::rationalize::DEFAULT_HINT.to_string()
 }
 
 /// What a finished stage does with samples whose request failed after every
@@ -314,8 +334,335 @@ impl StageDef for Teacher {
     }
 }
 
+impl Config {
+    /// What the rationalization loop needs of this config.
+    pub fn loop_config(&self) -> LoopConfig {
+        LoopConfig {
+            max_rationalize: self.max_rationalize,
+            tolerance: self.tolerance,
+            scale: self.scale,
+            hint_template: self.hint_template.clone(),
+            sampling: Sampling { temperature: self.temperature, top_p: self.top_p, max_tokens: self.max_tokens, seed: self.sampling_seed },
+        }
+    }
+
+    /// Prices and budget.
+    pub fn money(&self) -> Money {
+        Money {
+            price_in_per_mtok: self.price_in_per_mtok,
+            price_out_per_mtok: self.price_out_per_mtok,
+            budget_tokens: self.budget_tokens,
+            budget_usd: self.budget_usd,
+        }
+    }
+
+    /// What the `--dry-run` preview needs of this config.
+    pub fn preview_config(&self) -> PreviewConfig {
+        PreviewConfig {
+            loop_cfg: self.loop_config(),
+            max_samples: self.max_samples,
+            endpoint: match self.backend {
+                Backend::Openai => Some(crate::teacher::openai::endpoint(self.model.as_deref().unwrap_or_default())),
+                // cf answers are not cached; a local model's endpoint hashes its
+                // files, known only to recflow-ml: preview it without the cache.
+                Backend::Cf | Backend::Local => None,
+            },
+            paid: self.backend == Backend::Openai,
+            money: self.money(),
+        }
+    }
+}
+
 impl Stage for Teacher {
     fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
-        crate::teacher::run::run_stage(cfg, ctx, &crate::teacher::run::default_backend)
+        run_stage(cfg, ctx, &default_backend)
+    }
+}
+
+/// What a backend factory gets.
+pub struct BackendInputs {
+    pub samples: Arc<Vec<Sample>>,
+    pub train: PathBuf,
+    pub items: PathBuf,
+}
+
+/// Builds the backend for a config. `recflow-ml` passes one that also
+/// handles `backend: local` and defers the rest to [`default_backend`].
+pub type BackendFactory = dyn Fn(&Config, &BackendInputs) -> anyhow::Result<Arc<dyn TeacherBackend>>;
+
+/// The teacher stage's run, with a backend factory (see [`BackendFactory`]).
+pub fn run_stage(cfg: &Config, ctx: &mut StageCtx, factory: &BackendFactory) -> anyhow::Result<Metrics> {
+    let t_start = Instant::now();
+    // 1. Inputs and the seeded subset.
+    let samples = read_samples(ctx)?;
+    let rows = select_rows(&samples, cfg.max_samples, ctx.seed);
+    let inputs = BackendInputs {
+        samples: samples.clone(),
+        train: ctx.input("train")?.to_path_buf(),
+        items: ctx.input("items")?.to_path_buf(),
+    };
+
+    // 2. Backend and response cache.
+    let backend = factory(cfg, &inputs).with_context(|| format!("stage `{}`: cannot start the teacher", ctx.stage))?;
+    let cache = if backend.cacheable() { Some(open_cache(cfg, ctx)?) } else { None };
+    let teacher_name = backend.name();
+    let sh = Arc::new(Shared::new(backend, cache.clone(), cfg.loop_config(), cfg.money(), ctx.cancel.clone()));
+
+    // 3. Drive the loop, reporting progress (done / failed / rate / cost).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()).min(8))
+        .build()
+        .context("cannot start the async runtime")?;
+    let events = &mut ctx.events;
+    let mut on_progress = |sh: &Shared, total: u64, elapsed: Duration| emit_progress(events.as_mut(), sh, total, elapsed);
+    let interval = Duration::from_secs_f64(cfg.progress_interval_s);
+    let t_drive = Instant::now();
+    let (results, stopped) =
+        rt.block_on(drive(sh.clone(), samples.clone(), rows.clone(), cfg.concurrency, interval, &mut on_progress));
+    let t_drove = Instant::now();
+    if let Some(c) = &cache {
+        c.close();
+        let (a, f) = (c.stats.appended.load(Ordering::Relaxed), c.stats.fsyncs.load(Ordering::Relaxed));
+        ctx.log("info", format!("response cache journal: {a} answers written with {f} fsyncs"));
+    }
+    let summary = summary(&sh, results.len(), rows.len());
+    ctx.log("info", summary.clone());
+    check_finished(cfg, &ctx.stage, stopped, &results, &samples, &summary)?;
+
+    // 4. Outputs: rows in table order, stats.
+    let outcomes: Vec<(usize, Outcome)> = results.into_iter().collect();
+    let stats = write_outputs(ctx, &samples, &outcomes, &teacher_name)?;
+    let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
+    ctx.log(
+        "info",
+        format!(
+            "timing: setup {:.1} ms, requests {:.1} ms, outputs {:.1} ms",
+            ms(t_start, t_drive),
+            ms(t_drive, t_drove),
+            ms(t_drove, Instant::now())
+        ),
+    );
+    Ok(metrics_of(&stats, &cfg.money()))
+}
+
+/// The `samples` input: not empty, every `sample_id` once.
+fn read_samples(ctx: &StageCtx) -> anyhow::Result<Arc<Vec<Sample>>> {
+    let samples_path = ctx.input("samples")?.to_path_buf();
+    let samples = crate::data::io::read_samples(&samples_path)?;
+    if samples.is_empty() {
+        anyhow::bail!("stage `{}`: input `samples` ({}) has no rows", ctx.stage, samples_path.display());
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = samples.iter().find(|s| !seen.insert(s.sample_id.as_str())) {
+        anyhow::bail!("stage `{}`: sample_id `{}` occurs twice in {}", ctx.stage, dup.sample_id, samples_path.display());
+    }
+    Ok(Arc::new(samples))
+}
+
+fn open_cache(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Arc<ResponseCache>> {
+    let dir = response_cache_dir(cfg, &ctx.work_dir);
+    let c = ResponseCache::open(&dir)?;
+    ctx.log("info", format!("response cache {}: {} answers stored", dir.display(), c.len()));
+    Ok(Arc::new(c))
+}
+
+fn emit_progress(events: &mut dyn EventSink, sh: &Shared, total: u64, elapsed: Duration) {
+    let c = &sh.counters;
+    let done = c.done.load(Ordering::Relaxed);
+    let (bi, bo) = (c.bought_in.load(Ordering::Relaxed), c.bought_out.load(Ordering::Relaxed));
+    let (ui, uo) = (c.used_in.load(Ordering::Relaxed), c.used_out.load(Ordering::Relaxed));
+    events.emit(serde_json::json!({"progress": {
+        "done": done, "total": total, "unit": "samples",
+        "failed": c.failed.load(Ordering::Relaxed),
+        "rate": done as f64 / elapsed.as_secs_f64().max(1e-9),
+        "requests": c.requests.load(Ordering::Relaxed),
+        "cache_hits": c.cache_hits.load(Ordering::Relaxed),
+        "tokens_bought": bi + bo,
+        "cost": sh.money.cost(bi, bo),
+        "tokens_used": ui + uo,
+        "cost_total": sh.money.cost(ui, uo),
+    }}));
+}
+
+/// One line on what a drive bought and reused.
+fn summary(sh: &Shared, done: usize, selected: usize) -> String {
+    let c = &sh.counters;
+    let (bi, bo) = (c.bought_in.load(Ordering::Relaxed), c.bought_out.load(Ordering::Relaxed));
+    let (ui, uo) = (c.used_in.load(Ordering::Relaxed), c.used_out.load(Ordering::Relaxed));
+    format!(
+        "{done} of {selected} samples done; {} requests bought ({} tokens, ${:.4}), {} answers from the response cache; \
+         answers used in total: {} tokens, ${:.4}",
+        c.requests.load(Ordering::Relaxed),
+        bi + bo,
+        sh.money.cost(bi, bo),
+        c.cache_hits.load(Ordering::Relaxed),
+        ui + uo,
+        sh.money.cost(ui, uo),
+    )
+}
+
+/// Fails the stage when the drive stopped early, or when samples got no
+/// answer and `on_request_failure: fail`; nothing is committed then.
+fn check_finished(
+    cfg: &Config,
+    stage: &str,
+    stopped: Option<Stopped>,
+    results: &BTreeMap<usize, Outcome>,
+    samples: &[Sample],
+    summary: &str,
+) -> anyhow::Result<()> {
+    match stopped {
+        None => {}
+        Some(Stopped::Budget(m)) => anyhow::bail!(
+            "stage `{stage}`: {m}; stopped cleanly ({summary}). Every answer bought is kept in the response cache: \
+             raise or remove the budget and rerun to continue without paying twice"
+        ),
+        Some(Stopped::Fatal(m)) => anyhow::bail!("stage `{stage}`: {m} ({summary})"),
+        Some(Stopped::Cancelled) => anyhow::bail!("stage `{stage}`: cancelled ({summary}); answers bought are kept"),
+    }
+    if cfg.on_request_failure == OnRequestFailure::Fail {
+        if let Some(msg) = failure_report(results, samples) {
+            anyhow::bail!(
+                "stage `{stage}`: {msg}. Nothing is committed ({summary}); every answer bought is kept in the response cache, \
+                 so a rerun asks only these samples again. To commit them as rejected rows instead, set \
+                 `on_request_failure: record`"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes `coldstart` (one row per selected sample, in table order) and `stats`.
+fn write_outputs(ctx: &StageCtx, samples: &[Sample], outcomes: &[(usize, Outcome)], teacher: &str) -> anyhow::Result<Stats> {
+    let cold: Vec<ColdRow> = outcomes
+        .iter()
+        .map(|(row, o)| ColdRow {
+            sample: samples[*row].clone(),
+            completion: o.completion.clone(),
+            accepted: o.accepted,
+            reason: o.reason.clone(),
+            attempts: o.attempts as i32,
+            teacher: teacher.to_string(),
+            reasoning_content: o.reasoning_content.clone(),
+        })
+        .collect();
+    cold_io::write_coldstart(&ctx.output("coldstart")?, &cold)?;
+    let stats = stats_of(outcomes, teacher);
+    // A plain write: the output dir is scratch, and committing it to the
+    // store syncs every file (an fsync here would be paid twice).
+    let stats_path = ctx.output("stats")?;
+    std::fs::write(&stats_path, serde_json::to_string_pretty(&stats)?)
+        .with_context(|| format!("cannot write {}", stats_path.display()))?;
+    Ok(stats)
+}
+
+fn metrics_of(stats: &Stats, money: &Money) -> Metrics {
+    let mut m = Metrics::new();
+    m.insert("n_samples".into(), stats.n_samples.into());
+    m.insert("accepted".into(), stats.accepted.into());
+    m.insert("rejected".into(), stats.rejected.into());
+    m.insert("first_try_accuracy".into(), stats.first_try_accuracy.into());
+    m.insert("tokens_in".into(), stats.tokens_in.into());
+    m.insert("tokens_out".into(), stats.tokens_out.into());
+    m.insert("cost_usd".into(), money.cost(stats.tokens_in, stats.tokens_out).into());
+    m
+}
+
+/// The torch-free backends: `openai` and `cf`. `local` needs the generation
+/// engine, so only `recflow-worker` (recflow-ml) can run it.
+pub fn default_backend(cfg: &Config, inp: &BackendInputs) -> anyhow::Result<Arc<dyn TeacherBackend>> {
+    use crate::teacher::{cf, openai};
+    match cfg.backend {
+        Backend::Openai => {
+            let c = openai::ClientConfig {
+                base_url: cfg.base_url.clone().unwrap_or_default(),
+                model: cfg.model.clone().unwrap_or_default(),
+                api_key_env: cfg.api_key_env.clone(),
+                concurrency: cfg.concurrency,
+                request_timeout: Duration::from_secs_f64(cfg.request_timeout_s),
+                connect_timeout: Duration::from_secs_f64(cfg.connect_timeout_s),
+                max_retries: cfg.max_retries,
+                max_malformed_retries: cfg.max_malformed_retries,
+                backoff_base: Duration::from_secs_f64(cfg.backoff_base_s),
+                backoff_max: Duration::from_secs_f64(cfg.backoff_max_s),
+                requests_per_min: cfg.requests_per_min,
+                tokens_per_min: cfg.tokens_per_min,
+            };
+            Ok(Arc::new(openai::OpenAi::new(c)?))
+        }
+        Backend::Cf => {
+            let train = crate::data::io::read_interactions(&inp.train)?;
+            let items = crate::data::io::read_items(&inp.items)?;
+            Ok(Arc::new(cf::CfTeacher::new(inp.samples.clone(), train, items, cfg.scale).with_style(cfg.cf_style)))
+        }
+        Backend::Local => anyhow::bail!(
+            "backend: local runs a model with recflow's generation engine, which lives in recflow-worker \
+             (crate recflow-ml); this worker is torch-free. Run the pipeline with the standard recflow-worker, \
+             or use backend: openai against a local server (vLLM, llama.cpp, Ollama)"
+        ),
+    }
+}
+
+/// Where the response cache lives: `response_cache`, else
+/// `$RECFLOW_CACHE/responses`, else `<work_dir>/../../responses` (the store
+/// root under the engine's `<store>/<area>/<key>` work-dir layout).
+pub fn response_cache_dir(cfg: &Config, work_dir: &Path) -> PathBuf {
+    if let Some(p) = &cfg.response_cache {
+        return PathBuf::from(p);
+    }
+    if let Some(c) = std::env::var_os("RECFLOW_CACHE").filter(|c| !c.is_empty()) {
+        return PathBuf::from(c).join("responses");
+    }
+    match work_dir.parent().and_then(Path::parent) {
+        Some(root) if !root.as_os_str().is_empty() => root.join("responses"),
+        _ => work_dir.join("responses"),
+    }
+}
+
+/// `--dry-run` preview without a seed or a response cache (what preflight
+/// shows before the run): see [`crate::teacher::preview::preview`].
+pub fn preview(cfg: &Config, samples: &[Sample]) -> Preview {
+    crate::teacher::preview::preview(&cfg.preview_config(), samples)
+}
+
+/// The exact preview from paths: reads the `samples` table and opens the
+/// response cache where the stage would ([`response_cache_dir`] of
+/// `work_dir`, the stage's work dir `<store>/work/<key>`) without creating
+/// anything; see [`crate::teacher::preview::preview_with_cache`].
+pub fn preview_stage(cfg: &Config, samples: &Path, seed: u64, work_dir: &Path) -> anyhow::Result<Preview> {
+    let table = crate::data::io::read_samples(samples)?;
+    let cache = match cfg.backend {
+        Backend::Openai => Some(ResponseCache::load(&response_cache_dir(cfg, work_dir))?),
+        Backend::Cf | Backend::Local => None,
+    };
+    Ok(crate::teacher::preview::preview_with_cache(&cfg.preview_config(), &table, seed, cache.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(v: serde_json::Value) -> Config {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn preview_config_replays_and_prices_only_openai_answers() {
+        let o = cfg(serde_json::json!({"backend": "openai", "base_url": "http://x/v1", "model": "m", "price_in_per_mtok": 2.0}));
+        let pc = o.preview_config();
+        assert_eq!(pc.endpoint.as_deref(), Some(crate::teacher::openai::endpoint("m").as_str()), "the run's cache endpoint");
+        assert!(pc.paid && pc.money.price_in_per_mtok == 2.0, "openai answers are priced");
+        let c = cfg(serde_json::json!({"backend": "cf"})).preview_config();
+        assert!(c.endpoint.is_none() && !c.paid, "cf answers are neither cached nor paid");
+    }
+
+    #[test]
+    fn loop_config_carries_the_sampling_and_the_hint() {
+        let c = cfg(serde_json::json!({"backend": "cf", "temperature": 0.3, "max_tokens": 77, "sampling_seed": 5, "max_rationalize": 1}));
+        let lc = c.loop_config();
+        assert_eq!((lc.sampling.temperature, lc.sampling.max_tokens, lc.sampling.seed), (0.3, 77, Some(5)), "sampling from the config");
+        assert_eq!(lc.max_rationalize, 1);
+        assert_eq!(lc.hint_template, crate::teacher::rationalize::DEFAULT_HINT, "default hint");
     }
 }

@@ -11,10 +11,12 @@
 //!   keyed by the request's identity ([`Request::identity`]), in an
 //!   append-only journal with group-commit fsync. Independent of the stage
 //!   key, so neither a crash nor a config change pays twice.
-//! * [`run`] — the rationalization loop (STaR-style: a wrong answer is asked
-//!   again with the true rating as a hint), the [`leak`] filter, the stage's
-//!   driver and the `--dry-run` preview ([`run::preview_stage`]: new requests,
-//!   estimated tokens and cost, answers already cached).
+//! * [`rationalize`] — the rationalization loop (STaR-style: a wrong answer
+//!   is asked again with the true rating as a hint) with the [`leak`]
+//!   filter; [`stats`] summarises its outcomes, [`preview`] replays cached
+//!   answers through it for `--dry-run` (new requests, estimated tokens and
+//!   cost). None of these sees the stage machinery: the stage's driver —
+//!   inputs, backend choice, progress, outputs — is [`crate::stages::teacher`].
 //! * [`testserver`] — a fault-injecting Chat Completions server used by the
 //!   tests and the benchmark.
 use std::future::Future;
@@ -28,10 +30,10 @@ pub mod cf;
 pub mod io;
 pub mod leak;
 pub mod openai;
-pub mod run;
+pub mod preview;
+pub mod rationalize;
+pub mod stats;
 pub mod testserver;
-
-pub use run::{preview, preview_stage, preview_with_cache, Preview};
 
 /// One chat message (`role`: system | user | assistant) — the data module's type.
 pub use crate::data::Message;
@@ -151,7 +153,7 @@ pub type AskFuture<'a> = Pin<Box<dyn Future<Output = Result<Reply, TeacherError>
 
 /// A teacher: answers one request. Retries of transport faults are the
 /// backend's business; rationalization (re-asking with a hint) is the
-/// driver's ([`run`]).
+/// driver's ([`rationalize`]).
 pub trait TeacherBackend: Send + Sync {
     /// The `teacher` column of the coldstart rows, e.g. `openai:deepseek-reasoner`.
     fn name(&self) -> String;
