@@ -11,9 +11,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use recflow::data::io::read_coldstart;
+use recflow::data::{ColdRow, Interaction, Item, Sample};
 use recflow::teacher::cache::ResponseCache;
-use recflow::data::{Interaction, Item, Sample};
-use recflow::teacher::io::{self, ColdRow};
 use recflow::teacher::stats::Stats;
 use recflow::teacher::testserver::{Fault, Plan, TestServer};
 use recflow::teacher::Message;
@@ -118,7 +118,7 @@ fn exec(spec: &ExecSpec) -> anyhow::Result<()> {
 }
 
 fn outputs(spec: &ExecSpec) -> (Vec<ColdRow>, Stats) {
-    let rows = io::read_coldstart(&spec.out_dir.join("coldstart.parquet")).expect("coldstart written");
+    let rows = read_coldstart(&spec.out_dir.join("coldstart.parquet")).expect("coldstart written");
     let stats: Stats =
         serde_json::from_str(&std::fs::read_to_string(spec.out_dir.join("stats.json")).unwrap()).expect("stats parse");
     (rows, stats)

@@ -79,7 +79,7 @@ fn local_backend_answers_every_sample_and_reuses_cached_answers() {
     let registry = recflow_ml::builtin_registry();
     let s1 = spec(tmp.path(), "a", &inputs, cfg.clone());
     recflow::worker::exec(&registry, &s1, Arc::new(AtomicBool::new(false))).expect("local teacher runs");
-    let rows = recflow::teacher::io::read_coldstart(&s1.out_dir.join("coldstart.parquet")).unwrap();
+    let rows = recflow::data::io::read_coldstart(&s1.out_dir.join("coldstart.parquet")).unwrap();
     assert_eq!(rows.len(), 3, "every sample accounted for");
     assert!(rows.iter().all(|r| r.teacher == "local:smollm2"), "teacher column names the model dir");
     assert!(rows.iter().all(|r| r.completion.as_deref().is_some_and(|c| !c.is_empty())), "the model answered");
@@ -92,7 +92,7 @@ fn local_backend_answers_every_sample_and_reuses_cached_answers() {
     // A rerun reuses every stored answer: identical outputs, nothing new stored.
     let s2 = spec(tmp.path(), "b", &inputs, cfg);
     recflow::worker::exec(&registry, &s2, Arc::new(AtomicBool::new(false))).unwrap();
-    let rows2 = recflow::teacher::io::read_coldstart(&s2.out_dir.join("coldstart.parquet")).unwrap();
+    let rows2 = recflow::data::io::read_coldstart(&s2.out_dir.join("coldstart.parquet")).unwrap();
     assert_eq!(rows2, rows, "cached answers reproduce the output");
     assert_eq!(recflow::teacher::cache::ResponseCache::open(&cache).unwrap().len(), stored, "nothing generated twice");
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray, RecordBatch, StringArray,
+    Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray, RecordBatch, StringArray,
     StructArray,
 };
 use arrow::buffer::OffsetBuffer;
@@ -17,7 +17,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
-use super::{schema, Interaction, Item, Message, Sample};
+use super::{schema, ColdRow, Interaction, Item, Message, Sample};
 
 /// Rows per Parquet row group (and per in-memory batch while streaming).
 pub const ROW_GROUP: usize = 65_536;
@@ -677,6 +677,56 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>, IoError> {
     Ok(out)
 }
 
+// ---------------------------------------------------------------- coldstart
+
+/// Writes the coldstart table (schema [`schema::coldstart`]: the sample
+/// columns, then the teacher's outcome) as one batch.
+pub fn write_coldstart(path: &Path, rows: &[ColdRow]) -> Result<(), IoError> {
+    let samples: Vec<Sample> = rows.iter().map(|r| r.sample.clone()).collect();
+    let mut cols = sample_columns(&samples);
+    cols.push(Arc::new(StringArray::from(rows.iter().map(|r| r.completion.clone()).collect::<Vec<_>>())) as ArrayRef);
+    cols.push(Arc::new(BooleanArray::from(rows.iter().map(|r| r.accepted).collect::<Vec<_>>())));
+    cols.push(Arc::new(StringArray::from(rows.iter().map(|r| r.reason.clone()).collect::<Vec<_>>())));
+    cols.push(Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.attempts))));
+    cols.push(Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.teacher))));
+    cols.push(Arc::new(StringArray::from(rows.iter().map(|r| r.reasoning_content.clone()).collect::<Vec<_>>())));
+    let batch = RecordBatch::try_new(schema::coldstart(), cols).map_err(aerr(path))?;
+    let mut w = TableWriter::create(path, schema::coldstart())?;
+    w.write(&batch)?;
+    w.finish()?;
+    Ok(())
+}
+
+/// Reads a coldstart table back (tests, inspection).
+pub fn read_coldstart(path: &Path) -> Result<Vec<ColdRow>, IoError> {
+    let mut out = Vec::new();
+    for b in read_batches(path)? {
+        let samples = samples_from_batch(path, &b)?;
+        let completion = strings(path, &b, "completion", true)?;
+        let accepted = column(path, &b, "accepted", &DataType::Boolean)?;
+        let reason = strings(path, &b, "reason", true)?;
+        let attempts = column(path, &b, "attempts", &DataType::Int32)?;
+        let teacher = req_strings(path, &b, "teacher")?;
+        let rc = strings(path, &b, "reasoning_content", true)?;
+        no_nulls(path, "accepted", accepted.as_ref())?;
+        no_nulls(path, "attempts", attempts.as_ref())?;
+        let (accepted, attempts) = (accepted.as_boolean(), attempts.as_primitive::<Int32Type>());
+        let rest = completion.into_iter().zip(reason).zip(teacher).zip(rc);
+        for (i, (sample, (((completion, reason), teacher), reasoning_content))) in samples.into_iter().zip(rest).enumerate() {
+            out.push(ColdRow {
+                sample,
+                completion,
+                accepted: accepted.value(i),
+                reason,
+                attempts: attempts.value(i),
+                teacher,
+                reasoning_content,
+            });
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,4 +860,50 @@ mod tests {
             "error must name file and column: {err}"
         );
     }
+
+    #[test]
+    fn coldstart_round_trips_and_is_byte_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let sample = |id: &str| Sample {
+            sample_id: id.into(),
+            user_id: "u".into(),
+            item_id: "i".into(),
+            timestamp: 3,
+            messages: vec![Message { role: "user".into(), content: "rate".into() }],
+            target: 4.0,
+            user_history_len: 1,
+            item_history_len: 2,
+        };
+        let rows = vec![
+            ColdRow {
+                sample: sample("a"),
+                completion: Some("<rate>4</rate>".into()),
+                accepted: true,
+                reason: None,
+                attempts: 1,
+                teacher: "cf".into(),
+                reasoning_content: Some("think".into()),
+            },
+            ColdRow {
+                sample: sample("b"),
+                completion: None,
+                accepted: false,
+                reason: Some("request_failed: timeout".into()),
+                attempts: 2,
+                teacher: "cf".into(),
+                reasoning_content: None,
+            },
+        ];
+        let (p1, p2) = (dir.path().join("c1.parquet"), dir.path().join("c2.parquet"));
+        write_coldstart(&p1, &rows).unwrap();
+        write_coldstart(&p2, &rows).unwrap();
+        assert_eq!(read_coldstart(&p1).unwrap(), rows, "coldstart rows round-trip, nulls included");
+        assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap(), "identical rows → identical bytes");
+        let err = read_coldstart(&dir.path().join("missing.parquet")).unwrap_err().to_string();
+        assert!(err.contains("missing.parquet"), "the error names the file: {err}");
+        write_samples(&p2, &[sample("a")]).unwrap();
+        let err = read_coldstart(&p2).unwrap_err().to_string();
+        assert!(err.contains("completion") && err.contains("c2.parquet"), "a samples table is not a coldstart table: {err}");
+    }
+
 }

@@ -2,7 +2,7 @@
 //! evidence index.
 //!
 //! * [`schema`] — Arrow schemas of interactions, items, samples, coldstart (pinned).
-//! * [`Interaction`], [`Item`], [`Sample`] — row types of those tables;
+//! * [`Interaction`], [`Item`], [`Sample`], [`ColdRow`] — row types of those tables;
 //!   [`io`] reads and writes them as deterministic Parquet (snappy).
 //! * [`raw`] — streaming record readers (plain or `.gz`, JSON lines,
 //!   concatenated/pretty-printed objects, Python-dict literals).
@@ -68,6 +68,21 @@ pub struct Sample {
     pub user_history_len: i32,
     /// Earlier ratings of the item by others shown in the prompt.
     pub item_history_len: i32,
+}
+
+/// One row of the `coldstart` table: the sample (its original prompt,
+/// never the hint) plus the teacher's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColdRow {
+    pub sample: Sample,
+    /// The accepted answer; for a rejected row, the last answer received.
+    pub completion: Option<String>,
+    pub accepted: bool,
+    /// `CODE: detail` when rejected.
+    pub reason: Option<String>,
+    pub attempts: i32,
+    pub teacher: String,
+    pub reasoning_content: Option<String>,
 }
 
 /// The total order used everywhere a user's interactions are put in time

@@ -35,9 +35,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{EventSink, InputSpec, Metrics, OutputSpec, Stage, StageCtx, StageDef};
 use crate::answer::Scale;
-use crate::data::Sample;
+use crate::data::{ColdRow, Sample};
 use crate::teacher::cache::ResponseCache;
-use crate::teacher::io::{self as cold_io, ColdRow};
 use crate::teacher::preview::{Preview, PreviewConfig};
 use crate::teacher::rationalize::{drive, failure_report, select_rows, LoopConfig, Money, Outcome, Shared, Stopped};
 use crate::teacher::stats::{stats_of, Stats};
@@ -547,7 +546,7 @@ fn write_outputs(ctx: &StageCtx, samples: &[Sample], outcomes: &[(usize, Outcome
             reasoning_content: o.reasoning_content.clone(),
         })
         .collect();
-    cold_io::write_coldstart(&ctx.output("coldstart")?, &cold)?;
+    crate::data::io::write_coldstart(&ctx.output("coldstart")?, &cold)?;
     let stats = stats_of(outcomes, teacher);
     // A plain write: the output dir is scratch, and committing it to the
     // store syncs every file (an fsync here would be paid twice).

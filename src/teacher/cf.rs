@@ -28,10 +28,10 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::io::{Interaction, Item, Sample};
 use super::{AskFuture, Reply, Request, TeacherBackend, TeacherError, Usage};
 use crate::answer::Scale;
 use crate::data::history::HistoryIndex;
+use crate::data::{Interaction, Item, Sample};
 
 /// Item attributes the reasoning quotes.
 #[derive(Debug, Clone, Default)]

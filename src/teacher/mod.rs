@@ -27,7 +27,6 @@ use sha2::{Digest, Sha256};
 
 pub mod cache;
 pub mod cf;
-pub mod io;
 pub mod leak;
 pub mod openai;
 pub mod preview;
