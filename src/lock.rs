@@ -194,6 +194,24 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_lock_has_its_pipeline() {
+        // A lock without its pipeline (once pipelines/qs_probe.lock) pins its
+        // objects against `gc` forever and is never rewritten.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "lock") {
+                let yaml = p.with_extension("yaml");
+                assert!(yaml.is_file(), "{} has no pipeline {} beside it", p.display(), yaml.display());
+                assert_eq!(lock_path(&yaml), p, "the lock is the one its pipeline writes");
+                n += 1;
+            }
+        }
+        assert!(n > 0, "pipelines/ ships locks (the test would pass vacuously otherwise)");
+    }
+
+    #[test]
     fn summary_keeps_results_and_drops_timings() {
         let m = serde_json::json!({
             "stage": "baselines", "wall_s": 3.2, "step_s_median": 0.5, "step_cpu_s_median": 1.0,

@@ -62,6 +62,20 @@ fn duplicate_and_reserved_names() {
     bad("stages:\n  a: {cmd: echo, outs: [../x.txt]}\n", "2:25", "inside the pipeline's directory");
 }
 
+/// Issue 14: `outs: [../../x]` once normalised to `x`, so the command ran
+/// (writing outside the pipeline's directory) and only then failed with exit 1.
+#[test]
+fn issue14_outputs_climbing_two_levels_are_refused_before_running() {
+    let p = Proj::new();
+    p.write("a/b/p.yaml", "stages:\n  s: {cmd: \"echo hi > ../../x.txt\", outs: [../../x.txt]}\n");
+    let o = p.run(&["run", "a/b/p.yaml"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "an escaping output is bad input: {err}");
+    assert!(err.contains("p.yaml:2:44") && err.contains("inside the pipeline's directory"), "names the output: {err}");
+    assert!(!p.path("x.txt").exists(), "the command never ran");
+    assert!(!p.path("cache").exists(), "nothing is written to the store");
+}
+
 #[test]
 fn cycles_are_named() {
     bad(

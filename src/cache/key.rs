@@ -30,12 +30,23 @@ pub struct StageKeyInputs {
     pub seed: u64,
 }
 
+/// Key inputs that cannot be encoded. Never hashed as something else: a key
+/// standing for `null` would make every such stage share one record.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode the stage's key inputs: {0}")]
+pub struct KeyError(#[from] serde_json::Error);
+
 impl StageKeyInputs {
     /// The key: sha256 (hex) of the canonical encoding.
-    pub fn key(&self) -> String {
-        let v = serde_json::to_value(self).unwrap_or(Value::Null);
-        super::hash::sha256_hex(canonical_json(&v).as_bytes())
+    pub fn key(&self) -> Result<String, KeyError> {
+        hash_canonical(self)
     }
+}
+
+/// The one hashing helper: sha256 (hex) of the canonical JSON of `v`.
+pub fn hash_canonical<T: Serialize>(v: &T) -> Result<String, KeyError> {
+    let v = serde_json::to_value(v)?;
+    Ok(super::hash::sha256_hex(canonical_json(&v).as_bytes()))
 }
 
 /// JSON with object keys sorted at every level and no whitespace.
@@ -164,19 +175,36 @@ mod tests {
 
     #[test]
     fn key_moves_with_each_field_and_not_with_map_order() {
-        let k0 = base().key();
+        let k0 = base().key().unwrap();
         let mut b = base();
         b.config = serde_json::json!({"outs": [{"path": "a", "name": "a"}], "cmd": "echo hi > a"});
-        assert_eq!(b.key(), k0, "object key order must not change the key");
+        assert_eq!(b.key().unwrap(), k0, "object key order must not change the key");
         let mut c = base();
         c.inputs.insert("x".into(), vec!["sha256:01".into()]);
-        assert_ne!(c.key(), k0, "input content enters the key");
+        assert_ne!(c.key().unwrap(), k0, "input content enters the key");
         let mut d = base();
         d.env.insert("V".into(), "h".into());
-        assert_ne!(d.key(), k0, "env hashes enter the key");
+        assert_ne!(d.key().unwrap(), k0, "env hashes enter the key");
         let mut e = base();
         e.version = 1;
-        assert_ne!(e.key(), k0, "implementation version enters the key");
+        assert_ne!(e.key().unwrap(), k0, "implementation version enters the key");
         assert_eq!(diff(&base(), &e)[0].field, "version", "diff names the field");
+    }
+
+    #[test]
+    fn unencodable_inputs_are_an_error_not_the_key_of_null() {
+        // JSON object keys must be strings: a map keyed by pairs cannot be encoded.
+        let bad: BTreeMap<(u8, u8), u8> = BTreeMap::from([((1, 2), 3)]);
+        assert!(hash_canonical(&bad).is_err(), "an encoding failure is reported");
+        assert_ne!(
+            hash_canonical(&Value::Null).unwrap(),
+            base().key().unwrap(),
+            "sanity: real inputs do not hash like null"
+        );
+        assert_eq!(
+            base().key().unwrap(),
+            super::super::hash::sha256_hex(canonical_json(&serde_json::to_value(base()).unwrap()).as_bytes()),
+            "the key is the sha256 of the canonical JSON (unchanged encoding: existing keys stay valid)"
+        );
     }
 }

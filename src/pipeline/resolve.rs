@@ -449,11 +449,15 @@ pub fn normalize(p: &Path) -> PathBuf {
     for c in p.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    out.push("..");
+            // `..` cancels a name only: popping an earlier `..` would turn
+            // `../../x` into `x` and let an output escape the directory.
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
                 }
-            }
+                Some(Component::RootDir | Component::Prefix(_)) => {} // `/..` is `/`
+                _ => out.push(".."),
+            },
             other => out.push(other.as_os_str()),
         }
     }
@@ -1229,6 +1233,15 @@ mod tests {
         assert!(t.iter().any(|x| matches!(x, Tok::Lit(l) if l.contains("${lit}"))), "$${{ escapes");
         assert!(tokenize("${nodot}").is_err(), "a bare name is not a reference");
         assert!(tokenize("${a.b").is_err(), "unterminated reference");
+    }
+
+    #[test]
+    fn normalize_keeps_every_leading_parent() {
+        let n = |s: &str| normalize(Path::new(s));
+        assert_eq!(n("../../x"), PathBuf::from("../../x"), "a second `..` must not cancel the first");
+        assert_eq!(n("a/../../x"), PathBuf::from("../x"), "`..` cancels a name");
+        assert_eq!(n("./a/./b/../c"), PathBuf::from("a/c"), "`.` vanishes");
+        assert_eq!(n("/a/../../b"), PathBuf::from("/b"), "nothing climbs above the root");
     }
 
     #[test]

@@ -535,7 +535,7 @@ async fn stage_task(
         KeyState::Known { ki, paths, .. } => (ki, paths),
         KeyState::Unknown(why) => return Err(why),
     };
-    let key = ki.key();
+    let key = ki.key().map_err(|e| e.to_string())?;
     if mode != Mode::Force {
         let (e2, st2, k2) = (eng.clone(), stage.clone(), key.clone());
         if let Some(d) = tokio::task::spawn_blocking(move || try_reuse(&e2, &st2, &k2)).await.map_err(|e| e.to_string())? {
@@ -825,7 +825,7 @@ pub fn dry_run(p: &Pipeline, sel: &Selection, allow_missing: bool) -> Result<(St
             }
             Ok(KeyState::Unknown(why)) => format!("{}: will run ({why})", s.name),
             Ok(KeyState::Known { ki, .. }) => {
-                let key = ki.key();
+                let key = ki.key()?;
                 let rec = store.read_record(&key);
                 match (rec, mode) {
                     (_, Mode::Force) => format!("{}: will run (forced)", s.name),

@@ -37,6 +37,8 @@ pub enum RunError {
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error(transparent)]
+    Key(#[from] crate::cache::key::KeyError),
+    #[error(transparent)]
     Lock(#[from] LockError),
     #[error("{path}: {source}")]
     Io {

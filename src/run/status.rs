@@ -104,7 +104,7 @@ pub fn status(p: &Pipeline) -> Result<Status, RunError> {
             }
             KeyState::Known { ki, trusted, .. } => {
                 st.trusted = trusted;
-                let key = ki.key();
+                let key = ki.key()?;
                 match entry {
                     None => {
                         st.reasons.push("not in the lock file (never run)".into());

@@ -132,7 +132,7 @@ pub fn verify(p: Pipeline, stages: &[String], tolerance: Option<f64>) -> Result<
                 KeyState::Known { ki, paths, .. } => (ki, paths),
                 KeyState::Unknown(why) => return Err(RunError::Failed(format!("stage `{}`: {why}", s.name))),
             };
-            let key = ki.key();
+            let key = ki.key()?;
             if key != entry.key {
                 return Err(RunError::Failed(format!(
                     "stage `{}` is stale against the lock (see `recflow explain`): run it before verifying",
