@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::error::{io_err, LlmError, Result};
-use super::model::SIDE_FILES;
+use super::weights::SIDE_FILES;
 use super::{gguf, weights, Model, ModelConfig, Tokenizer};
 
 /// What was imported.

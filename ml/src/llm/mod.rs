@@ -4,7 +4,8 @@
 //!
 //! * [`Model`] — one decoder for Llama and Qwen2/Qwen2.5 from an HF directory
 //!   (`config.json` + safetensors), HF parameter names, f32/bf16/f16, CPU/CUDA,
-//!   LoRA on every linear layer ([`Model::add_lora`]), save in the same layout.
+//!   LoRA on every linear layer ([`Model::add_lora`], [`lora`]), load and save
+//!   in the same layout ([`weights`]).
 //!   Full forward [`Model::forward`] or layer-wise ([`Model::embed`],
 //!   [`Model::layer_ctx`], [`Model::layers`], [`Model::final_hidden`], [`Model::lm_head`]).
 //! * [`KvCache`] — preallocated key/value cache, rows selectable.
@@ -34,6 +35,7 @@ pub mod gguf;
 pub mod import;
 pub mod cli;
 pub mod linear;
+pub mod lora;
 pub mod stages;
 pub mod model;
 pub mod tokenizer;
@@ -42,7 +44,8 @@ pub mod weights;
 pub use config::ModelConfig;
 pub use error::{LlmError, Result};
 pub use linear::Linear;
-pub use model::{position_ids_from_mask, DecoderLayer, KvCache, LayerCtx, LoraConfig, Model};
+pub use lora::LoraConfig;
+pub use model::{position_ids_from_mask, DecoderLayer, KvCache, LayerCtx, Model};
 pub use tokenizer::{ChatMessage, Tokenizer};
 
 /// Parses a dtype name: `f32`/`float32`, `bf16`/`bfloat16`, `f16`/`float16`.

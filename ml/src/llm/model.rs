@@ -14,30 +14,13 @@
 //! `scaled_dot_product_attention` with grouped-query heads (Ainslie et al. 2023).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use tch::{Device, Kind, Tensor};
 
 use super::config::ModelConfig;
-use super::error::{io_err, LlmError, Result};
+use super::error::{LlmError, Result};
 use super::linear::{Linear, LoraSwitch};
-use super::weights;
-
-/// LoRA settings (PEFT's `LoraConfig` names).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LoraConfig {
-    /// Rank r.
-    pub r: i64,
-    /// α: the update is scaled by α/r.
-    pub alpha: f64,
-    /// Dropout on the adapter's input during training.
-    pub dropout: f64,
-    /// Module names to adapt (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
-    /// `gate_proj`, `up_proj`, `down_proj`); `["all-linear"]` = all seven.
-    pub target_modules: Vec<String>,
-}
-
-const ALL_LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+use super::lora::LoraConfig;
 
 /// RMSNorm weight `[H]`.
 #[derive(Debug)]
@@ -268,9 +251,9 @@ impl KvCache {
 /// A Llama / Qwen2 causal LM. See the module docs for the math.
 #[derive(Debug)]
 pub struct Model {
-    cfg: ModelConfig,
-    device: Device,
-    kind: Kind,
+    pub(super) cfg: ModelConfig,
+    pub(super) device: Device,
+    pub(super) kind: Kind,
     /// `model.embed_tokens.weight`: `[V, H]`.
     pub embed_tokens: Tensor,
     pub layers: Vec<DecoderLayer>,
@@ -278,45 +261,13 @@ pub struct Model {
     pub norm: RmsNorm,
     /// `lm_head` (`None` when `tie_word_embeddings`: logits use `embed_tokens`).
     pub lm_head_linear: Option<Linear>,
-    inv_freq: Tensor,
-    switch: LoraSwitch,
-    lora: Option<LoraConfig>,
-    source_dir: Option<PathBuf>,
+    pub(super) inv_freq: Tensor,
+    pub(super) switch: LoraSwitch,
+    pub(super) lora: Option<LoraConfig>,
+    pub(super) source_dir: Option<PathBuf>,
 }
 
-/// Files besides the weights and config that travel with a model dir.
-pub const SIDE_FILES: &[&str] = &[
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "added_tokens.json",
-];
-
 impl Model {
-    /// Loads an HF model directory (`config.json` + safetensors, single or
-    /// sharded) onto `device` in `kind` (`Float`, `BFloat16` or `Half`).
-    /// Every expected tensor must be present with its HF shape; unknown
-    /// tensors are an error (they would mean a different architecture).
-    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Model> {
-        let cfg = ModelConfig::load(dir)?;
-        let mut map: HashMap<String, Tensor> = HashMap::new();
-        weights::read_dir_tensors(dir, |name, t| {
-            if name.ends_with("rotary_emb.inv_freq") {
-                return Ok(()); // old checkpoints store the RoPE buffer; recomputed here
-            }
-            let t = if t.kind() == kind { t } else { t.to_kind(kind) };
-            map.insert(name, t.to_device(device));
-            Ok(())
-        })?;
-        let mut m = Self::from_tensors(cfg, map, device, kind, dir)?;
-        m.source_dir = Some(dir.to_path_buf());
-        Ok(m)
-    }
-
     /// Builds a model from HF-named tensors (already on `device`/`kind`).
     /// `origin` names the checkpoint in errors.
     pub fn from_tensors(
@@ -563,134 +514,6 @@ impl Model {
         v
     }
 
-    /// Writes `config.json` and the weights (HF layout, the model's dtype,
-    /// sharded above 5 GB) into `dir`, and copies the tokenizer and
-    /// generation-config files from the directory the model was loaded
-    /// from. LoRA adapters are *not* folded in: call [`Model::merge_lora`]
-    /// first for a standalone model, or [`Model::save_adapter`].
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        self.save_with_shard_size(dir, weights::DEFAULT_MAX_SHARD_BYTES)
-    }
-
-    /// [`Model::save`] with an explicit shard size.
-    pub fn save_with_shard_size(&self, dir: &Path, max_shard_bytes: u64) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let mut cfg = self.cfg.clone();
-        let dt = match self.kind {
-            Kind::BFloat16 => "bfloat16",
-            Kind::Half => "float16",
-            _ => "float32",
-        };
-        cfg.extra.insert("torch_dtype".into(), serde_json::Value::String(dt.into()));
-        cfg.extra.remove("dtype");
-        let cpath = dir.join("config.json");
-        recflow::util::write_atomic(&cpath, cfg.to_json_string().as_bytes()).map_err(io_err(&cpath))?;
-        weights::save_tensors(dir, &self.named_parameters(), max_shard_bytes)?;
-        if let Some(src) = &self.source_dir {
-            copy_side_files(src, dir)?;
-        }
-        Ok(())
-    }
-
-    /// Adds a LoRA adapter to every targeted linear layer of every block
-    /// (draws `A` from tch's global generator: seed it with
-    /// `train::with_torch_seed` around this call).
-    pub fn add_lora(&mut self, cfg: &LoraConfig) -> Result<()> {
-        if cfg.r <= 0 {
-            return Err(LlmError::Invalid(format!("LoRA r must be > 0, got {}", cfg.r)));
-        }
-        if !(0.0..1.0).contains(&cfg.dropout) {
-            return Err(LlmError::Invalid(format!("LoRA dropout must be in [0, 1), got {}", cfg.dropout)));
-        }
-        let targets: Vec<&str> = if cfg.target_modules.iter().any(|t| t == "all-linear") {
-            ALL_LINEAR.to_vec()
-        } else {
-            for t in &cfg.target_modules {
-                if !ALL_LINEAR.contains(&t.as_str()) {
-                    return Err(LlmError::Invalid(format!(
-                        "LoRA target module `{t}` unknown (one of {ALL_LINEAR:?} or \"all-linear\")"
-                    )));
-                }
-            }
-            cfg.target_modules.iter().map(String::as_str).collect()
-        };
-        for l in &mut self.layers {
-            for (name, lin) in l.linears_mut() {
-                let short = name.rsplit('.').next().unwrap_or(name);
-                if targets.contains(&short) {
-                    lin.add_lora(cfg.r, cfg.alpha, cfg.dropout);
-                }
-            }
-        }
-        self.lora = Some(cfg.clone());
-        Ok(())
-    }
-
-    /// Adapters on (policy) or off (the frozen base = reference model).
-    pub fn set_lora_enabled(&self, on: bool) {
-        self.switch.enabled.store(on, Ordering::Relaxed);
-    }
-    pub fn lora_enabled(&self) -> bool {
-        self.switch.enabled()
-    }
-    /// Training mode: LoRA dropout active.
-    pub fn set_training(&self, on: bool) {
-        self.switch.training.store(on, Ordering::Relaxed);
-    }
-    pub fn lora_config(&self) -> Option<&LoraConfig> {
-        self.lora.as_ref()
-    }
-
-    /// Adapter tensors with PEFT names
-    /// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`),
-    /// sharing storage with the model (f32, `requires_grad`).
-    pub fn lora_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut v = Vec::new();
-        for l in &self.layers {
-            for (name, lin) in l.linears() {
-                if let Some(lo) = &lin.lora {
-                    let p = format!("base_model.model.model.layers.{}.{name}", l.index);
-                    v.push((format!("{p}.lora_A.weight"), lo.a.shallow_clone()));
-                    v.push((format!("{p}.lora_B.weight"), lo.b.shallow_clone()));
-                }
-            }
-        }
-        v
-    }
-
-    /// Folds every adapter into its base weight and removes it.
-    pub fn merge_lora(&mut self) {
-        for l in &mut self.layers {
-            for (_, lin) in l.linears_mut() {
-                lin.merge_lora();
-            }
-        }
-        self.lora = None;
-    }
-
-    /// Writes the adapters in PEFT layout: `adapter_model.safetensors` +
-    /// `adapter_config.json` (loadable by `peft.PeftModel.from_pretrained`).
-    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
-        let cfg = self.lora.as_ref().ok_or_else(|| LlmError::Invalid("model has no LoRA adapters to save".into()))?;
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let tensors: Vec<(String, Tensor)> = self.lora_parameters();
-        weights::save_tensors(dir, &tensors, u64::MAX)?;
-        std::fs::rename(dir.join(weights::SINGLE_FILE), dir.join("adapter_model.safetensors")).map_err(io_err(dir))?;
-        let targets: Vec<String> = if cfg.target_modules.iter().any(|t| t == "all-linear") {
-            ALL_LINEAR.iter().map(|s| s.to_string()).collect()
-        } else {
-            cfg.target_modules.clone()
-        };
-        let ac = serde_json::json!({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none",
-            "fan_in_fan_out": false, "inference_mode": true, "use_rslora": false, "use_dora": false,
-            "base_model_name_or_path": self.source_dir.as_ref().map(|p| p.display().to_string()),
-        });
-        let p = dir.join("adapter_config.json");
-        recflow::util::write_atomic(&p, serde_json::to_string_pretty(&ac).unwrap_or_default().as_bytes()).map_err(io_err(&p))?;
-        Ok(())
-    }
 }
 
 impl DecoderLayer {
@@ -719,20 +542,6 @@ impl DecoderLayer {
             ("mlp.down_proj", &mut m.down_proj),
         ]
     }
-}
-
-/// Copies tokenizer / generation-config files that exist in `src` to `dst`.
-pub fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
-    if src == dst {
-        return Ok(());
-    }
-    for f in SIDE_FILES {
-        let s = src.join(f);
-        if s.is_file() {
-            std::fs::copy(&s, dst.join(f)).map_err(io_err(&s))?;
-        }
-    }
-    Ok(())
 }
 
 /// HF's position ids for a left-padded batch: `cumsum(mask) − 1`, padding

@@ -1,12 +1,16 @@
 //! Safetensors checkpoint IO in HF layout: `model.safetensors`, or shards
-//! `model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.json`.
+//! `model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.json`;
+//! [`Model::load`] / [`Model::save`] over them, with the tokenizer and
+//! generation-config files that travel with a model dir.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use tch::{Device, Kind, Tensor};
 
+use super::config::ModelConfig;
 use super::error::{io_err, read_json, LlmError, Result};
+use super::model::Model;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -155,3 +159,82 @@ pub fn save_tensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: u
     }
     Ok(())
 }
+
+/// Files besides the weights and config that travel with a model dir.
+pub const SIDE_FILES: &[&str] = &[
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "added_tokens.json",
+];
+
+impl Model {
+    /// Loads an HF model directory (`config.json` + safetensors, single or
+    /// sharded) onto `device` in `kind` (`Float`, `BFloat16` or `Half`).
+    /// Every expected tensor must be present with its HF shape; unknown
+    /// tensors are an error (they would mean a different architecture).
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Model> {
+        let cfg = ModelConfig::load(dir)?;
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        read_dir_tensors(dir, |name, t| {
+            if name.ends_with("rotary_emb.inv_freq") {
+                return Ok(()); // old checkpoints store the RoPE buffer; recomputed here
+            }
+            let t = if t.kind() == kind { t } else { t.to_kind(kind) };
+            map.insert(name, t.to_device(device));
+            Ok(())
+        })?;
+        let mut m = Self::from_tensors(cfg, map, device, kind, dir)?;
+        m.source_dir = Some(dir.to_path_buf());
+        Ok(m)
+    }
+
+    /// Writes `config.json` and the weights (HF layout, the model's dtype,
+    /// sharded above 5 GB) into `dir`, and copies the tokenizer and
+    /// generation-config files from the directory the model was loaded
+    /// from. LoRA adapters are *not* folded in: call [`Model::merge_lora`]
+    /// first for a standalone model, or [`Model::save_adapter`].
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_with_shard_size(dir, DEFAULT_MAX_SHARD_BYTES)
+    }
+
+    /// [`Model::save`] with an explicit shard size.
+    pub fn save_with_shard_size(&self, dir: &Path, max_shard_bytes: u64) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut cfg = self.cfg.clone();
+        let dt = match self.kind {
+            Kind::BFloat16 => "bfloat16",
+            Kind::Half => "float16",
+            _ => "float32",
+        };
+        cfg.extra.insert("torch_dtype".into(), serde_json::Value::String(dt.into()));
+        cfg.extra.remove("dtype");
+        let cpath = dir.join("config.json");
+        recflow::util::write_atomic(&cpath, cfg.to_json_string().as_bytes()).map_err(io_err(&cpath))?;
+        save_tensors(dir, &self.named_parameters(), max_shard_bytes)?;
+        if let Some(src) = &self.source_dir {
+            copy_side_files(src, dir)?;
+        }
+        Ok(())
+    }
+
+}
+
+/// Copies tokenizer / generation-config files that exist in `src` to `dst`.
+pub fn copy_side_files(src: &Path, dst: &Path) -> Result<()> {
+    if src == dst {
+        return Ok(());
+    }
+    for f in SIDE_FILES {
+        let s = src.join(f);
+        if s.is_file() {
+            std::fs::copy(&s, dst.join(f)).map_err(io_err(&s))?;
+        }
+    }
+    Ok(())
+}
+

@@ -172,6 +172,16 @@ impl Log {
         Ok(())
     }
 
+    /// Sets `values` in the last row (an evaluation of the step it logs).
+    pub fn set_last(&mut self, values: &[(&str, Option<f64>)]) -> Result<(), TrainError> {
+        for (k, v) in values {
+            let j = self.columns.iter().position(|c| c == k).ok_or_else(|| TrainError::Invalid(format!("log has no column `{k}`")))?;
+            let row = self.rows.last_mut().ok_or_else(|| TrainError::Invalid(format!("log has no row to set `{k}` in")))?;
+            row[j] = *v;
+        }
+        Ok(())
+    }
+
     /// The non-null values of column `name`, in step order (empty when absent).
     pub fn column(&self, name: &str) -> Vec<f64> {
         match self.columns.iter().position(|c| c == name) {

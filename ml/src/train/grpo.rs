@@ -1,13 +1,15 @@
 //! The `grpo` stage's run function (metadata: `recflow::stages::grpo`).
 //!
-//! Per rollout batch (every `num_iterations` optimizer steps):
-//! B prompts × G completions from the generation engine (temperature τ) →
-//! rule rewards (per term) → group advantages → masks (`mask_truncated_completions`)
-//! → reference log-probs (β > 0; with LoRA: adapters off, no copy) → old
-//! log-probs (μ > 1, recomputed by the training forward as TRL does).
-//! Per optimizer step: micro-batches by token budget, chunked log-probs at
-//! τ, clipped surrogate + β·KL with TRL 0.24's normalisation (see
-//! [`crate::rl::loss`]) → clip → AdamW → log → evaluate → checkpoint.
+//! [`run`] reads top to bottom in nanoGPT's order, per optimizer step:
+//! learning rate → evaluate / checkpoint the weights so far
+//! ([`Grpo::evaluate`], [`super::trainer`]) → rollouts, every `num_iterations`
+//! steps ([`Grpo::rollout`]: B prompts × G completions at temperature τ →
+//! rule rewards per term → group advantages → masks
+//! (`mask_truncated_completions`) → reference log-probs (β > 0; with LoRA:
+//! adapters off, no copy) → old log-probs (μ > 1, recomputed by the training
+//! forward as TRL does)) → micro-steps ([`Grpo::train_step`]: micro-batches by
+//! token budget, chunked log-probs at τ, clipped surrogate + β·KL with TRL
+//! 0.24's normalisation, see [`crate::rl::loss`]) → clip → AdamW → log.
 //!
 //! Checkpoints are written only at rollout boundaries, so a resumed run
 //! regenerates nothing it had consumed and loses at most the rollouts in
@@ -18,12 +20,12 @@ use recflow::stages::grpo::{CollapseWatch, Config};
 use recflow::stages::{Metrics, StageCtx};
 use tch::{Device, Kind, Tensor};
 
-use super::checkpoint::{self, State};
-use super::data::{read_examples, Log};
+use super::data::{read_examples, Example, Log};
 use super::logprobs::{self, RunOpts, SeqBatch};
-use super::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig, LrSchedule};
-use super::rollout::{encode_prompt, load_trainee, sample, write_outputs, Sampled};
-use super::{derive_seed, parse_device, Precision, TrainError};
+use super::optim::{zero_grad, AdamWConfig, LrSchedule};
+use super::rollout::{encode_prompt, lora_config, sample, Sampled};
+use super::trainer::{Setup, TrainConfig, Trainer};
+use super::{derive_seed, TrainError};
 use crate::llm::Model;
 use crate::rl::advantage::group_advantages;
 use crate::rl::loss::{sequence_weights, Surrogate};
@@ -181,372 +183,424 @@ fn pack(lens: &[(usize, usize)], keep: &[bool], g: usize, budget: usize, share: 
     out
 }
 
-fn fingerprint(cfg: &Config, seed: u64, device: &str) -> String {
-    let mut c = cfg.clone();
-    for_operational(&mut c);
-    checkpoint::fingerprint(&(c, seed, device))
+impl TrainConfig for Config {
+    type Stage = recflow::stages::grpo::Grpo;
+    const CUDA_NOTE: &'static str = "CUDA kernels (atomics in backward, sampling on GPU) are not bit-deterministic";
+    fn seed(&self) -> Option<u64> {
+        self.seed
+    }
+    fn dtype(&self) -> recflow::stages::sft::DType {
+        self.dtype
+    }
+    fn lora(&self) -> Option<crate::llm::LoraConfig> {
+        lora_config(self.use_peft, self.lora_r, self.lora_alpha, self.lora_dropout, &self.lora_target_modules)
+    }
+    fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { beta1: self.adam_beta1, beta2: self.adam_beta2, eps: self.adam_epsilon, weight_decay: self.weight_decay }
+    }
+    fn schedule(&self, total: usize) -> LrSchedule {
+        LrSchedule::new(self.learning_rate, self.lr_scheduler_type, self.warmup_steps, self.warmup_ratio, total)
+    }
+    fn max_grad_norm(&self) -> f64 {
+        self.max_grad_norm
+    }
+    fn eval_steps(&self) -> usize {
+        self.eval_steps
+    }
+    fn save_steps(&self) -> usize {
+        self.save_steps
+    }
+    /// Rollouts are not checkpointed: only the first of the μ steps that
+    /// share a rollout batch is a boundary.
+    fn boundary(&self) -> usize {
+        self.num_iterations
+    }
+    fn load_best_model_at_end(&self) -> bool {
+        self.load_best_model_at_end
+    }
 }
 
-fn for_operational(c: &mut Config) {
-    c.save_steps = 0;
-    c.max_tokens_per_microbatch = 0;
-    c.logprob_chunk_tokens = 0;
-    c.kl_warn_threshold = 0.0;
+/// Wall-clock and volume totals of a run, for the run record.
+#[derive(Default)]
+struct Totals {
+    generation_s: f64,
+    reference_s: f64,
+    training_s: f64,
+    tokens_generated: usize,
+    rows: usize,
+    /// Rows whose forward/backward `skip_zero_advantage` saved.
+    rows_skipped: usize,
+}
+
+/// What one optimizer step accumulated over its micro-batches: the sums
+/// behind the log's per-step means.
+#[derive(Default)]
+struct StepStats {
+    /// Σ over micro-batches of the normalised loss (= the step's loss).
+    loss: f64,
+    /// Σ m_it · KL_it over loss-mask tokens.
+    kl: f64,
+    /// Σ m_it · H_it over the tokens trained on.
+    entropy: f64,
+    /// Loss-mask tokens whose ratio was clipped below / above.
+    clip_low: f64,
+    clip_high: f64,
+    /// Loss-mask tokens, the skipped rows' included (as in TRL's means).
+    n_mask: f64,
+    /// Σ |sampling − training| log-prob of the sampled tokens, and their count.
+    gap: f64,
+    gap_n: usize,
+}
+
+impl StepStats {
+    /// Mean KL to the reference per loss-mask token.
+    fn kl_mean(&self) -> f64 {
+        self.kl / self.n_mask.max(1.0)
+    }
+
+    /// The step's log row, less the evaluation columns.
+    fn row<'a>(&self, r: &'a Rollouts, term_cols: &'a [String], grad_norm: f64, lr: f64) -> Vec<(&'a str, Option<f64>)> {
+        let denom = self.n_mask.max(1.0);
+        let mut row: Vec<(&str, Option<f64>)> = r.stats.clone();
+        row.extend([
+            ("kl", Some(self.kl_mean())),
+            // Over the tokens trained on: the skipped rows' are not in `entropy`.
+            ("entropy", (self.n_mask > r.skipped_tokens).then(|| self.entropy / (self.n_mask - r.skipped_tokens))),
+            ("loss", Some(self.loss)),
+            ("clip_low", Some(self.clip_low / denom)),
+            ("clip_high", Some(self.clip_high / denom)),
+            ("grad_norm", Some(grad_norm)),
+            ("lr", Some(lr)),
+            ("logprob_gap", (self.gap_n > 0).then(|| self.gap / self.gap_n as f64)),
+        ]);
+        for (c, v) in term_cols.iter().zip(&r.term_means) {
+            row.push((c.as_str(), Some(*v)));
+        }
+        row
+    }
+}
+
+/// Greedy answers on the validation prompts.
+struct Eval {
+    /// RMSE and MAE over the valid answers (None when none is valid).
+    rmse: Option<f64>,
+    mae: Option<f64>,
+    reward: Option<f64>,
+    invalid: Option<f64>,
+}
+
+/// A grpo run's data, reward and reference model.
+struct Grpo<'a> {
+    cfg: &'a Config,
+    samples: Vec<Example>,
+    prompts: Vec<Vec<i64>>,
+    valid: Vec<Example>,
+    valid_prompts: Vec<Vec<i64>>,
+    reward_fn: RewardFn,
+    /// `reward_<term>` log columns.
+    term_cols: Vec<String>,
+    /// Full fine-tuning with β > 0: a frozen copy of the start; with LoRA
+    /// the reference is the same weights with adapters off.
+    ref_model: Option<Model>,
+    surrogate: Surrogate,
+    /// Log-probs without gradient (reference, old policy).
+    nograd: RunOpts,
+    totals: Totals,
 }
 
 pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
-    let t0 = std::time::Instant::now();
-    let (mut t_gen, mut t_ref, mut t_train) = (0f64, 0f64, 0f64);
-    let seed = cfg.seed.unwrap_or(ctx.seed);
-    let device = parse_device(&ctx.device)?;
-    let prec = Precision::resolve(cfg.dtype, device, cfg.use_peft);
-    let lora = cfg.use_peft.then(|| crate::llm::LoraConfig {
-        r: cfg.lora_r as i64,
-        alpha: cfg.lora_alpha,
-        dropout: cfg.lora_dropout,
-        target_modules: cfg.lora_target_modules.clone(),
-    });
-    let trainee = load_trainee(ctx.input("model")?, device, prec, lora, seed)?;
-    // Full fine-tuning with β > 0 needs a frozen copy as the reference;
-    // with LoRA the reference is the same weights with adapters off.
-    let ref_model = if cfg.beta != 0.0 && !trainee.lora {
-        Some(Model::load(ctx.input("model")?, device, prec.load).map_err(|e| anyhow::anyhow!("{e}"))?)
-    } else {
-        None
-    };
-    let model = &trainee.model;
-    let tok = &trainee.tok;
-    let pad = tok.pad_token_id().unwrap_or(0);
-
-    // --- data ----------------------------------------------------------------
-    let samples = read_examples(ctx.input("samples")?, false)?;
-    if samples.is_empty() {
-        anyhow::bail!("{}: no samples to train on", ctx.input("samples")?.display());
-    }
-    let prompts: Vec<Vec<i64>> =
-        samples.iter().map(|e| encode_prompt(tok, e, cfg.max_prompt_length)).collect::<Result<_, _>>()?;
-    let valid: Vec<_> = read_examples(ctx.input("valid")?, false)?.into_iter().take(cfg.eval_max_samples).collect();
-    let valid_prompts: Vec<Vec<i64>> =
-        valid.iter().map(|e| encode_prompt(tok, e, cfg.max_prompt_length)).collect::<Result<_, _>>()?;
-    let reward_fn = RewardFn::paper(&cfg.reward, cfg.scale);
-    let term_cols: Vec<String> = reward_fn.names().iter().map(|n| format!("reward_{n}")).collect();
+    let setup = Setup::load(cfg, ctx)?;
+    let mut g = Grpo::new(cfg, ctx, &setup)?;
     let mut columns: Vec<&str> = LOG_COLUMNS.to_vec();
-    columns.extend(term_cols.iter().map(String::as_str));
-
-    // --- optimizer, schedule, resume -------------------------------------------
-    let total = cfg.max_steps;
-    let mu = cfg.num_iterations;
-    let sched = LrSchedule::new(cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_steps, cfg.warmup_ratio, total);
-    let mut opt = AdamW::new(AdamWConfig {
-        beta1: cfg.adam_beta1,
-        beta2: cfg.adam_beta2,
-        eps: cfg.adam_epsilon,
-        weight_decay: cfg.weight_decay,
-    });
-    let surrogate = Surrogate { epsilon_low: cfg.epsilon, epsilon_high: cfg.epsilon_high(), beta: cfg.beta };
-    let fp = fingerprint(cfg, seed, &ctx.device);
-    let mut log = Log::new(&columns);
-    let mut state = State { step: 0, seed, fingerprint: fp.clone(), best_metric_bits: None, best_step: None };
-    let mut best: Option<Vec<(String, Tensor)>> = None;
-    let mut resumed_from = 0u64;
-    if let Some(l) = checkpoint::load(&ctx.work_dir, &fp, device)? {
-        checkpoint::copy_into(&trainee.trainable, &l.trainable)?;
-        l.restore_optimizer(&mut opt, device)?;
-        log = l.log;
-        best = l.best;
-        state = l.state;
-        resumed_from = state.step;
-        ctx.log("info", format!("grpo: resumed from the checkpoint at step {}", state.step));
-    }
+    columns.extend(g.term_cols.iter().map(String::as_str));
+    let mut t = Trainer::start(setup, cfg, ctx, cfg.max_steps, &columns)?;
     ctx.log(
         "info",
         format!(
-            "grpo: {} prompts, B = {} × G = {}, {} steps, μ = {mu}, loss_type {:?}, β = {}, {}",
-            samples.len(),
+            "grpo: {} prompts, B = {} × G = {}, {} steps, μ = {}, loss_type {:?}, β = {}, {}",
+            g.samples.len(),
             cfg.prompts_per_step,
             cfg.num_generations,
-            total,
+            cfg.max_steps,
+            cfg.num_iterations,
             cfg.loss_type,
             cfg.beta,
-            if trainee.lora { "LoRA" } else { "full fine-tuning" }
+            if t.trainee.lora { "LoRA" } else { "full fine-tuning" }
         ),
     );
-    let nograd_opts = RunOpts {
-        temperature: cfg.temperature,
-        chunk: cfg.logprob_chunk_tokens,
-        checkpointing: false,
-        autocast: prec.autocast,
-        dropout_seed: None,
-    };
+    let mut watch = collapse_watch(cfg, &t.log);
     let mut ro: Option<Rollouts> = None;
-    let mut tokens_generated = 0usize;
-    let (mut rows_total, mut rows_skipped) = (0usize, 0usize);
-    let mut nonfinite_steps = 0usize;
-    let mut step_times: Vec<f64> = Vec::new();
-    // Step of the newest checkpoint on disk (a cancel needs no second copy).
-    let mut last_saved = state.step;
-    let mut mem = super::StepStats::on(device);
-    // Collapse (valid fraction, zero-variance groups, KL): watched per step
-    // and warned once per condition; a resumed run replays its restored log
-    // first, so its verdict equals an uninterrupted run's.
-    let mut watch = CollapseWatch::new(total, (cfg.beta != 0.0).then_some(cfg.kl_warn_threshold));
+
+    for step in t.steps() {
+        let lr = t.lr(step);
+        // Evaluate and checkpoint the weights after `step` updates.
+        if t.eval_due(step) {
+            let e = g.evaluate(&t)?;
+            ctx.log("info", format!("grpo step {step}: val rmse {:?} mae {:?} invalid {:?} reward {:?}", e.rmse, e.mae, e.invalid, e.reward));
+            t.record_eval(&[("val_rmse", e.rmse), ("val_reward", e.reward)], e.rmse)?;
+        }
+        t.checkpoint_if_due(ctx, step)?;
+        if step == t.total() {
+            break;
+        }
+        t.stop_if_cancelled(ctx, step, false)?;
+        t.begin_step();
+        // Rollouts: B prompts × G completions, scored, once per μ steps.
+        if step % cfg.num_iterations == 0 || ro.is_none() {
+            ro = Some(g.rollout(&t, step, ctx)?);
+        }
+        let r = ro.as_ref().ok_or_else(|| anyhow::anyhow!("no rollouts"))?;
+        // Micro-steps, clip, AdamW.
+        let tt = std::time::Instant::now();
+        let s = g.train_step(&mut t, r, step, ctx)?;
+        let grad_norm = t.update(ctx, step, s.loss, lr)?;
+        g.totals.training_s += tt.elapsed().as_secs_f64();
+        // Log.
+        let (done, kl) = (t.state.step, s.kl_mean());
+        if cfg.beta != 0.0 && kl > cfg.kl_warn_threshold {
+            ctx.warn(format!(
+                "grpo step {done}: KL to the reference is {kl:.3} (> kl_warn_threshold {}) — the policy is drifting fast; lower learning_rate or raise beta",
+                cfg.kl_warn_threshold
+            ));
+        }
+        t.log.push(done as i64, &s.row(r, &g.term_cols, grad_norm, lr))?;
+        let stat = |c: &str| r.stats.iter().find(|x| x.0 == c).and_then(|x| x.1).unwrap_or(f64::NAN);
+        if let Some(w) = watch.observe(done, stat("valid_fraction"), stat("frac_reward_zero_std"), kl) {
+            ctx.warn(format!("{w} — the run goes on; lower learning_rate, or check the reward and the SFT start"));
+        }
+        ctx.progress(done, Some(cfg.max_steps as u64), "step");
+    }
+
+    drop(ro);
+    let m = g.metrics(&t, &watch);
+    Ok(t.finish(ctx, "best_val_rmse", m)?)
+}
+
+/// Collapse (valid fraction, zero-variance groups, KL), watched per step and
+/// warned once per condition; a resumed run replays its restored `log`
+/// first, so its verdict equals an uninterrupted run's.
+fn collapse_watch(cfg: &Config, log: &Log) -> CollapseWatch {
+    let mut watch = CollapseWatch::new(cfg.max_steps, (cfg.beta != 0.0).then_some(cfg.kl_warn_threshold));
     for (i, &s) in log.steps.iter().enumerate() {
         let at = |c: &str| log.columns.iter().position(|x| x == c).and_then(|j| log.rows[i][j]).unwrap_or(f64::NAN);
         watch.observe(s as u64, at("valid_fraction"), at("frac_reward_zero_std"), at("kl"));
     }
+    watch
+}
 
-    // --- loop --------------------------------------------------------------------
-    for step in state.step as usize..total {
-        // Cancellation (Ctrl-C / SIGTERM): checkpoint at the next rollout
-        // boundary and stop, so the rerun continues from exactly here. A
-        // boundary, because rollouts are not checkpointed: with μ > 1 the
-        // steps up to it still train on the batch in hand (at most μ − 1).
-        if ctx.is_cancelled() && step % mu == 0 {
-            if state.step != last_saved {
-                checkpoint::save(&ctx.work_dir, &state, &trainee.trainable, &opt, best.as_deref(), &log)?;
-            }
-            anyhow::bail!("grpo cancelled after step {step}; checkpoint kept in the work dir, a rerun continues from it");
+impl<'a> Grpo<'a> {
+    /// The training and validation prompts, the reward, and the reference model.
+    fn new(cfg: &'a Config, ctx: &StageCtx, setup: &Setup) -> anyhow::Result<Self> {
+        // Full fine-tuning with β > 0 needs a frozen copy as the reference.
+        let ref_model = if cfg.beta != 0.0 && !setup.trainee.lora {
+            Some(Model::load(ctx.input("model")?, setup.device, setup.prec.load).map_err(|e| anyhow::anyhow!("{e}"))?)
+        } else {
+            None
+        };
+        let tok = &setup.trainee.tok;
+        let samples = read_examples(ctx.input("samples")?, false)?;
+        if samples.is_empty() {
+            anyhow::bail!("{}: no samples to train on", ctx.input("samples")?.display());
         }
-        let lr = sched.lr(step);
-        let iter = step % mu;
-        let ts = std::time::Instant::now();
-        mem.begin();
+        let prompts: Vec<Vec<i64>> = samples.iter().map(|e| encode_prompt(tok, e, cfg.max_prompt_length)).collect::<Result<_, _>>()?;
+        let valid: Vec<_> = read_examples(ctx.input("valid")?, false)?.into_iter().take(cfg.eval_max_samples).collect();
+        let valid_prompts: Vec<Vec<i64>> = valid.iter().map(|e| encode_prompt(tok, e, cfg.max_prompt_length)).collect::<Result<_, _>>()?;
+        let reward_fn = RewardFn::paper(&cfg.reward, cfg.scale);
+        let term_cols = reward_fn.names().iter().map(|n| format!("reward_{n}")).collect();
+        Ok(Grpo {
+            cfg,
+            samples,
+            prompts,
+            valid,
+            valid_prompts,
+            reward_fn,
+            term_cols,
+            ref_model,
+            surrogate: Surrogate { epsilon_low: cfg.epsilon, epsilon_high: cfg.epsilon_high(), beta: cfg.beta },
+            nograd: RunOpts {
+                temperature: cfg.temperature,
+                chunk: cfg.logprob_chunk_tokens,
+                checkpointing: false,
+                autocast: setup.prec.autocast,
+                dropout_seed: None,
+            },
+            totals: Totals::default(),
+        })
+    }
 
-        // Rollouts: B prompts × G completions, scored.
-        if iter == 0 || ro.is_none() {
-            let r_idx = (step / mu) as u64;
-            let tg = std::time::Instant::now();
-            let idx = super::step_indices(samples.len(), cfg.prompts_per_step, step / mu, seed);
-            let batch_prompts: Vec<Vec<i64>> = idx.iter().map(|&i| prompts[i].clone()).collect();
-            let req_ids: Vec<u64> = (0..idx.len() as u64).map(|b| r_idx * cfg.prompts_per_step as u64 + b).collect();
-            let out = sample(
-                model,
-                tok,
-                &batch_prompts,
-                &req_ids,
-                cfg.num_generations,
-                cfg.max_completion_length,
-                cfg.temperature,
-                cfg.top_p,
-                cfg.top_k,
-                derive_seed(seed, 0x5a3, r_idx),
-                prec.autocast,
-            )?;
-            t_gen += tg.elapsed().as_secs_f64();
-            let r = score(cfg, &reward_fn, &samples, &idx, &batch_prompts, out, ctx)?;
-            tokens_generated += r.rows.iter().map(|x| x.1.len()).sum::<usize>();
-            rows_total += r.rows.len();
-            rows_skipped += r.skipped_rows;
-            let mut r = r;
-            let tr = std::time::Instant::now();
-            model.set_training(false);
-            if cfg.beta != 0.0 {
-                r.ref_lp = Some(match &ref_model {
-                    Some(m) => r.logprobs(m, pad, &nograd_opts)?,
-                    None => {
-                        model.set_lora_enabled(false);
-                        let lp = r.logprobs(model, pad, &nograd_opts);
-                        model.set_lora_enabled(true);
-                        lp?
-                    }
-                });
-            }
-            if mu > 1 {
-                r.old_lp = Some(r.logprobs(model, pad, &nograd_opts)?);
-            }
-            t_ref += tr.elapsed().as_secs_f64();
-            ro = Some(r);
+    /// The rollout batch of step `step`: B prompts (the `step / μ`-th batch
+    /// of the data order) × G completions at temperature τ, scored; then the
+    /// reference log-probs (β > 0) and the old policy's (μ > 1).
+    fn rollout(&mut self, t: &Trainer, step: usize, ctx: &mut StageCtx) -> Result<Rollouts, TrainError> {
+        let cfg = self.cfg;
+        let (model, r_idx) = (&t.trainee.model, (step / cfg.num_iterations) as u64);
+        let tg = std::time::Instant::now();
+        let idx = super::step_indices(self.samples.len(), cfg.prompts_per_step, step / cfg.num_iterations, t.seed);
+        let batch_prompts: Vec<Vec<i64>> = idx.iter().map(|&i| self.prompts[i].clone()).collect();
+        let req_ids: Vec<u64> = (0..idx.len() as u64).map(|b| r_idx * cfg.prompts_per_step as u64 + b).collect();
+        let out = sample(
+            model,
+            &t.trainee.tok,
+            &batch_prompts,
+            &req_ids,
+            cfg.num_generations,
+            cfg.max_completion_length,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.top_k,
+            derive_seed(t.seed, 0x5a3, r_idx),
+            t.prec.autocast,
+        )?;
+        self.totals.generation_s += tg.elapsed().as_secs_f64();
+        let mut r = score(cfg, &self.reward_fn, &self.samples, &idx, &batch_prompts, out, ctx)?;
+        self.totals.tokens_generated += r.rows.iter().map(|x| x.1.len()).sum::<usize>();
+        self.totals.rows += r.rows.len();
+        self.totals.rows_skipped += r.skipped_rows;
+        let tr = std::time::Instant::now();
+        model.set_training(false);
+        if cfg.beta != 0.0 {
+            r.ref_lp = Some(match &self.ref_model {
+                Some(m) => r.logprobs(m, t.pad, &self.nograd)?,
+                None => {
+                    model.set_lora_enabled(false);
+                    let lp = r.logprobs(model, t.pad, &self.nograd);
+                    model.set_lora_enabled(true);
+                    lp?
+                }
+            });
         }
-        let r = ro.as_ref().ok_or_else(|| anyhow::anyhow!("no rollouts"))?;
+        if cfg.num_iterations > 1 {
+            r.old_lp = Some(r.logprobs(model, t.pad, &self.nograd)?);
+        }
+        self.totals.reference_s += tr.elapsed().as_secs_f64();
+        Ok(r)
+    }
 
-        // Optimizer step over micro-batches.
-        let tt = std::time::Instant::now();
-        model.set_training(true);
-        zero_grad(&trainee.trainable);
-        let (mut loss_sum, mut kl_sum, mut ent_sum, mut low, mut high) = (0f64, 0f64, 0f64, 0f64, 0f64);
-        let mut n_mask = r.skipped_tokens;
+    /// Forward + backward of step `step` over the rollouts' micro-batches:
+    /// per token the clipped surrogate + β·KL ([`Surrogate::per_token`]),
+    /// weighted by w_i (`loss_type`'s normalisation, [`sequence_weights`]).
+    /// Gradients accumulate in the trainable tensors; the update is the
+    /// caller's.
+    fn train_step(&self, t: &mut Trainer, r: &Rollouts, step: usize, ctx: &StageCtx) -> anyhow::Result<StepStats> {
+        let cfg = self.cfg;
+        let device = t.device;
+        t.trainee.model.set_training(true);
+        zero_grad(&t.trainee.trainable);
+        let mut s = StepStats { n_mask: r.skipped_tokens, ..StepStats::default() };
         if r.micro.is_empty() {
             // Nothing to back-propagate: the gradient is exactly 0, and the
             // update still runs on it (AdamW's moments move, as in TRL).
-            super::optim::ensure_grads(&trainee.trainable)?;
+            super::optim::ensure_grads(&t.trainee.trainable)?;
         }
-        let (mut gap_sum, mut gap_n) = (0f64, 0usize);
         for (mb_i, mb) in r.micro.iter().enumerate() {
             // Cancelled on the first step of a rollout batch, before the
-            // update: weights and optimizer still hold the rollout boundary's
-            // state, so it is checkpointed now instead of after the step.
-            if ctx.is_cancelled() && iter == 0 {
-                if state.step != last_saved {
-                    checkpoint::save(&ctx.work_dir, &state, &trainee.trainable, &opt, best.as_deref(), &log)?;
-                }
-                anyhow::bail!("grpo cancelled during step {}; checkpoint of step {step} kept in the work dir, a rerun continues from it", step + 1);
-            }
-            let batch = r.batch(mb, pad, device)?;
-            // Per-token inputs in the batch's token order, [M].
+            // update: weights and optimizer still hold the boundary's state.
+            t.stop_if_cancelled(ctx, step, true)?;
+            let batch = r.batch(mb, t.pad, device)?; // b rows of mb, M = Σ completion tokens scored
+            // Per-token inputs in the batch's token order.
             let cat = |f: &dyn Fn(usize) -> Vec<f32>| -> Tensor {
                 let v: Vec<f32> = mb.iter().flat_map(|&i| f(i)).collect();
                 Tensor::from_slice(&v).to_device(device)
             };
             let n_of = |i: usize| r.rows[i].1.len();
-            let adv = cat(&|i| vec![r.adv[i]; n_of(i)]);
-            let w = cat(&|i| vec![r.weight[i] as f32; n_of(i)]);
-            let m = cat(&|i| vec![if r.in_loss[i] { 1.0 } else { 0.0 }; n_of(i)]);
-            let old = r.old_lp.as_ref().map(|o| cat(&|i| o[i].clone()));
-            let refl = r.ref_lp.as_ref().map(|o| cat(&|i| o[i].clone()));
+            let adv = cat(&|i| vec![r.adv[i]; n_of(i)]); // [M] A_i
+            let w = cat(&|i| vec![r.weight[i] as f32; n_of(i)]); // [M] w_i
+            let m = cat(&|i| vec![if r.in_loss[i] { 1.0 } else { 0.0 }; n_of(i)]); // [M] m_it
+            let old = r.old_lp.as_ref().map(|o| cat(&|i| o[i].clone())); // [M] log π_old
+            let refl = r.ref_lp.as_ref().map(|o| cat(&|i| o[i].clone())); // [M] log π_ref
             let opts = RunOpts {
                 temperature: cfg.temperature,
                 chunk: cfg.logprob_chunk_tokens,
                 checkpointing: cfg.gradient_checkpointing,
-                autocast: prec.autocast,
-                dropout_seed: Some(derive_seed(seed, step as u64, mb_i as u64)),
+                autocast: t.prec.autocast,
+                dropout_seed: Some(derive_seed(t.seed, step as u64, mb_i as u64)),
             };
-            let out = logprobs::backward(model, &batch, &opts, |lp, range| {
-                let (s, len) = (range.start as i64, range.len() as i64);
+            let out = logprobs::backward(&t.trainee.model, &batch, &opts, |lp, range| {
+                // lp: [L] log π_θ of the chunk's tokens `range` of the M.
+                let (st, len) = (range.start as i64, range.len() as i64);
                 let old_c = match &old {
-                    Some(o) => o.narrow(0, s, len),
-                    None => lp.detach(), // μ = 1: π_old = π_θ (ratio 1, gradient = policy gradient)
+                    Some(o) => o.narrow(0, st, len), // [L]
+                    None => lp.detach(),             // μ = 1: π_old = π_θ (ratio 1, gradient = policy gradient)
                 };
-                let ref_c = refl.as_ref().map(|t| t.narrow(0, s, len));
-                let terms = surrogate.per_token(lp, &old_c, ref_c.as_ref(), &adv.narrow(0, s, len))?;
-                let mc = m.narrow(0, s, len);
-                kl_sum += (&terms.kl * &mc).sum(Kind::Double).double_value(&[]);
-                low += (terms.low_clipped.to_kind(Kind::Float) * &mc).sum(Kind::Double).double_value(&[]);
-                high += (terms.high_clipped.to_kind(Kind::Float) * &mc).sum(Kind::Double).double_value(&[]);
-                n_mask += mc.sum(Kind::Double).double_value(&[]);
-                // Σ w_i m_it ℓ_it (weights already 0 for masked rows).
-                Ok((terms.loss * w.narrow(0, s, len)).sum(Kind::Float))
+                let ref_c = refl.as_ref().map(|x| x.narrow(0, st, len)); // [L]
+                let terms = self.surrogate.per_token(lp, &old_c, ref_c.as_ref(), &adv.narrow(0, st, len))?; // each [L]
+                let mc = m.narrow(0, st, len); // [L]
+                s.kl += (&terms.kl * &mc).sum(Kind::Double).double_value(&[]);
+                s.clip_low += (terms.low_clipped.to_kind(Kind::Float) * &mc).sum(Kind::Double).double_value(&[]);
+                s.clip_high += (terms.high_clipped.to_kind(Kind::Float) * &mc).sum(Kind::Double).double_value(&[]);
+                s.n_mask += mc.sum(Kind::Double).double_value(&[]);
+                // Σ w_i m_it ℓ_it (weights already 0 for masked rows): [] scalar.
+                Ok((terms.loss * w.narrow(0, st, len)).sum(Kind::Float))
             })?;
-            loss_sum += out.loss;
-            ent_sum += (&out.entropy * &m).sum(Kind::Double).double_value(&[]);
-            if iter == 0 {
+            s.loss += out.loss;
+            s.entropy += (&out.entropy * &m).sum(Kind::Double).double_value(&[]); // out.entropy: [M]
+            if step % cfg.num_iterations == 0 {
                 // Sampling-vs-training gap of the sampled tokens' log-probs.
-                let sl = cat(&|i| r.sampled_lp[i].clone());
-                gap_sum += (&out.logp - sl).abs().sum(Kind::Double).double_value(&[]);
-                gap_n += batch.num_scored();
+                let sl = cat(&|i| r.sampled_lp[i].clone()); // [M]
+                s.gap += (&out.logp - sl).abs().sum(Kind::Double).double_value(&[]); // out.logp: [M]
+                s.gap_n += batch.num_scored();
             }
         }
-        let grad_norm = clip_grad_norm(&trainee.trainable, cfg.max_grad_norm)?;
-        if !loss_sum.is_finite() || !grad_norm.is_finite() {
-            nonfinite_steps += 1;
-            ctx.warn(format!(
-                "grpo step {}: loss {loss_sum} / grad norm {grad_norm} is NaN or infinite — update skipped",
-                step + 1
-            ));
-        } else {
-            opt.step(&trainee.trainable, lr)?;
-        }
-        t_train += tt.elapsed().as_secs_f64();
-        step_times.push(ts.elapsed().as_secs_f64());
-        mem.end();
-        state.step = step as u64 + 1;
-        let denom = n_mask.max(1.0);
-        let kl = kl_sum / denom;
-        if cfg.beta != 0.0 && kl > cfg.kl_warn_threshold {
-            ctx.warn(format!(
-                "grpo step {}: KL to the reference is {kl:.3} (> kl_warn_threshold {}) — the policy is drifting fast; lower learning_rate or raise beta",
-                step + 1,
-                cfg.kl_warn_threshold
-            ));
-        }
+        Ok(s)
+    }
 
-        // Evaluation.
-        let last = step + 1 == total;
-        let (mut val_rmse, mut val_reward) = (None, None);
-        if last || (cfg.eval_steps > 0 && (step + 1) % cfg.eval_steps == 0) {
-            let (rmse, rew, mae, invalid) = evaluate(model, tok, &reward_fn, &valid, &valid_prompts, cfg, seed, prec.autocast)?;
-            val_rmse = rmse;
-            val_reward = rew;
-            ctx.log(
-                "info",
-                format!("grpo step {}: val rmse {rmse:?} mae {mae:?} invalid {invalid:?} reward {rew:?}", step + 1),
-            );
-            if let Some(m) = rmse {
-                if state.best_metric().is_none_or(|b| m < b) {
-                    state.best_metric_bits = Some(m.to_bits());
-                    state.best_step = Some(state.step);
-                    best = Some(checkpoint::snapshot(&trainee.trainable));
-                }
+    /// Greedy answers on the validation prompts, scored by the reward.
+    fn evaluate(&self, t: &Trainer) -> Result<Eval, TrainError> {
+        let prompts = &self.valid_prompts;
+        if prompts.is_empty() {
+            return Ok(Eval { rmse: None, mae: None, reward: None, invalid: None });
+        }
+        let ids: Vec<u64> = (0..prompts.len() as u64).collect();
+        let (model, tok) = (&t.trainee.model, &t.trainee.tok);
+        let out = sample(model, tok, prompts, &ids, 1, self.cfg.max_completion_length, 0.0, 1.0, 0, t.seed, t.prec.autocast)?;
+        let (mut n, mut se, mut ae, mut rew) = (0usize, 0f64, 0f64, 0f64);
+        for (e, g) in self.valid.iter().zip(&out) {
+            let s = self.reward_fn.score(&g[0].text, e.target, g[0].truncated);
+            rew += s.total as f64;
+            if let Some(y) = s.rating {
+                n += 1;
+                se += ((y - e.target) as f64).powi(2);
+                ae += (y - e.target).abs() as f64;
             }
         }
-        let mut row: Vec<(&str, Option<f64>)> = r.stats.clone();
-        row.extend([
-            ("kl", Some(kl)),
-            // Over the tokens trained on: the skipped rows' are not in `ent_sum`.
-            ("entropy", (n_mask > r.skipped_tokens).then(|| ent_sum / (n_mask - r.skipped_tokens))),
-            ("loss", Some(loss_sum)),
-            ("clip_low", Some(low / denom)),
-            ("clip_high", Some(high / denom)),
-            ("grad_norm", Some(grad_norm)),
-            ("lr", Some(lr)),
-            ("val_rmse", val_rmse),
-            ("val_reward", val_reward),
-            ("logprob_gap", (gap_n > 0).then(|| gap_sum / gap_n as f64)),
-        ]);
-        for (c, v) in term_cols.iter().zip(&r.term_means) {
-            row.push((c.as_str(), Some(*v)));
-        }
-        log.push(state.step as i64, &row)?;
-        let stat = |c: &str| r.stats.iter().find(|x| x.0 == c).and_then(|x| x.1).unwrap_or(f64::NAN);
-        if let Some(w) = watch.observe(state.step, stat("valid_fraction"), stat("frac_reward_zero_std"), kl) {
-            ctx.warn(format!("{w} — the run goes on; lower learning_rate, or check the reward and the SFT start"));
-        }
-        ctx.progress(state.step, Some(total as u64), "step");
-        // Checkpoint at rollout boundaries once `save_steps` more steps are done.
-        let s1 = step + 1;
-        if !last && s1 % mu == 0 && s1 / cfg.save_steps != (s1 - mu) / cfg.save_steps {
-            checkpoint::save(&ctx.work_dir, &state, &trainee.trainable, &opt, best.as_deref(), &log)?;
-            last_saved = state.step;
-        }
+        let k = prompts.len() as f64;
+        Ok(Eval {
+            rmse: (n > 0).then(|| (se / n as f64).sqrt()),
+            mae: (n > 0).then(|| ae / n as f64),
+            reward: Some(rew / k),
+            invalid: Some(1.0 - n as f64 / k),
+        })
     }
 
-    // --- outputs -------------------------------------------------------------------
-    if cfg.load_best_model_at_end {
-        if let Some(b) = &best {
-            checkpoint::copy_into(&trainee.trainable, b)?;
+    /// The stage's own metrics: the learning trend from the log
+    /// (deterministic: no timings), the collapse verdict, then timings.
+    fn metrics(&self, t: &Trainer, watch: &CollapseWatch) -> Metrics {
+        let (log, tot) = (&t.log, &self.totals);
+        let mut m = Metrics::new();
+        m.insert("nonfinite_steps".into(), serde_json::json!(t.nonfinite_steps()));
+        // Mean sampled reward over the first and the last 10% of steps (at
+        // least one step each), and the mean fraction of zero-variance groups.
+        let rewards = log.column("reward_mean");
+        let k = rewards.len().div_ceil(10).max(1);
+        let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        m.insert("reward_first_decile".into(), serde_json::json!(mean(&rewards[..k.min(rewards.len())])));
+        m.insert("reward_last_decile".into(), serde_json::json!(mean(&rewards[rewards.len().saturating_sub(k)..])));
+        m.insert("frac_reward_zero_std_mean".into(), serde_json::json!(mean(&log.column("frac_reward_zero_std"))));
+        // Lowest sampled valid fraction once the first 10% of steps are past:
+        // a policy that collapses into invalid answers shows here, not in the means.
+        let valid = log.column("valid_fraction");
+        let after = &valid[k.min(valid.len())..];
+        m.insert("valid_fraction_min_after_first_decile".into(), serde_json::json!(after.iter().copied().reduce(f64::min)));
+        for (name, v) in watch.metrics() {
+            m.insert(name.into(), v);
         }
+        m.insert("generation_s".into(), serde_json::json!(tot.generation_s));
+        m.insert("reference_s".into(), serde_json::json!(tot.reference_s));
+        m.insert("training_s".into(), serde_json::json!(tot.training_s));
+        m.insert("generated_tokens_per_s".into(), serde_json::json!(tot.tokens_generated as f64 / tot.generation_s.max(1e-9)));
+        m.insert("skipped_rows_fraction".into(), serde_json::json!(tot.rows_skipped as f64 / tot.rows.max(1) as f64));
+        m
     }
-    log.write(&ctx.output("log")?)?;
-    let (mdir, adir) = (ctx.output("model")?, ctx.output("adapter")?);
-    drop(ro);
-    write_outputs(trainee, &mdir, &adir)?;
-    let wall = t0.elapsed().as_secs_f64();
-    let mut m = Metrics::new();
-    m.insert("steps".into(), serde_json::json!(total));
-    m.insert("resumed_from_step".into(), serde_json::json!(resumed_from));
-    m.insert("best_step".into(), serde_json::json!(state.best_step));
-    m.insert("best_val_rmse".into(), serde_json::json!(state.best_metric()));
-    m.insert("nonfinite_steps".into(), serde_json::json!(nonfinite_steps));
-    // The learning trend, from the log (deterministic: no timings): mean
-    // sampled reward over the first and the last 10% of steps (at least one
-    // step each), and the mean fraction of zero-variance groups.
-    let rewards = log.column("reward_mean");
-    let k = rewards.len().div_ceil(10).max(1);
-    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-    m.insert("reward_first_decile".into(), serde_json::json!(mean(&rewards[..k.min(rewards.len())])));
-    m.insert("reward_last_decile".into(), serde_json::json!(mean(&rewards[rewards.len().saturating_sub(k)..])));
-    m.insert("frac_reward_zero_std_mean".into(), serde_json::json!(mean(&log.column("frac_reward_zero_std"))));
-    // Lowest sampled valid fraction once the first 10% of steps are past:
-    // a policy that collapses into invalid answers shows here, not in the means.
-    let valid = log.column("valid_fraction");
-    let after = &valid[k.min(valid.len())..];
-    m.insert("valid_fraction_min_after_first_decile".into(), serde_json::json!(after.iter().copied().reduce(f64::min)));
-    for (name, v) in watch.metrics() {
-        m.insert(name.into(), v);
-    }
-    m.insert("wall_s".into(), serde_json::json!(wall));
-    m.insert("generation_s".into(), serde_json::json!(t_gen));
-    m.insert("reference_s".into(), serde_json::json!(t_ref));
-    m.insert("training_s".into(), serde_json::json!(t_train));
-    m.insert("generated_tokens_per_s".into(), serde_json::json!(tokens_generated as f64 / t_gen.max(1e-9)));
-    // Rollout rows whose forward/backward `skip_zero_advantage` saved.
-    m.insert("skipped_rows_fraction".into(), serde_json::json!(rows_skipped as f64 / rows_total.max(1) as f64));
-    m.insert("step_s_median".into(), serde_json::json!(super::median(&step_times)));
-    m.insert("peak_rss_bytes".into(), serde_json::json!(super::peak_rss_bytes()));
-    mem.insert_metrics(&mut m);
-    if device.is_cuda() {
-        m.insert("note_cuda_determinism".into(), serde_json::json!("CUDA kernels (atomics in backward, sampling on GPU) are not bit-deterministic"));
-    }
-    Ok(m)
 }
 
 /// Rewards, advantages, masks, weights, micro-batches and batch statistics
@@ -554,7 +608,7 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
 fn score(
     cfg: &Config,
     reward_fn: &RewardFn,
-    samples: &[super::data::Example],
+    samples: &[Example],
     idx: &[usize],
     prompts: &[Vec<i64>],
     out: Vec<Vec<Sampled>>,
@@ -651,43 +705,6 @@ fn score(
         stats,
         term_means: term_sums.iter().map(|s| s / n as f64).collect(),
     })
-}
-
-/// Greedy answers on the validation prompts: (RMSE, mean reward, MAE,
-/// invalid rate). RMSE/MAE over valid answers (None when none is valid).
-#[allow(clippy::type_complexity, clippy::too_many_arguments)]
-fn evaluate(
-    model: &Model,
-    tok: &crate::llm::Tokenizer,
-    reward_fn: &RewardFn,
-    valid: &[super::data::Example],
-    prompts: &[Vec<i64>],
-    cfg: &Config,
-    seed: u64,
-    autocast: bool,
-) -> Result<(Option<f64>, Option<f64>, Option<f64>, Option<f64>), TrainError> {
-    if prompts.is_empty() {
-        return Ok((None, None, None, None));
-    }
-    let ids: Vec<u64> = (0..prompts.len() as u64).collect();
-    let out = sample(model, tok, prompts, &ids, 1, cfg.max_completion_length, 0.0, 1.0, 0, seed, autocast)?;
-    let (mut n, mut se, mut ae, mut rew) = (0usize, 0f64, 0f64, 0f64);
-    for (e, g) in valid.iter().zip(&out) {
-        let s = reward_fn.score(&g[0].text, e.target, g[0].truncated);
-        rew += s.total as f64;
-        if let Some(y) = s.rating {
-            n += 1;
-            se += ((y - e.target) as f64).powi(2);
-            ae += (y - e.target).abs() as f64;
-        }
-    }
-    let k = prompts.len() as f64;
-    Ok((
-        (n > 0).then(|| (se / n as f64).sqrt()),
-        Some(rew / k),
-        (n > 0).then(|| ae / n as f64),
-        Some(1.0 - n as f64 / k),
-    ))
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //!   checkpointing and chunked log-probs (no `[B, T, V]` tensor);
 //! * [`checkpoint`] — atomic checkpoints in the stage's work dir (exact resume);
 //! * [`data`] — samples / coldstart Parquet reading, log Parquet writing;
+//! * [`trainer`] — the core both stages share: model set-up, AdamW and
+//!   schedule, resume, checkpoint and cancellation policy, outputs;
 //! * [`sft`], [`grpo`] — the stage run functions.
 //!
 //! Determinism: every random draw derives from `(seed, step, …)` through
@@ -24,6 +26,7 @@ pub mod optim;
 pub mod rollout;
 pub mod sft;
 pub mod toy;
+pub mod trainer;
 
 /// Errors of the training code.
 #[derive(Debug, thiserror::Error)]
@@ -181,17 +184,17 @@ pub fn median(v: &[f64]) -> Option<f64> {
 /// machine, where wall time mostly measures the other load.
 ///
 /// CPU, Linux: a sampler thread reads the resident set size (`VmRSS`) every
-/// [`StepStats::PERIOD`] and keeps the step's maximum; when the process's
+/// [`StepMeter::PERIOD`] and keeps the step's maximum; when the process's
 /// high-water mark (`VmHWM`) rose during the step, that mark is the step's
 /// exact peak and replaces the sample. The mark is never reset
 /// (`/proc/self/clear_refs` would also lower the `ru_maxrss` that
 /// `/usr/bin/time` and the benchmarks read).
 ///
-/// CUDA ([`StepStats::on`] a CUDA device): the caching allocator's peak
+/// CUDA ([`StepMeter::on`] a CUDA device): the caching allocator's peak
 /// counters are reset at each step's start and read at its end
 /// ([`crate::cuda`]), giving the step's peak allocated and reserved bytes —
 /// PyTorch's `max_memory_allocated` / `max_memory_reserved`.
-pub struct StepStats {
+pub struct StepMeter {
     cuda: Option<usize>,
     /// Per step: (peak allocated, peak reserved) bytes on the CUDA device.
     cuda_peaks: Vec<(u64, u64)>,
@@ -204,7 +207,7 @@ pub struct StepStats {
     sampler: Option<std::thread::JoinHandle<()>>,
 }
 
-impl StepStats {
+impl StepMeter {
     /// Sampling period of the RSS sampler (a /proc read costs microseconds).
     pub const PERIOD: std::time::Duration = std::time::Duration::from_millis(5);
 
@@ -224,7 +227,7 @@ impl StepStats {
                 }
             })
             .ok();
-        StepStats {
+        StepMeter {
             cuda: None,
             cuda_peaks: Vec::new(),
             peaks: Vec::new(),
@@ -300,13 +303,13 @@ impl StepStats {
     }
 }
 
-impl Default for StepStats {
+impl Default for StepMeter {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Drop for StepStats {
+impl Drop for StepMeter {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(h) = self.sampler.take() {
@@ -361,7 +364,7 @@ mod tests {
 
     #[test]
     fn step_stats_see_a_step_allocation() {
-        let mut mem = StepStats::new();
+        let mut mem = StepMeter::new();
         let before = status_bytes("VmRSS:").expect("Linux reports VmRSS");
         mem.begin();
         // A step that touches 64 MiB and frees it before the step ends.

@@ -52,6 +52,13 @@ pub fn load_trainee(
     Ok(Trainee { model, tok, trainable, lora: lora_on })
 }
 
+/// The LoRA adapters of the PEFT-named config fields both stages carry
+/// (`use_peft`, `lora_r`, `lora_alpha`, `lora_dropout`,
+/// `lora_target_modules`); None for full fine-tuning.
+pub fn lora_config(use_peft: bool, r: usize, alpha: f64, dropout: f64, targets: &[String]) -> Option<LoraConfig> {
+    use_peft.then(|| LoraConfig { r: r as i64, alpha, dropout, target_modules: targets.to_vec() })
+}
+
 /// Prompt token ids of an example: its chat template with the generation
 /// prompt, encoded without extra special tokens; cut from the left to
 /// `max_len` (the end holds the question and the assistant marker).
