@@ -613,9 +613,18 @@ pub fn resolve(mut spec: PipelineSpec, opts: &Options) -> Result<Pipeline, Pipel
         }
         merge(&mut spec.params, &n);
     }
+    let mut set_warnings = Vec::new();
     for s in &opts.sets {
         let set_loc = |m: String| PipelineError::new(Path::new("--set"), Pos::default(), format!("`{s}`: {m}"));
         let (path, raw) = s.split_once('=').ok_or_else(|| set_loc("expected PATH=VALUE".into()))?;
+        // The lock spells such a path relative to the pipeline when it lies
+        // under the project (`lock::spell_path`); elsewhere it cannot.
+        if Path::new(raw).is_absolute() && !normalize(Path::new(raw)).starts_with(&root) {
+            set_warnings.push(format!(
+                "--set `{s}`: `{raw}` lies outside the project ({}): the lock records it absolute; give it relative to the pipeline's directory to keep a committed lock portable",
+                root.display()
+            ));
+        }
         let value = yaml::parse(raw).unwrap_or_else(|_| Node::new(Pos::default(), Val::Str(raw.to_string())));
         let value = Node { pos: Pos::default(), ..value };
         let parts: Vec<&str> = path.split('.').collect();
@@ -729,7 +738,7 @@ pub fn resolve(mut spec: PipelineSpec, opts: &Options) -> Result<Pipeline, Pipel
     }
 
     // Expand and resolve each stage in order.
-    let mut warnings = Vec::new();
+    let mut warnings = set_warnings;
     let mut resolved: Vec<ResolvedStage> = Vec::new();
     let mut expansions: Expansions = BTreeMap::new();
     let mut out_paths: BTreeMap<PathBuf, (String, String)> = BTreeMap::new();
