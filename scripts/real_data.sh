@@ -17,7 +17,10 @@ DATA="$(cd "${RECFLOW_DATA_DIR:-$ROOT/../shared/data}" 2>/dev/null && pwd)" || {
 cargo build --workspace --bins
 P=pipelines/real_fashion_smollm2.yaml
 start=$(date +%s)
-./target/debug/recflow run "$P" --set "params.reviews=$DATA/amazon_fashion/AMAZON_FASHION_5.json.gz" "$@"
+# Relative to the pipeline's directory, as the pipeline spells it: the data
+# usually lies outside the project, where the lock would keep an absolute path.
+REVIEWS="$(realpath --relative-to="$(dirname "$P")" "$DATA/amazon_fashion/AMAZON_FASHION_5.json.gz")"
+./target/debug/recflow run "$P" --set "params.reviews=$REVIEWS" "$@"
 echo "wall: $(( $(date +%s) - start )) s on $(nproc) cores"
 ./target/debug/recflow show "$P"
 echo "report: $ROOT/runs/real_fashion_smollm2/report/report/index.html"

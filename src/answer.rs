@@ -170,15 +170,31 @@ pub struct Reward {
     pub accuracy: f32,
 }
 
-/// The rule reward of one completion against its target rating.
-pub fn reward(parsed: &Result<Answer, Invalid>, target: f32, cfg: &RewardConfig) -> Reward {
-    match parsed {
-        Ok(a) => {
-            let accuracy = cfg.accuracy_weight * (1.0 - (a.rating - target).abs() / cfg.error_scale);
-            Reward { total: cfg.format_reward + accuracy, format: cfg.format_reward, accuracy }
-        }
-        Err(_) => Reward { total: cfg.invalid_reward, format: cfg.invalid_reward, accuracy: 0.0 },
+/// Format term: `format_reward` for a valid answer, `invalid_reward`
+/// otherwise (paper: +1 / −1).
+pub fn format_term(parsed: &Result<Answer, Invalid>, cfg: &RewardConfig) -> f32 {
+    if parsed.is_ok() {
+        cfg.format_reward
+    } else {
+        cfg.invalid_reward
     }
+}
+
+/// Accuracy term: `accuracy_weight · (1 − |ŷ − y| / error_scale)` for a
+/// valid answer with rating ŷ and target y, 0 otherwise (paper: `1 − |ŷ − y| / 2`).
+pub fn accuracy_term(parsed: &Result<Answer, Invalid>, target: f32, cfg: &RewardConfig) -> f32 {
+    match parsed {
+        Ok(a) => cfg.accuracy_weight * (1.0 - (a.rating - target).abs() / cfg.error_scale),
+        Err(_) => 0.0,
+    }
+}
+
+/// The rule reward of one completion against its target rating: the
+/// format term plus the accuracy term (GRPO composes the same two terms,
+/// `recflow_ml::rl::reward`).
+pub fn reward(parsed: &Result<Answer, Invalid>, target: f32, cfg: &RewardConfig) -> Reward {
+    let (format, accuracy) = (format_term(parsed, cfg), accuracy_term(parsed, target, cfg));
+    Reward { total: format + accuracy, format, accuracy }
 }
 
 /// Renders a valid answer (used by offline teachers and tests).
@@ -237,6 +253,20 @@ mod tests {
         let bad = parse("no tags", Scale::default());
         let r = reward(&bad, 4.0, &cfg);
         assert_eq!((r.total, r.format, r.accuracy), (-1.0, -1.0, 0.0));
+    }
+
+    #[test]
+    fn reward_is_the_sum_of_its_two_terms() {
+        // Non-paper constants, so a term using a wrong field shows.
+        let cfg = RewardConfig { format_reward: 0.5, invalid_reward: -2.0, accuracy_weight: 2.0, error_scale: 4.0 };
+        let ok = parse(OK, Scale::default());
+        assert_eq!(format_term(&ok, &cfg), 0.5, "valid: format_reward");
+        // 2 · (1 − |4 − 2| / 4) = 1.
+        assert_eq!(accuracy_term(&ok, 2.0, &cfg), 1.0);
+        assert_eq!(reward(&ok, 2.0, &cfg), Reward { total: 1.5, format: 0.5, accuracy: 1.0 });
+        let bad = parse("no tags", Scale::default());
+        assert_eq!((format_term(&bad, &cfg), accuracy_term(&bad, 2.0, &cfg)), (-2.0, 0.0), "invalid: invalid_reward and no accuracy");
+        assert_eq!(reward(&bad, 2.0, &cfg).total, -2.0);
     }
 
     #[test]

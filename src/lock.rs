@@ -54,6 +54,40 @@ pub enum LockError {
     Parse { path: PathBuf, msg: String },
 }
 
+/// How a lock spells a path the user typed (issue 14: `scripts/real_data.sh`
+/// once committed an absolute path of the machine that ran it). An absolute
+/// path under the project root becomes relative to the pipeline's directory,
+/// the base of every path in the pipeline file and in [`LockStage::sources`],
+/// so it reads as if written in the pipeline. Anything else stays verbatim:
+/// a relative path is portable already, and an absolute path outside the
+/// project has no portable spelling (the resolver warns when `--set` gives one).
+pub fn spell_path(s: &str, root: &Path, dir: &Path) -> String {
+    let p = crate::pipeline::resolve::normalize(Path::new(s));
+    if !p.is_absolute() || !p.starts_with(root) {
+        return s.to_string();
+    }
+    let (pc, bc): (Vec<_>, Vec<_>) = (p.components().collect(), dir.components().collect());
+    let common = pc.iter().zip(&bc).take_while(|(a, b)| a == b).count();
+    let mut rel: PathBuf = bc[common..].iter().map(|_| "..").collect();
+    rel.extend(&pc[common..]);
+    if rel.as_os_str().is_empty() {
+        ".".to_string()
+    } else {
+        rel.to_string_lossy().into_owned()
+    }
+}
+
+/// [`spell_path`] over every string of the params (params are untyped: any
+/// absolute path under the project is a machine path, whatever it names).
+pub fn spell_params(v: &Value, root: &Path, dir: &Path) -> Value {
+    match v {
+        Value::String(s) => Value::String(spell_path(s, root, dir)),
+        Value::Array(a) => Value::Array(a.iter().map(|x| spell_params(x, root, dir)).collect()),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, x)| (k.clone(), spell_params(x, root, dir))).collect()),
+        other => other.clone(),
+    }
+}
+
 /// `pipelines/NAME.yaml` → `pipelines/NAME.lock`.
 pub fn lock_path(pipeline_file: &Path) -> PathBuf {
     pipeline_file.with_extension("lock")
@@ -191,6 +225,23 @@ mod tests {
         let p = d.path().join("x.lock");
         l.write(&p).unwrap();
         assert_eq!(LockFile::read(&p).unwrap().stages, l.stages, "lock roundtrips");
+    }
+
+    #[test]
+    fn issue14_lock_paths_are_relative_to_the_pipeline_when_under_the_project() {
+        let (root, dir) = (Path::new("/p"), Path::new("/p/pipelines"));
+        assert_eq!(spell_path("/p/data/x.gz", root, dir), "../data/x.gz", "under the root: relative to the pipeline dir");
+        assert_eq!(spell_path("/p/pipelines/a/../b.txt", root, dir), "b.txt", "normalised first");
+        assert_eq!(spell_path("/p/pipelines", root, dir), ".", "the pipeline dir itself");
+        assert_eq!(spell_path("/elsewhere/x.gz", root, dir), "/elsewhere/x.gz", "outside the project: kept absolute");
+        assert_eq!(spell_path("../data/x.gz", root, dir), "../data/x.gz", "relative: verbatim");
+        assert_eq!(spell_path("lr=0.1", root, dir), "lr=0.1", "not a path: verbatim");
+        let v = serde_json::json!({"a": {"b": ["/p/m.gguf", 3]}, "s": "/p/pipelines/t.md"});
+        assert_eq!(
+            spell_params(&v, root, dir),
+            serde_json::json!({"a": {"b": ["../m.gguf", 3]}, "s": "t.md"}),
+            "every string at every depth"
+        );
     }
 
     #[test]

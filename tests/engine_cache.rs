@@ -314,3 +314,36 @@ fn gc_removes_what_no_lock_references() {
     p.ok(&["gc", "--keep-days", "0", "--responses"]);
     assert!(!p.path("cache/responses").exists(), "--responses removes the response cache");
 }
+
+/// Issue 14: a lock recorded `--set` paths verbatim, so a script passing an
+/// absolute path committed a path of the machine that ran it.
+#[test]
+fn issue14_set_paths_under_the_project_are_locked_relative_to_the_pipeline() {
+    let p = Proj::new();
+    p.write("data/in.txt", "hello\n");
+    p.write(
+        "pipelines/p.yaml",
+        "params: {f: ../data/in.txt}\nstages:\n  a:\n    cmd: \"cat ${params.f} > o.txt\"\n    deps: [\"${params.f}\"]\n    outs: [o.txt]\n",
+    );
+    let abs = p.path("data/in.txt");
+    p.ok(&["run", "pipelines/p.yaml", "-q", "--set", &format!("params.f={}", abs.display())]);
+    let lock = p.read("pipelines/p.lock");
+    assert!(lock.contains("\"f\": \"../data/in.txt\""), "params spell it relative to the pipeline: {lock}");
+    let l: serde_json::Value = serde_json::from_str(&lock).unwrap();
+    let machine = p.dir.path().display().to_string();
+    // (The shell command itself, params interpolated, is key input: it stays as run.)
+    for part in [&l["params"], &l["stages"]["a"]["sources"]] {
+        assert!(!part.to_string().contains(&machine), "no machine path in params or sources: {part}");
+    }
+    assert_eq!(l["stages"]["a"]["sources"]["${params.f}"][0], "../data/in.txt", "sources spell it the same way: {lock}");
+
+    // Outside the project no spelling is portable: kept as given, with a warning.
+    let other = tempfile::tempdir().unwrap();
+    let out = other.path().join("in.txt");
+    std::fs::write(&out, "bye\n").unwrap();
+    let o = p.run(&["run", "pipelines/p.yaml", "-q", "--set", &format!("params.f={}", out.display())]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "an outside path still runs: {err}");
+    assert!(err.contains("outside the project"), "the run warns that the lock will hold it absolute: {err}");
+    assert!(p.read("pipelines/p.lock").contains(&out.display().to_string()), "kept verbatim outside the project");
+}

@@ -613,9 +613,18 @@ pub fn resolve(mut spec: PipelineSpec, opts: &Options) -> Result<Pipeline, Pipel
         }
         merge(&mut spec.params, &n);
     }
+    let mut set_warnings = Vec::new();
     for s in &opts.sets {
         let set_loc = |m: String| PipelineError::new(Path::new("--set"), Pos::default(), format!("`{s}`: {m}"));
         let (path, raw) = s.split_once('=').ok_or_else(|| set_loc("expected PATH=VALUE".into()))?;
+        // The lock spells such a path relative to the pipeline when it lies
+        // under the project (`lock::spell_path`); elsewhere it cannot.
+        if Path::new(raw).is_absolute() && !normalize(Path::new(raw)).starts_with(&root) {
+            set_warnings.push(format!(
+                "--set `{s}`: `{raw}` lies outside the project ({}): the lock records it absolute; give it relative to the pipeline's directory to keep a committed lock portable",
+                root.display()
+            ));
+        }
         let value = yaml::parse(raw).unwrap_or_else(|_| Node::new(Pos::default(), Val::Str(raw.to_string())));
         let value = Node { pos: Pos::default(), ..value };
         let parts: Vec<&str> = path.split('.').collect();
@@ -729,7 +738,7 @@ pub fn resolve(mut spec: PipelineSpec, opts: &Options) -> Result<Pipeline, Pipel
     }
 
     // Expand and resolve each stage in order.
-    let mut warnings = Vec::new();
+    let mut warnings = set_warnings;
     let mut resolved: Vec<ResolvedStage> = Vec::new();
     let mut expansions: Expansions = BTreeMap::new();
     let mut out_paths: BTreeMap<PathBuf, (String, String)> = BTreeMap::new();
@@ -1054,10 +1063,12 @@ fn resolve_stage(
             return Err(here(*pos, format!("input `{}` does not exist", p.display())));
         }
     }
-    // Seed: `seed:`, else `with.seed`, else `params.seed`, else 0.
+    // Seed: `seed:`, else `with.seed`, else `params.seed`, else 0. A null
+    // `with.seed` (the serde default of `split`/`prompts`) counts as unset.
+    let with_seed = config_run.get("seed").filter(|v| !v.is_null()).cloned();
     let seed_val = match &st.seed {
         Some(n) => Some((it.value(n, 0, false)?.1, n.pos)),
-        None => config_run.get("seed").cloned().map(|v| (v, st.pos)).or_else(|| params.get("seed").map(|n| (n.to_json(), n.pos))),
+        None => with_seed.map(|v| (v, st.pos)).or_else(|| params.get("seed").map(|n| (n.to_json(), n.pos))),
     };
     let seed = match seed_val {
         None => 0,
@@ -1233,6 +1244,22 @@ mod tests {
         assert!(t.iter().any(|x| matches!(x, Tok::Lit(l) if l.contains("${lit}"))), "$${{ escapes");
         assert!(tokenize("${nodot}").is_err(), "a bare name is not a reference");
         assert!(tokenize("${a.b").is_err(), "unterminated reference");
+    }
+
+    /// Issue 14: `with.seed` defaults to null in `split` and `prompts`; that null
+    /// once shadowed `params.seed` and failed "`seed` must be a non-negative integer".
+    #[test]
+    fn issue14_split_and_prompts_default_to_the_pipeline_seed() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("recflow.toml"), "").unwrap();
+        std::fs::write(d.path().join("t.md"), "{history}").unwrap();
+        let yaml = "params: {seed: 7}\nstages:\n  ingest: {uses: ingest, with: {format: synthetic}}\n  split:\n    uses: split\n    inputs: {interactions: \"${ingest.interactions}\"}\n  prompts:\n    uses: prompts\n    inputs: {train: \"${split.train}\", valid: \"${split.valid}\", test: \"${split.test}\", items: \"${ingest.items}\"}\n    with: {template: t.md}\n  split2:\n    uses: split\n    inputs: {interactions: \"${ingest.interactions}\"}\n    with: {strategy: random, seed: 3}\n";
+        std::fs::write(d.path().join("p.yaml"), yaml).unwrap();
+        let p = load(&d.path().join("p.yaml"), &Options::default()).unwrap_or_else(|e| panic!("resolves: {e}"));
+        let seed = |n: &str| p.stages.iter().find(|s| s.name == n).map(|s| s.seed);
+        assert_eq!(seed("split"), Some(7), "split without `seed:` takes params.seed");
+        assert_eq!(seed("prompts"), Some(7), "prompts without `seed:` takes params.seed");
+        assert_eq!(seed("split2"), Some(3), "an explicit with.seed still wins over params.seed");
     }
 
     #[test]

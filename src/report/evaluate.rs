@@ -17,7 +17,6 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use arrow::array::{BooleanArray, Float32Array, Int32Array, StringArray};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -250,30 +249,11 @@ pub fn metrics_json(preds: &[Prediction], cfg: &ScoreConfig) -> serde_json::Valu
     serde_json::Value::Object(m)
 }
 
-/// Schema of the eval `predictions` table.
-pub fn predictions_schema() -> SchemaRef {
-    std::sync::Arc::new(Schema::new(vec![
-        Field::new("sample_id", DataType::Utf8, false),
-        Field::new("user_id", DataType::Utf8, false),
-        Field::new("item_id", DataType::Utf8, false),
-        Field::new("target", DataType::Float32, false),
-        Field::new("user_history_len", DataType::Int32, false),
-        Field::new("completion", DataType::Utf8, false),
-        Field::new("rating", DataType::Float32, true),
-        Field::new("prediction", DataType::Float32, false),
-        Field::new("valid", DataType::Boolean, false),
-        Field::new("n_valid", DataType::Int32, false),
-        Field::new("n_completions", DataType::Int32, false),
-        Field::new("invalid_reason", DataType::Utf8, true),
-        Field::new("reward_mean", DataType::Float32, false),
-    ]))
-}
-
 pub fn write_predictions(path: &Path, preds: &[Prediction]) -> anyhow::Result<()> {
     let col_s = |f: &dyn Fn(&Prediction) -> String| arc(StringArray::from(preds.iter().map(f).collect::<Vec<_>>()));
     write_parquet(
         path,
-        predictions_schema(),
+        crate::data::schema::eval_predictions(),
         vec![
             col_s(&|p| p.row.sample_id.clone()),
             col_s(&|p| p.row.user_id.clone()),

@@ -614,12 +614,12 @@ fn commit_lock(eng: &Engine, stage: &ResolvedStage, d: &Done) -> Result<(), RunE
     let entry = LockStage {
         key: d.key.clone(),
         key_inputs: d.ki.clone(),
-        sources: sources(stage),
+        sources: sources(stage, &eng.p.root, &eng.p.dir),
         outputs: d.outputs.clone(),
         metrics: metrics_summary(&d.metrics),
         numerics: d.numerics.clone(),
     };
-    let (name, params) = (eng.p.name.clone(), eng.p.params.clone());
+    let (name, params) = (eng.p.name.clone(), crate::lock::spell_params(&eng.p.params, &eng.p.root, &eng.p.dir));
     LockFile::update(&lock_path(&eng.p.file), &eng.store.dir, |l| {
         l.pipeline = name;
         l.params = params;

@@ -154,7 +154,7 @@ pub fn key_inputs(
 }
 
 /// Where a stage's input came from, for the lock (`path` or `STAGE.OUTPUT`).
-pub fn sources(stage: &ResolvedStage) -> BTreeMap<String, Vec<String>> {
+pub fn sources(stage: &ResolvedStage, root: &Path, dir: &Path) -> BTreeMap<String, Vec<String>> {
     stage
         .inputs
         .iter()
@@ -162,7 +162,7 @@ pub fn sources(stage: &ResolvedStage) -> BTreeMap<String, Vec<String>> {
             let v = refs
                 .iter()
                 .map(|r| match r {
-                    InputRef::Path { shown, .. } => shown.clone(),
+                    InputRef::Path { shown, .. } => crate::lock::spell_path(shown, root, dir),
                     InputRef::Output { stage, output } => format!("{stage}.{output}"),
                 })
                 .collect();

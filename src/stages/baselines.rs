@@ -26,7 +26,6 @@
 use std::collections::HashMap;
 
 use arrow::array::{Float32Array, Int32Array, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 
 use super::{InputSpec, Metrics, OutputSpec, Stage, StageCtx, StageDef};
@@ -348,7 +347,7 @@ impl Stage for Baselines {
         }
         write_parquet(
             &ctx.output("predictions")?,
-            predictions_schema(),
+            crate::data::schema::baseline_predictions(),
             vec![
                 arc(StringArray::from(sid)),
                 arc(StringArray::from(uid)),
@@ -361,18 +360,6 @@ impl Stage for Baselines {
         )?;
         Ok(flat)
     }
-}
-
-fn predictions_schema() -> arrow::datatypes::SchemaRef {
-    std::sync::Arc::new(Schema::new(vec![
-        Field::new("sample_id", DataType::Utf8, false),
-        Field::new("user_id", DataType::Utf8, false),
-        Field::new("item_id", DataType::Utf8, false),
-        Field::new("target", DataType::Float32, false),
-        Field::new("user_history_len", DataType::Int32, false),
-        Field::new("method", DataType::Utf8, false),
-        Field::new("prediction", DataType::Float32, false),
-    ]))
 }
 
 #[cfg(test)]
@@ -441,6 +428,7 @@ mod tests {
     fn stage_writes_pinned_metrics_shape_for_exact_sample_ids() {
         use crate::data::schema;
         use arrow::array::{Int64Array, ListArray, StructArray};
+        use arrow::datatypes::{DataType, Field};
         let dir = tempfile::tempdir().unwrap();
         let (tr, va, te) = structured(5);
         let write_inter = |name: &str, rows: &Rows| {

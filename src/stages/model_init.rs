@@ -19,92 +19,58 @@ use serde::{Deserialize, Serialize};
 
 use super::{InputSpec, OutputSpec, StageDef};
 
-fn d_arch() -> String {
-    "qwen2".into()
-}
-fn d_hidden() -> i64 {
-    64
-}
-fn d_layers() -> i64 {
-    2
-}
-fn d_heads() -> i64 {
-    4
-}
-fn d_kv() -> i64 {
-    2
-}
-fn d_inter() -> i64 {
-    128
-}
-fn d_vocab() -> usize {
-    512
-}
-fn d_ctx() -> i64 {
-    4096
-}
-fn d_theta() -> f64 {
-    10000.0
-}
-fn d_true() -> bool {
-    true
-}
-fn d_init() -> f64 {
-    0.02
-}
-fn d_eps() -> f64 {
-    1e-6
-}
-fn d_minfreq() -> u64 {
-    2
-}
-fn d_dtype() -> String {
-    "float32".into()
-}
-
 /// `with:` of a `model_init` stage (HF `config.json` names where they exist).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `llama` or `qwen2` (Qwen2 adds q/k/v biases).
-    #[serde(default = "d_arch")]
     pub architecture: String,
-    #[serde(default = "d_hidden")]
     pub hidden_size: i64,
-    #[serde(default = "d_layers")]
     pub num_hidden_layers: i64,
-    #[serde(default = "d_heads")]
     pub num_attention_heads: i64,
-    #[serde(default = "d_kv")]
     pub num_key_value_heads: i64,
-    #[serde(default = "d_inter")]
     pub intermediate_size: i64,
     /// Target BPE vocabulary size (the 3 special tokens and 256 bytes included);
     /// a small corpus may yield fewer tokens (`config.json` gets the real size).
-    #[serde(default = "d_vocab")]
     pub vocab_size: usize,
     /// BPE merges need at least this many occurrences.
-    #[serde(default = "d_minfreq")]
     pub min_frequency: u64,
-    #[serde(default = "d_ctx")]
     pub max_position_embeddings: i64,
-    #[serde(default = "d_theta")]
     pub rope_theta: f64,
-    #[serde(default = "d_true")]
     pub tie_word_embeddings: bool,
-    #[serde(default = "d_init")]
     pub initializer_range: f64,
-    #[serde(default = "d_eps")]
     pub rms_norm_eps: f64,
     /// Stored weight dtype: `float32` or `bfloat16`.
-    #[serde(default = "d_dtype")]
     pub dtype: String,
     /// The answer grammar's eight tags (`<analyze user>` … `</rate>`) become
     /// single tokens of the vocabulary (added, not special: they decode as
     /// text). A model trained from scratch then learns the format as eight
     /// symbols instead of ~40 byte-pieces.
-    #[serde(default = "d_true")]
     pub answer_tokens: bool,
+}
+
+/// The defaults, one table: a field the `with:` (or `stages/model_init.yaml`)
+/// leaves out takes its value here.
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            architecture: "qwen2".into(),
+            hidden_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            intermediate_size: 128,
+            vocab_size: 512,
+            min_frequency: 2,
+            max_position_embeddings: 4096,
+            rope_theta: 10000.0,
+            tie_word_embeddings: true,
+            initializer_range: 0.02,
+            rms_norm_eps: 1e-6,
+            dtype: "float32".into(),
+            answer_tokens: true,
+        }
+    }
 }
 
 pub struct ModelInit;
@@ -168,5 +134,20 @@ mod tests {
         let c: Config = serde_json::from_value(serde_json::json!({"num_key_value_heads": 3})).unwrap();
         assert!(ModelInit::validate(&c).unwrap_err().contains("num_key_value_heads"));
         assert!(serde_json::from_value::<Config>(serde_json::json!({"hiden_size": 3})).is_err(), "unknown fields rejected");
+    }
+
+    /// Keys hash the resolved config: the container default must resolve an
+    /// empty `with:` to exactly the values the per-field defaults gave (and
+    /// one set field must leave the others at their defaults).
+    #[test]
+    fn defaults_resolve_to_the_keyed_values() {
+        let c: Config = serde_json::from_value(serde_json::json!({"hidden_size": 128})).unwrap();
+        let expected = serde_json::json!({
+            "architecture": "qwen2", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 512, "min_frequency": 2,
+            "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": true,
+            "initializer_range": 0.02, "rms_norm_eps": 1e-6, "dtype": "float32", "answer_tokens": true
+        });
+        assert_eq!(serde_json::to_value(&c).unwrap(), expected);
     }
 }

@@ -4,9 +4,11 @@
 //! `r_format = 1` for a well-formed answer (the four tags in order, a
 //! rating in scale) and `−1` otherwise, and `r_answer = 1 − |ŷ − y| / 2` for
 //! well-formed answers (0 otherwise). The grammar and constants live in
-//! `recflow::answer` (shared with the teacher and eval); here they become two
-//! [`RewardTerm`]s so users can add terms (length penalties, …) and every
-//! term is logged separately (`reward_<name>` columns of the grpo log).
+//! `recflow::answer`, which also owns the two terms
+//! ([`answer::format_term`], [`answer::accuracy_term`]; the teacher and eval
+//! use their sum [`answer::reward`]); here they become two [`RewardTerm`]s
+//! so users can add terms (length penalties, …) and every term is logged
+//! separately (`reward_<name>` columns of the grpo log).
 use recflow::answer::{self, Answer, Invalid, RewardConfig, Scale};
 
 /// What a term sees of one completion.
@@ -27,40 +29,29 @@ pub trait RewardTerm: Send + Sync {
     fn score(&self, c: &Completion<'_>) -> f32;
 }
 
-/// `format_reward` when valid, `invalid_reward` otherwise (paper: +1 / −1).
-pub struct FormatTerm {
-    pub valid: f32,
-    pub invalid: f32,
-}
+/// [`answer::format_term`]: `format_reward` when valid, `invalid_reward`
+/// otherwise (paper: +1 / −1).
+pub struct FormatTerm(pub RewardConfig);
 
 impl RewardTerm for FormatTerm {
     fn name(&self) -> &str {
         "format"
     }
     fn score(&self, c: &Completion<'_>) -> f32 {
-        if c.parsed.is_ok() {
-            self.valid
-        } else {
-            self.invalid
-        }
+        answer::format_term(c.parsed, &self.0)
     }
 }
 
-/// `weight · (1 − |ŷ − y| / error_scale)` when valid, 0 otherwise.
-pub struct AccuracyTerm {
-    pub weight: f32,
-    pub error_scale: f32,
-}
+/// [`answer::accuracy_term`]: `accuracy_weight · (1 − |ŷ − y| / error_scale)`
+/// when valid, 0 otherwise.
+pub struct AccuracyTerm(pub RewardConfig);
 
 impl RewardTerm for AccuracyTerm {
     fn name(&self) -> &str {
         "accuracy"
     }
     fn score(&self, c: &Completion<'_>) -> f32 {
-        match c.parsed {
-            Ok(a) => self.weight * (1.0 - (a.rating - c.target).abs() / self.error_scale),
-            Err(_) => 0.0,
-        }
+        answer::accuracy_term(c.parsed, c.target, &self.0)
     }
 }
 
@@ -83,10 +74,7 @@ impl RewardFn {
     /// The paper's reward with configurable constants (format + accuracy).
     pub fn paper(cfg: &RewardConfig, scale: Scale) -> Self {
         RewardFn {
-            terms: vec![
-                Box::new(FormatTerm { valid: cfg.format_reward, invalid: cfg.invalid_reward }),
-                Box::new(AccuracyTerm { weight: cfg.accuracy_weight, error_scale: cfg.error_scale }),
-            ],
+            terms: vec![Box::new(FormatTerm(*cfg)), Box::new(AccuracyTerm(*cfg))],
             scale,
         }
     }

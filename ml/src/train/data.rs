@@ -270,4 +270,17 @@ mod tests {
         // Exact resume needs the log restored bit for bit.
         assert_eq!(Log::read(&p).unwrap(), log);
     }
+
+    /// The trainers log a step's row after its update and its evaluation
+    /// one iteration later: `set_last` must fill exactly the last row.
+    #[test]
+    fn an_evaluation_fills_the_last_row_only() {
+        let mut log = Log::new(&["loss", "val_loss"]);
+        assert!(log.set_last(&[("val_loss", Some(1.0))]).is_err(), "no row yet");
+        log.push(1, &[("loss", Some(0.5))]).unwrap();
+        log.push(2, &[("loss", Some(0.25))]).unwrap();
+        log.set_last(&[("val_loss", Some(0.75))]).unwrap();
+        assert_eq!(log.rows, vec![vec![Some(0.5), None], vec![Some(0.25), Some(0.75)]]);
+        assert!(log.set_last(&[("nope", None)]).is_err(), "unknown columns are errors");
+    }
 }
