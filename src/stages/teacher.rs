@@ -160,6 +160,12 @@ pub struct Config {
     /// tokens, for small students with short completion budgets).
     #[serde(default)]
     pub cf_style: crate::teacher::cf::CfStyle,
+    /// `backend: cf`: the estimate the trace writes and rounds: `bias`
+    /// (default; the shrunk user/item bias predictor) or `mean_of_averages`
+    /// (the mean of the two averages the prompt shows). Left out of the key
+    /// when default, so keys of pipelines that never set it do not move.
+    #[serde(default, skip_serializing_if = "crate::teacher::cf::CfEstimate::is_default")]
+    pub cf_estimate: crate::teacher::cf::CfEstimate,
     /// `fail` (default) or `record`: see [`OnRequestFailure`]. In the key:
     /// it decides whether a committed output may hold unanswered samples.
     #[serde(default)]
@@ -265,6 +271,9 @@ impl StageDef for Teacher {
         }
         if c.backend != Backend::Cf && c.cf_style != crate::teacher::cf::CfStyle::default() {
             return Err("`cf_style` applies to backend: cf only".into());
+        }
+        if c.backend != Backend::Cf && !c.cf_estimate.is_default() {
+            return Err("`cf_estimate` applies to backend: cf only".into());
         }
         if c.backend != Backend::Local && (c.device.is_some() || c.dtype.is_some()) {
             return Err("`device` and `dtype` apply to backend: local only".into());
@@ -593,7 +602,7 @@ pub fn default_backend(cfg: &Config, inp: &BackendInputs) -> anyhow::Result<Arc<
         Backend::Cf => {
             let train = crate::data::io::read_interactions(&inp.train)?;
             let items = crate::data::io::read_items(&inp.items)?;
-            Ok(Arc::new(cf::CfTeacher::new(inp.samples.clone(), train, items, cfg.scale).with_style(cfg.cf_style)))
+            Ok(Arc::new(cf::CfTeacher::new(inp.samples.clone(), train, items, cfg.scale).with_style(cfg.cf_style).with_estimate(cfg.cf_estimate)))
         }
         Backend::Local => anyhow::bail!(
             "backend: local runs a model with recflow's generation engine, which lives in recflow-worker \

@@ -60,6 +60,29 @@ pub enum CfStyle {
     Concise,
 }
 
+/// Which estimate the `cf` teacher writes and rounds (`with.cf_estimate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CfEstimate {
+    /// Koren's shrunk bias predictor μ + b_u + b_i ([`crate::cf::predict_from_evidence`]).
+    #[default]
+    Bias,
+    /// The mean of the user's and the item's averages as the trace shows them
+    /// (one decimal), or the one that exists. The reasoning a general LLM
+    /// teacher tends to write: computable from the prompt alone, but it halves
+    /// how far both averages sit from the global mean, so its rounded rating
+    /// is too timid at the extremes. A student that imitates it has room to
+    /// improve under the rule reward (the quickstart's GRPO learns to stretch
+    /// it; docs/eval.md "The quickstart recipe").
+    MeanOfAverages,
+}
+
+impl CfEstimate {
+    pub fn is_default(&self) -> bool {
+        *self == CfEstimate::default()
+    }
+}
+
 /// The `cf` backend.
 pub struct CfTeacher {
     samples: Arc<Vec<Sample>>,
@@ -67,6 +90,7 @@ pub struct CfTeacher {
     items: HashMap<String, ItemMeta>,
     scale: Scale,
     style: CfStyle,
+    estimate: CfEstimate,
 }
 
 impl CfTeacher {
@@ -78,11 +102,23 @@ impl CfTeacher {
                 (it.item_id, meta)
             })
             .collect();
-        CfTeacher { samples, index: HistoryIndex::new(train), items, scale, style: CfStyle::default() }
+        CfTeacher {
+            samples,
+            index: HistoryIndex::new(train),
+            items,
+            scale,
+            style: CfStyle::default(),
+            estimate: CfEstimate::default(),
+        }
     }
 
     pub fn with_style(mut self, style: CfStyle) -> Self {
         self.style = style;
+        self
+    }
+
+    pub fn with_estimate(mut self, estimate: CfEstimate) -> Self {
+        self.estimate = estimate;
         self
     }
 
@@ -96,7 +132,10 @@ impl CfTeacher {
         let reg = crate::cf::BiasConfig::default();
         let est = crate::cf::predict_from_evidence(mu, &user_ratings, &item_ratings, reg.reg_user, reg.reg_item)
             .map_err(|e| TeacherError::Fatal(format!("cf teacher: {e}")))?;
-        let y = est.clamped(self.scale.min as f64, self.scale.max as f64);
+        let y = match self.estimate {
+            CfEstimate::Bias => est.clamped(self.scale.min as f64, self.scale.max as f64),
+            CfEstimate::MeanOfAverages => mean_of_averages(&user_ratings, &item_ratings, mu),
+        };
         Ok(Known { mu, est, y, hist, item_ratings })
     }
 
@@ -269,9 +308,12 @@ impl CfTeacher {
         if !dislike_overlap.is_empty() {
             matching.push_str(&format!("It shares {} with items the user disliked. ", dislike_overlap.join(", ")));
         }
-        matching.push_str(&format!(
-            "A bias estimate from the earlier ratings (overall mean {mu:.2}, user offset {b_u:+.2}, item offset {b_i:+.2}) gives {y:.2}."
-        ));
+        matching.push_str(&match self.estimate {
+            CfEstimate::Bias => format!(
+                "A bias estimate from the earlier ratings (overall mean {mu:.2}, user offset {b_u:+.2}, item offset {b_i:+.2}) gives {y:.2}."
+            ),
+            CfEstimate::MeanOfAverages => format!("The mean of the user's and the item's averages gives {y:.1}."),
+        });
         let predicted = round_to_scale(y as f32, self.scale);
         let rating = match hint.map(|h| Nudge::new(h, predicted, &user_ratings, self.scale)) {
             None => predicted,
@@ -350,6 +392,26 @@ fn fmt_r(r: f32) -> String {
 }
 
 /// Rounds to a whole star inside the scale.
+/// [`CfEstimate::MeanOfAverages`]: in tenths, so the trace's arithmetic is
+/// exact — each average rounded to one decimal as the prompt and the trace
+/// print it, their mean rounded half up (3.5 and 2.6 give 3.1). A side
+/// without ratings drops out; with neither, μ (one decimal).
+fn mean_of_averages(user: &[f32], item: &[f32], mu: f64) -> f64 {
+    // Through the printed text, so a tie (3.25) rounds exactly as the trace shows it.
+    let tenths = |v: &[f32]| {
+        (!v.is_empty()).then(|| {
+            let shown = format!("{:.1}", v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64);
+            (shown.parse::<f64>().unwrap_or(0.0) * 10.0).round() as i64
+        })
+    };
+    let t = match (tenths(user), tenths(item)) {
+        (Some(u), Some(i)) => (u + i + 1) / 2,
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => (mu * 10.0).round() as i64,
+    };
+    t as f64 / 10.0
+}
+
 pub fn round_to_scale(y: f32, scale: Scale) -> f32 {
     y.round().clamp(scale.min.ceil(), scale.max.floor())
 }
@@ -441,6 +503,31 @@ mod tests {
                 assert_eq!(crate::teacher::leak::find_leak(&text), None, "cf never leaks the hint: {text}");
             }
         }
+    }
+
+    #[test]
+    fn mean_of_averages_is_exact_in_tenths() {
+        // 3.5 and 2.6 → 3.05 → 3.1 (half up, in integers: no binary-float tie).
+        assert_eq!(mean_of_averages(&[3.0, 4.0], &[2.6], 3.3), 3.1);
+        // Each side rounded to one decimal first, as the trace prints it: 3.33 → 3.3.
+        assert_eq!(mean_of_averages(&[3.0, 3.0, 4.0], &[4.0], 3.3), 3.7);
+        assert_eq!(mean_of_averages(&[], &[2.0, 3.0], 3.3), 2.5, "no user history: the item's average");
+        assert_eq!(mean_of_averages(&[5.0], &[], 3.3), 5.0, "no item history: the user's average");
+        assert_eq!(mean_of_averages(&[], &[], 3.46), 3.5, "neither: μ");
+    }
+
+    #[test]
+    fn mean_of_averages_estimate_is_written_and_rounded() {
+        // User average 3.0 (5, 1), item t's earlier average 2.0 → 2.5 → rating 3.
+        let s = sample("u", "t", 10, 4.0);
+        let t = teacher().with_style(CfStyle::Concise).with_estimate(CfEstimate::MeanOfAverages);
+        let a = crate::answer::parse(&t.answer(&s, None).unwrap(), Scale::default()).expect("valid format");
+        assert!(a.matching.ends_with("Estimate 2.5."), "{}", a.matching);
+        assert_eq!(a.rating, 3.0);
+        let v = teacher().with_estimate(CfEstimate::MeanOfAverages).answer(&s, None).unwrap();
+        assert!(v.contains("averages gives 2.5."), "{v}");
+        // The default stays the bias predictor and its key spelling: absent when default.
+        assert!(CfEstimate::default().is_default() && !CfEstimate::MeanOfAverages.is_default());
     }
 
     #[test]
