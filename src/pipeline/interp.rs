@@ -236,6 +236,28 @@ pub(super) fn refs_in(s: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::resolve::load;
+    use crate::pipeline::yaml;
+    use crate::pipeline::resolved::InputRef;
+    use crate::pipeline::Options;
+
+    /// Interpolates `value` (a YAML document) against `params` and a matrix,
+    /// as one stage would → (key, run); an error as the user reads it,
+    /// `file:line:col: message`.
+    fn interp(params: &str, matrix: &[(&str, Value)], value: &str) -> Result<(Value, Value), String> {
+        let params = yaml::parse(params).expect("params parse");
+        let value = yaml::parse(value).expect("value parses");
+        let matrix: BTreeMap<String, Value> = matrix.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let mut it = Interp::new(Path::new("p.yaml"), &params, &matrix, false);
+        it.value(&value, 0, false).map_err(|e| e.to_string())
+    }
+
+    /// Both renderings, when they agree (no env var involved).
+    fn run(params: &str, matrix: &[(&str, Value)], value: &str) -> Value {
+        let (k, r) = interp(params, matrix, value).unwrap_or_else(|e| panic!("interpolates: {e}"));
+        assert_eq!(k, r, "without env vars the key and run renderings agree");
+        r
+    }
 
     #[test]
     fn tokenizer_reads_every_reference_form() {
@@ -247,5 +269,188 @@ mod tests {
         assert!(t.iter().any(|x| matches!(x, Tok::Lit(l) if l.contains("${lit}"))), "$${{ escapes");
         assert!(tokenize("${nodot}").is_err(), "a bare name is not a reference");
         assert!(tokenize("${a.b").is_err(), "unterminated reference");
+    }
+
+    #[test]
+    fn tok_text_writes_each_token_back_as_it_reads() {
+        for s in ["${params.a.b}", "${env:X}", "${matrix.k}", "${st.out}", "plain"] {
+            let t = tokenize(s).unwrap();
+            assert_eq!(t.len(), 1, "{s} is one token");
+            assert_eq!(tok_text(&t[0]), s, "round trip");
+        }
+        assert_eq!(refs_in("a ${st.out} ${params.x} ${b.c}"), vec![("st".into(), "out".into()), ("b".into(), "c".into())]);
+        assert!(refs_in("${oops").is_empty(), "a template that does not tokenize has no references");
+    }
+
+    #[test]
+    fn a_whole_reference_keeps_its_type_and_a_mixed_one_is_text() {
+        let params = "a: {b: 3, f: 0.5, on: true, s: hi}";
+        assert_eq!(run(params, &[], "${params.a.b}"), Value::from(3), "a lone reference stays an integer");
+        assert_eq!(run(params, &[], "${params.a.on}"), Value::Bool(true), "… a boolean");
+        assert_eq!(run(params, &[], "lr=${params.a.f}, ${params.a.s}"), Value::from("lr=0.5, hi"), "mixed → text");
+        assert_eq!(run(params, &[], "${ params.a.s }"), Value::from("hi"), "blanks inside `${{ }}` are trimmed");
+        assert_eq!(run(params, &[], "${params.a}"), serde_json::json!({"b": 3, "f": 0.5, "on": true, "s": "hi"}), "a subtree");
+        assert_eq!(
+            run("x: ${params.y}\ny: [1, 2]", &[], "${params.x}"),
+            serde_json::json!([1, 2]),
+            "params refer to params, interpolated in turn"
+        );
+    }
+
+    #[test]
+    fn env_vars_stay_symbolic_in_the_key_and_are_hashed() {
+        std::env::set_var("RECFLOW_INTERP_TEST_TOKEN", "s3cret");
+        let params = yaml::parse("{}").unwrap();
+        let value = yaml::parse("url: https://h/${env:RECFLOW_INTERP_TEST_TOKEN}").unwrap();
+        let matrix = BTreeMap::new();
+        let mut it = Interp::new(Path::new("p.yaml"), &params, &matrix, false);
+        let (k, r) = it.value(&value, 0, false).unwrap();
+        assert_eq!(k["url"], Value::from("https://h/${env:RECFLOW_INTERP_TEST_TOKEN}"), "the key never sees the value");
+        assert_eq!(r["url"], Value::from("https://h/s3cret"), "the run value does");
+        assert_eq!(
+            it.env_hashes["RECFLOW_INTERP_TEST_TOKEN"],
+            crate::cache::hash::sha256_hex(b"s3cret"),
+            "the value enters keys as its hash"
+        );
+        assert_eq!(it.env_values["RECFLOW_INTERP_TEST_TOKEN"], "s3cret");
+    }
+
+    #[test]
+    fn a_missing_env_var_is_an_error_or_with_allow_missing_a_warning() {
+        std::env::remove_var("RECFLOW_INTERP_TEST_UNSET");
+        assert_eq!(
+            interp("{}", &[], "\n\nk: ${env:RECFLOW_INTERP_TEST_UNSET}").unwrap_err(),
+            "p.yaml:3:4: env var `RECFLOW_INTERP_TEST_UNSET` is not set (export it, or run with --dry-run --allow-missing)"
+        );
+        let params = yaml::parse("{}").unwrap();
+        let value = yaml::parse("k: ${env:RECFLOW_INTERP_TEST_UNSET}").unwrap();
+        let matrix = BTreeMap::new();
+        let mut it = Interp::new(Path::new("p.yaml"), &params, &matrix, true);
+        let (k, r) = it.value(&value, 0, false).unwrap();
+        assert_eq!((k["k"].clone(), r["k"].clone()), (Value::from("${env:RECFLOW_INTERP_TEST_UNSET}"), Value::from("")));
+        assert_eq!(it.warnings, vec!["p.yaml:1:4: env var `RECFLOW_INTERP_TEST_UNSET` is not set".to_string()]);
+        assert_eq!(it.env_hashes["RECFLOW_INTERP_TEST_UNSET"], "unset", "an unset var still marks the key");
+    }
+
+    #[test]
+    fn matrix_values_keep_their_type() {
+        let m = [("seed", Value::from(2)), ("lr", Value::from("1e-4"))];
+        assert_eq!(run("{}", &m, "${matrix.seed}"), Value::from(2));
+        assert_eq!(run("{}", &m, "run-${matrix.seed}-${matrix.lr}"), Value::from("run-2-1e-4"));
+        assert_eq!(
+            interp("{}", &m, "a: 1\nb: ${matrix.epochs}").unwrap_err(),
+            "p.yaml:2:4: `${matrix.epochs}`: this stage has no matrix key `epochs`"
+        );
+    }
+
+    #[test]
+    fn lists_interpolate_item_by_item() {
+        let m = [("k", Value::from("x"))];
+        assert_eq!(
+            run("n: 4", &m, "- ${params.n}\n- \"${matrix.k}\"\n- [lit, \"a${params.n}\"]"),
+            serde_json::json!([4, "x", ["lit", "a4"]])
+        );
+        assert_eq!(
+            interp("n: 4", &m, "- ok\n- [ok, \"${params.m}\"]").unwrap_err(),
+            "p.yaml:2:8: unknown param `m`",
+            "an error inside a nested flow list points at its item"
+        );
+    }
+
+    /// In flow style `{`/`}` are YAML syntax, so a reference there is quoted;
+    /// the quotes are YAML's, the template inside is the same.
+    #[test]
+    fn flow_style_references_are_quoted() {
+        let want = serde_json::json!({"a": 4, "b": "4/4", "c": "${x}"});
+        assert_eq!(run("n: 4", &[], "{a: \"${params.n}\", b: '${params.n}/${params.n}', c: \"$${x}\"}"), want);
+        assert_eq!(run("n: 4", &[], "a: ${params.n}\nb: ${params.n}/${params.n}\nc: $${x}"), want, "block style needs no quotes");
+        assert_eq!(
+            interp("n: 4", &[], "{a: 1, b: \"${params.nope}\"}").unwrap_err(),
+            "p.yaml:1:11: unknown param `nope`",
+            "the position is the quoted scalar's"
+        );
+    }
+
+    #[test]
+    fn dollar_dollar_brace_is_a_literal_and_a_lone_dollar_is_text() {
+        assert_eq!(run("n: 4", &[], "echo $${HOME} costs $5 ${params.n}"), Value::from("echo ${HOME} costs $5 4"));
+        assert_eq!(run("{}", &[], "$$${x"), Value::from("$${x"), "`$$${{` is `$` then the escape");
+    }
+
+    #[test]
+    fn an_unterminated_reference_is_an_error_at_its_value() {
+        assert_eq!(interp("n: 4", &[], "a: ok\nb:\n  c: x ${params.n").unwrap_err(), "p.yaml:3:6: unterminated `${` in `x ${params.n`");
+    }
+
+    #[test]
+    fn an_unknown_root_or_malformed_reference_is_an_error() {
+        let msg = |r: &str| {
+            format!("unknown reference `${{{r}}}`: expected ${{params.NAME}}, ${{env:VAR}}, ${{matrix.KEY}} or ${{STAGE.OUTPUT}}")
+        };
+        for (bad, shown) in [
+            ("${nodot}", "nodot"),
+            ("${foo.bar.baz}", "foo.bar.baz"),
+            ("${matrix.a.b}", "matrix.a.b"),
+            ("${env.X}", "env.X"),
+            ("${env:}", "env:"),
+            ("${env:A-B}", "env:A-B"),
+            ("${params.}", "params."),
+            ("${}", ""),
+        ] {
+            assert_eq!(interp("{}", &[], &format!("\n  k: \"{bad}\"")).unwrap_err(), format!("p.yaml:2:6: {}", msg(shown)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_missing_param_or_a_param_loop_is_an_error_at_the_reference() {
+        assert_eq!(interp("a: {b: 1}", &[], "k: ${params.a.c}").unwrap_err(), "p.yaml:1:4: unknown param `a.c`");
+        // The loop is reported inside `params:`, at a reference that closes it
+        // (line 2: `a: ${params.b}`), not at the value that entered it.
+        assert_eq!(
+            interp("x: 0\na: ${params.b}\nb: ${params.a}", &[], "k: ${params.a}").unwrap_err(),
+            "p.yaml:2:4: params refer to each other in a loop"
+        );
+    }
+
+    #[test]
+    fn a_stage_output_is_refused_outside_inputs_deps_and_cmd() {
+        assert_eq!(
+            interp("{}", &[], "k: ${ingest.items}").unwrap_err(),
+            "p.yaml:1:4: `${ingest.items}` (a stage output) can only appear in `inputs:`, `deps:` or `cmd:`"
+        );
+    }
+
+    /// `${STAGE.OUTPUT}` is resolved by the resolver (it knows the stages):
+    /// checked through a whole pipeline in a temporary project.
+    fn resolve_in_tempdir(stages: &str) -> Result<crate::pipeline::Pipeline, String> {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("recflow.toml"), "").unwrap();
+        let yaml = format!("stages:\n  ingest: {{uses: ingest, with: {{format: synthetic}}}}\n{stages}");
+        std::fs::write(d.path().join("p.yaml"), yaml).unwrap();
+        let file = d.path().join("p.yaml");
+        load(&file, &Options::default()).map_err(|e| {
+            let shown = e.to_string();
+            shown.strip_prefix(&format!("{}:", std::path::absolute(&file).unwrap().display())).map(str::to_string).unwrap_or(shown)
+        })
+    }
+
+    #[test]
+    fn a_stage_output_reference_becomes_an_input() {
+        let p = resolve_in_tempdir("  split:\n    uses: split\n    inputs: {interactions: \"${ingest.interactions}\"}\n").unwrap();
+        let split = p.stage("split").expect("split resolved");
+        assert_eq!(split.inputs["interactions"], vec![InputRef::Output { stage: "ingest".into(), output: "interactions".into() }]);
+        assert_eq!(split.deps, vec!["ingest".to_string()]);
+    }
+
+    #[test]
+    fn a_reference_to_a_missing_stage_or_output_is_an_error_at_it() {
+        assert_eq!(
+            resolve_in_tempdir("  split:\n    uses: split\n    inputs: {interactions: \"${ghost.interactions}\"}\n").unwrap_err(),
+            "5:28: stage `split` refers to unknown stage `ghost`"
+        );
+        assert_eq!(
+            resolve_in_tempdir("  split:\n    uses: split\n    inputs:\n      interactions: ${ingest.nope}\n").unwrap_err(),
+            "6:21: stage `ingest` has no output `nope` (outputs: interactions, items, report)"
+        );
     }
 }
