@@ -123,3 +123,62 @@ pub(super) fn set_path(node: &mut Node, path: &[&str], value: Node) {
         set_path(&mut m[idx].2, tail, value);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(yaml_text: &str) -> Node {
+        yaml::parse(yaml_text).expect("parses")
+    }
+
+    /// A kind whose `template` field is a path.
+    fn kind() -> KindInfo {
+        KindInfo::from_described(&serde_json::json!({"kind": "k", "version": 1, "path_fields": ["template"]})).unwrap()
+    }
+
+    #[test]
+    fn merge_is_deep_and_set_path_builds_what_is_missing() {
+        let mut base = node("a: {x: 1, y: 2}\nb: [1, 2]");
+        merge(&mut base, &node("a: {y: 3, z: 4}\nb: [9]\nc: new"));
+        assert_eq!(base.to_json(), serde_json::json!({"a": {"x": 1, "y": 3, "z": 4}, "b": [9], "c": "new"}), "maps merge, lists replace");
+        let mut n = node("a: 1");
+        set_path(&mut n, &["a", "b"], node("2"));
+        set_path(&mut n, &["c", "d", "e"], node("[x]"));
+        assert_eq!(n.to_json(), serde_json::json!({"a": {"b": 2}, "c": {"d": {"e": ["x"]}}}), "a scalar in the way becomes a mapping");
+    }
+
+    #[test]
+    fn extends_chains_and_path_fields_are_relative_to_each_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, dir) = (d.path(), d.path().join("sub"));
+        std::fs::create_dir_all(root.join("shared")).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(root.join("shared/base.yaml"), "template: t.md\nlr: 1\ndepth: 3\n").unwrap();
+        std::fs::write(dir.join("mine.yaml"), "extends: ../shared/base.yaml\nlr: 2\n").unwrap();
+        let file = dir.join("p.yaml");
+        let ext = |p: &str| Some((p.to_string(), Pos { line: 4, col: 14 }));
+        let got = load_defaults(&file, &dir, root, "k", ext("mine.yaml").as_ref(), &kind(), 0).unwrap().to_json();
+        let template = root.join("shared/t.md").to_string_lossy().into_owned();
+        assert_eq!(got, serde_json::json!({"template": template, "lr": 2, "depth": 3}), "the nearer file wins; `extends` itself is gone");
+        let from_root = load_defaults(&file, &dir, root, "k", ext("shared/base.yaml").as_ref(), &kind(), 0).unwrap();
+        assert_eq!(from_root.to_json()["lr"], 1, "not beside the pipeline → looked up from the project root");
+        let e = load_defaults(&file, &dir, root, "k", ext("nope.yaml").as_ref(), &kind(), 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{}:4:14: defaults file `nope.yaml` not found (looked in {} and {})", file.display(), dir.display(), root.display())
+        );
+    }
+
+    #[test]
+    fn kind_defaults_are_optional_and_an_extends_loop_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("p.yaml");
+        let none = load_defaults(&file, d.path(), d.path(), "k", None, &kind(), 0).unwrap();
+        assert_eq!(none.to_json(), serde_json::json!({}), "no stages/k.yaml → no defaults");
+        std::fs::create_dir_all(d.path().join("stages")).unwrap();
+        std::fs::write(d.path().join("stages/k.yaml"), "extends: k.yaml\n").unwrap();
+        let e = load_defaults(&file, d.path(), d.path(), "k", None, &kind(), 0).unwrap_err();
+        assert_eq!(e.msg, "`extends:` chain is too long (a loop?)");
+    }
+}
