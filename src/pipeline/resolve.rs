@@ -1,6 +1,6 @@
 //! Spec → resolved stages: params and overrides, `stages/KIND.yaml`
-//! defaults (`extends:`, in [`super::defaults`]), `${...}` interpolation (in
-//! [`super::interp`]), matrix expansion and propagation, stage metadata
+//! defaults (`extends:`, in `defaults`), `${...}` interpolation (in
+//! `interp`), matrix expansion and propagation, stage metadata
 //! checks (against [`super::kinds`]). Pure apart from reading the pipeline,
 //! defaults and params files (and asking a custom worker `describe --json`).
 //!
