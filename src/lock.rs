@@ -62,7 +62,7 @@ pub enum LockError {
 /// a relative path is portable already, and an absolute path outside the
 /// project has no portable spelling (the resolver warns when `--set` gives one).
 pub fn spell_path(s: &str, root: &Path, dir: &Path) -> String {
-    let p = crate::pipeline::resolve::normalize(Path::new(s));
+    let p = crate::pipeline::normalize(Path::new(s));
     if !p.is_absolute() || !p.starts_with(root) {
         return s.to_string();
     }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::Direction;
 
-use super::resolve::{InputRef, Pipeline};
+use super::resolved::{InputRef, Pipeline};
 
 /// Topological order of `nodes` under `edges` (from → to), ties broken by
 /// the order of `nodes` (the file's order). On a cycle, returns it as

@@ -22,7 +22,7 @@ use crate::cache::locks::FileLock;
 use crate::cache::store::{remove_any, OutputRecord, RunRecord, RECORD_SCHEMA};
 use crate::cache::{StatCache, Store};
 use crate::lock::{lock_path, metrics_summary, LockFile, LockStage};
-use crate::pipeline::resolve::{Action, CmdPiece, ResolvedStage};
+use crate::pipeline::resolved::{Action, CmdPiece, ResolvedStage};
 use crate::pipeline::Pipeline;
 
 /// Flags of `recflow run`.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::cache::key::{StageKeyInputs, KEY_SCHEMA};
 use crate::cache::{CacheError, StatCache};
 use crate::lock::{LockError, LockStage};
-use crate::pipeline::resolve::{Action, InputRef, ResolvedStage};
+use crate::pipeline::resolved::{Action, InputRef, ResolvedStage};
 use crate::pipeline::PipelineError;
 
 pub mod exec;

@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use super::Available;
-use crate::pipeline::resolve::{InputRef, ResolvedStage};
+use crate::pipeline::resolved::{InputRef, ResolvedStage};
 use crate::pipeline::Pipeline;
 use crate::stages::model_files;
 

@@ -10,7 +10,7 @@ use super::{key_inputs, Avail, Available, KeyState, RunError};
 use crate::cache::key::{describe_field, diff, FieldDiff};
 use crate::cache::StatCache;
 use crate::lock::{lock_path, LockFile};
-use crate::pipeline::resolve::Action;
+use crate::pipeline::resolved::Action;
 use crate::pipeline::Pipeline;
 
 #[derive(Debug, Clone, Serialize)]

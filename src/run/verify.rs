@@ -19,7 +19,7 @@ use crate::cache::store::remove_any;
 use crate::cache::Store;
 use crate::lock::{lock_path, metrics_summary, LockFile};
 use crate::numerics::{is_operational_metric, Profile, TOLERANCE};
-use crate::pipeline::resolve::Action;
+use crate::pipeline::resolved::Action;
 use crate::pipeline::Pipeline;
 
 /// One differing output.
