@@ -44,6 +44,26 @@ pub enum IoError {
     },
     #[error("{path}: column `{column}`: {msg}")]
     Column { path: PathBuf, column: String, msg: String },
+    // The evaluation side's errors (`report::io`'s tables: predictions,
+    // samples and logs read by eval, baselines and the report). Their texts
+    // predate the merge into this one type and are kept as they were: each
+    // names the file, and the column and what was expected where there is one.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a readable Parquet file: {msg}")]
+    NotParquet { path: PathBuf, msg: String },
+    #[error("{path}: column `{column}` is missing (expected {expected}); is this the right input?")]
+    MissingColumn { path: PathBuf, column: String, expected: &'static str },
+    #[error("{path}: column `{column}` has type {found}, expected {expected}")]
+    ColumnType { path: PathBuf, column: String, found: String, expected: &'static str },
+    #[error("{path}: row {row} of column `{column}` is null")]
+    Null { path: PathBuf, column: String, row: usize },
+    #[error("cannot write {path}: {msg}")]
+    Write { path: PathBuf, msg: String },
 }
 
 fn perr(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> IoError + '_ {
@@ -81,6 +101,34 @@ pub fn writer_properties() -> WriterProperties {
         .set_column_statistics_enabled(parquet::schema::types::ColumnPath::from("description"), EnabledStatistics::None)
         .set_created_by("recflow".to_string())
         .build()
+}
+
+/// Writer properties of the evaluation side's small one-batch tables
+/// (eval and baselines predictions, and the training logs the report
+/// reads): Snappy and otherwise parquet's defaults (one row group, its own
+/// `created_by`, dictionaries and page statistics on every column). Not
+/// [`writer_properties`]: these files were always written this way, and
+/// their bytes are the output ids committed locks record and downstream
+/// keys (the report's) hash, so other bytes would fail `recflow verify`
+/// against every lock and rerun every report. Pinned by a test.
+pub fn eval_writer_properties() -> WriterProperties {
+    WriterProperties::builder().set_compression(Compression::SNAPPY).build()
+}
+
+/// Writes `columns` as one batch of one Parquet file, atomically (a
+/// temporary file renamed into place: a reader never sees half a table),
+/// under `props` — the caller says which properties its bytes are pinned
+/// to. Every error is [`IoError::Write`] naming the file.
+pub fn write_batch_atomic(path: &Path, schema: SchemaRef, columns: Vec<ArrayRef>, props: WriterProperties) -> Result<(), IoError> {
+    let werr = |e: &dyn std::fmt::Display| IoError::Write { path: path.into(), msg: e.to_string() };
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| werr(&e))?;
+    let mut buf = Vec::new();
+    {
+        let mut w = ArrowWriter::try_new(&mut buf, schema, Some(props)).map_err(|e| werr(&e))?;
+        w.write(&batch).map_err(|e| werr(&e))?;
+        w.close().map_err(|e| werr(&e))?;
+    }
+    crate::util::write_atomic(path, &buf).map_err(|e| werr(&e))
 }
 
 /// Streams record batches into one Parquet file; `finish` closes it.
@@ -840,6 +888,45 @@ mod tests {
         let back = read_samples(&ps).unwrap();
         assert_eq!(back[0], s, "samples must round-trip with their messages");
         assert!(back[1].messages.is_empty(), "an empty message list stays empty");
+    }
+
+    #[test]
+    fn eval_tables_keep_their_writer_properties_and_bytes() {
+        // Exactly Snappy over parquet's defaults, as report::io wrote them
+        // before it shared this writer (not the pinned tables' properties).
+        let props = eval_writer_properties();
+        let col = parquet::schema::types::ColumnPath::from("x");
+        assert_eq!(props.compression(&col), Compression::SNAPPY);
+        assert_eq!(props.max_row_group_size(), parquet::file::properties::DEFAULT_MAX_ROW_GROUP_SIZE);
+        assert_eq!(props.created_by(), parquet::file::properties::DEFAULT_CREATED_BY);
+        assert!(props.dictionary_enabled(&col));
+        assert_eq!(props.statistics_enabled(&col), EnabledStatistics::Page);
+        let reference = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+        assert_eq!(format!("{props:?}"), format!("{reference:?}"), "every property, not only those named above");
+        assert_ne!(format!("{props:?}"), format!("{:?}", writer_properties()), "the pinned tables' properties differ");
+
+        // The bytes: write_batch_atomic against the writer the report had.
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            Field::new("sample_id", DataType::Utf8, false),
+            Field::new("prediction", DataType::Float32, true),
+        ]));
+        let cols = || -> Vec<ArrayRef> {
+            vec![Arc::new(StringArray::from(vec!["a", "b", "a"])), Arc::new(Float32Array::from(vec![Some(4.5), None, Some(1.0)]))]
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("preds.parquet");
+        write_batch_atomic(&p, schema.clone(), cols(), eval_writer_properties()).unwrap();
+        let mut want = Vec::new();
+        {
+            let batch = RecordBatch::try_new(schema.clone(), cols()).unwrap();
+            let mut w = ArrowWriter::try_new(&mut want, schema.clone(), Some(reference)).unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+        }
+        assert!(std::fs::read(&p).unwrap() == want, "write_batch_atomic writes the report's former bytes");
+
+        let err = write_batch_atomic(&p, schema, vec![], eval_writer_properties()).unwrap_err().to_string();
+        assert!(err.starts_with("cannot write ") && err.contains("preds.parquet"), "a write error names the file: {err}");
     }
 
     #[test]

@@ -22,9 +22,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::io::{arc, write_parquet, SampleRow};
+use super::io::{arc, SampleRow};
 use super::metrics::{summarize, Scored, SummaryConfig};
 use crate::answer::{self, RewardConfig, Scale};
+use crate::data::io::{eval_writer_properties, write_batch_atomic};
 
 /// What an invalid answer is scored as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,7 +252,7 @@ pub fn metrics_json(preds: &[Prediction], cfg: &ScoreConfig) -> serde_json::Valu
 
 pub fn write_predictions(path: &Path, preds: &[Prediction]) -> anyhow::Result<()> {
     let col_s = |f: &dyn Fn(&Prediction) -> String| arc(StringArray::from(preds.iter().map(f).collect::<Vec<_>>()));
-    write_parquet(
+    write_batch_atomic(
         path,
         crate::data::schema::eval_predictions(),
         vec![
@@ -269,6 +270,7 @@ pub fn write_predictions(path: &Path, preds: &[Prediction]) -> anyhow::Result<()
             arc(StringArray::from(preds.iter().map(|p| p.invalid_reason.clone()).collect::<Vec<_>>())),
             arc(Float32Array::from(preds.iter().map(|p| p.reward_mean as f32).collect::<Vec<_>>())),
         ],
+        eval_writer_properties(),
     )?;
     Ok(())
 }

@@ -1,35 +1,23 @@
-//! Parquet and JSON IO of the evaluation side: reading the columns eval,
-//! baselines and the report need from the pinned tables (interactions,
-//! samples, logs), and writing predictions atomically.
+//! Parquet reading of the evaluation side: the columns eval, baselines and
+//! the report need from the pinned tables (interactions, samples, logs),
+//! read leniently by name and any numeric type. Errors are
+//! [`crate::data::io::IoError`], the one error type of table IO, and the
+//! predictions are written through [`crate::data::io::write_batch_atomic`]
+//! under [`crate::data::io::eval_writer_properties`]: one writer path, with
+//! this side's bytes pinned by name.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Float32Type, Float64Type, Int32Type, Int64Type, SchemaRef};
+use arrow::datatypes::{DataType, Float32Type, Float64Type, Int32Type, Int64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
 
-/// Errors reading or writing the tables (each names the file and column).
-#[derive(Debug, thiserror::Error)]
-pub enum IoError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
-    #[error("{path} is not a readable Parquet file: {msg}")]
-    Parquet { path: PathBuf, msg: String },
-    #[error("{path}: column `{column}` is missing (expected {expected}); is this the right input?")]
-    MissingColumn { path: PathBuf, column: String, expected: &'static str },
-    #[error("{path}: column `{column}` has type {found}, expected {expected}")]
-    ColumnType { path: PathBuf, column: String, found: String, expected: &'static str },
-    #[error("{path}: row {row} of column `{column}` is null")]
-    Null { path: PathBuf, column: String, row: usize },
-    #[error("cannot write {path}: {msg}")]
-    Write { path: PathBuf, msg: String },
-}
+use crate::data::io::IoError;
 
 /// Reads every record batch of a Parquet file.
 pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>, IoError> {
     let file = std::fs::File::open(path).map_err(|source| IoError::Read { path: path.into(), source })?;
-    let perr = |e: &dyn std::fmt::Display| IoError::Parquet { path: path.into(), msg: e.to_string() };
+    let perr = |e: &dyn std::fmt::Display| IoError::NotParquet { path: path.into(), msg: e.to_string() };
     let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| perr(&e))?.build().map_err(|e| perr(&e))?;
     reader.map(|b| b.map_err(|e| perr(&e))).collect()
 }
@@ -156,23 +144,42 @@ pub fn read_interactions(path: &Path) -> Result<Vec<(String, String, f32, i64)>,
     Ok((0..users.len()).map(|i| (users[i].clone(), items[i].clone(), ratings[i] as f32, ts[i] as i64)).collect())
 }
 
-/// Writes one batch as Parquet (Snappy) atomically.
-pub fn write_parquet(path: &Path, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<(), IoError> {
-    let werr = |e: &dyn std::fmt::Display| IoError::Write { path: path.into(), msg: e.to_string() };
-    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| werr(&e))?;
-    let mut buf = Vec::new();
-    {
-        let props = parquet::file::properties::WriterProperties::builder()
-            .set_compression(parquet::basic::Compression::SNAPPY)
-            .build();
-        let mut w = ArrowWriter::try_new(&mut buf, schema, Some(props)).map_err(|e| werr(&e))?;
-        w.write(&batch).map_err(|e| werr(&e))?;
-        w.close().map_err(|e| werr(&e))?;
-    }
-    crate::util::write_atomic(path, &buf).map_err(|e| werr(&e))
-}
-
 /// Shorthand for building columns.
 pub fn arc<A: Array + 'static>(a: A) -> ArrayRef {
     Arc::new(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::io::{eval_writer_properties, write_batch_atomic};
+    use arrow::array::{Float64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+
+    #[test]
+    fn errors_are_data_io_errors_and_keep_their_texts() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.parquet");
+        let err = Table::read(&missing).err().unwrap();
+        assert!(matches!(err, IoError::Read { .. }), "{err}");
+        assert!(err.to_string().starts_with(&format!("cannot read {}: ", missing.display())), "{err}");
+
+        let text = dir.path().join("notes.parquet");
+        std::fs::write(&text, "not parquet").unwrap();
+        let err = Table::read(&text).err().unwrap().to_string();
+        assert!(err.starts_with(&format!("{} is not a readable Parquet file: ", text.display())), "{err}");
+
+        let p = dir.path().join("t.parquet");
+        let schema = Arc::new(Schema::new(vec![Field::new("user_id", DataType::Utf8, true), Field::new("rating", DataType::Float64, true)]));
+        let cols = vec![arc(StringArray::from(vec![Some("u"), None])), arc(Float64Array::from(vec![1.0, 2.0]))];
+        write_batch_atomic(&p, schema, cols, eval_writer_properties()).unwrap();
+        let t = Table::read(&p).unwrap();
+        let shown = p.display();
+        assert_eq!(
+            t.f64s("target").err().unwrap().to_string(),
+            format!("{shown}: column `target` is missing (expected a number); is this the right input?")
+        );
+        assert_eq!(t.f64s("user_id").err().unwrap().to_string(), format!("{shown}: column `user_id` has type Utf8, expected a number"));
+        assert_eq!(t.strings("user_id").err().unwrap().to_string(), format!("{shown}: row 1 of column `user_id` is null"));
+    }
 }

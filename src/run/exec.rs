@@ -1,28 +1,33 @@
-//! The executor: a tokio scheduler over ready stages (`--jobs`, `resources:
-//! {gpus}`), each stage either reused from the store or run as a supervised
-//! child process (`recflow-worker exec-stage SPEC.json` for built-in kinds,
-//! `sh -c` for shell stages), with per-stage logs, progress bars from the
-//! worker's JSON-line events, per-key locks shared by concurrent runs,
-//! persistent work dirs for resume, and Ctrl-C handling.
+//! The scheduler of `recflow run`: a tokio loop over ready stages
+//! (`--jobs`, `resources: {gpus}`) that reuses each stage from the store or
+//! runs it, takes the per-key locks shared by concurrent runs, handles
+//! Ctrl-C / SIGTERM, and prints the end-of-run table; also `run --dry-run`.
+//!
+//! What one stage's run does is split in two, so each half can be read (and
+//! changed) alone: [`super::launch`] starts the supervised child process and
+//! pumps its events (it never writes the store), [`super::commit`] turns
+//! what it left into objects, a run record and the lock entry (and reuses a
+//! committed record). This file only decides what runs when, and composes
+//! the two ([`execute`], [`stage_task`]).
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressDrawTarget};
 use serde_json::Value;
-use tokio::io::AsyncBufReadExt;
 
+use super::commit::{self, commit_lock, try_reuse, Executed, Timing};
+use super::launch::{self, now_unix};
 use super::plan::{self, Mode, Selection};
-use super::{key_inputs, sources, worker_path, Avail, Available, KeyState, RunError};
+use super::{key_inputs, worker_path, Avail, Available, KeyState, RunError};
 use crate::cache::key::StageKeyInputs;
 use crate::cache::locks::FileLock;
-use crate::cache::store::{remove_any, OutputRecord, RunRecord, RECORD_SCHEMA};
+use crate::cache::store::OutputRecord;
 use crate::cache::{StatCache, Store};
-use crate::lock::{lock_path, metrics_summary, LockFile, LockStage};
-use crate::pipeline::resolved::{Action, CmdPiece, ResolvedStage};
+use crate::lock::{lock_path, LockFile};
+use crate::pipeline::resolved::{Action, ResolvedStage};
 use crate::pipeline::Pipeline;
 
 /// Flags of `recflow run`.
@@ -136,11 +141,11 @@ impl Engine {
         }
     }
 
-    fn sc(&self) -> std::sync::MutexGuard<'_, StatCache> {
+    pub(super) fn sc(&self) -> std::sync::MutexGuard<'_, StatCache> {
         self.sc.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn note(&self, msg: &str) {
+    pub(super) fn note(&self, msg: &str) {
         if !self.quiet {
             // Without a terminal the bars are hidden and so is their
             // `println`: warnings must still reach a CI log.
@@ -167,126 +172,10 @@ pub(crate) struct Done {
     pub numerics: Option<crate::numerics::Profile>,
 }
 
-/// Paths at which a stage's recorded outputs can be read.
-fn avail_of(eng: &Engine, stage: &ResolvedStage, key: &str, outs: &BTreeMap<String, OutputRecord>) -> BTreeMap<String, Avail> {
-    outs.iter()
-        .map(|(n, o)| {
-            let path = match &stage.action {
-                Action::Builtin { .. } => eng.store.out_dir(key).join(&o.path),
-                Action::Shell { .. } => eng.p.dir.join(&o.path),
-            };
-            (n.clone(), Avail { id: o.id.clone(), path })
-        })
-        .collect()
-}
-
-/// Reuses a record when every output is present and intact; repairs the
-/// views (out/KEY, shell outputs in the workspace). A corrupt object is a
-/// warning and a miss, never used (DVC's lesson).
-pub(crate) fn try_reuse(eng: &Engine, stage: &ResolvedStage, key: &str) -> Option<Done> {
-    let rec = eng.store.read_record(key)?;
-    let mut sc = eng.sc();
-    let names: BTreeSet<String> = stage.output_names().into_iter().collect();
-    if rec.outputs.keys().cloned().collect::<BTreeSet<_>>() != names {
-        return None;
-    }
-    for (name, o) in &rec.outputs {
-        let workspace = match &stage.action {
-            Action::Shell { .. } => Some(eng.p.dir.join(&o.path)),
-            Action::Builtin { .. } => None,
-        };
-        // Fast path: the workspace copy is unchanged (stat cache) and the object is there.
-        if let Some(w) = &workspace {
-            if sc.content_id(w).map(|x| x.0).ok().as_deref() == Some(o.id.as_str()) && eng.store.check(&mut sc, &o.id).is_ok() {
-                continue;
-            }
-        }
-        match eng.store.check(&mut sc, &o.id) {
-            Ok(()) => {}
-            Err(e) => {
-                eng.note(&format!("warning: stage `{}`: output `{name}`: {e}; the stage will run again", stage.name));
-                if let crate::cache::CacheError::Corrupt { id, .. } = &e {
-                    eng.store.evict_object(id);
-                }
-                eng.store.drop_key(key);
-                return None;
-            }
-        }
-        if let Some(w) = &workspace {
-            if eng.store.materialize(&o.id, w).is_err() {
-                return None;
-            }
-            if let Ok((id, _)) = sc.content_id(w) {
-                if id != o.id {
-                    return None;
-                }
-            }
-        }
-    }
-    drop(sc);
-    if matches!(stage.action, Action::Builtin { .. }) {
-        let od = eng.store.out_dir(key);
-        // A view damaged by hand is rebuilt from the (checked) objects.
-        let intact = rec.outputs.values().all(|o| od.join(&o.path).exists());
-        if !intact {
-            remove_any(&od);
-        }
-        eng.store.materialize_outputs(key, &rec.outputs).ok()?;
-    }
-    let avail = avail_of(eng, stage, key, &rec.outputs);
-    Some(Done {
-        key: key.to_string(),
-        ki: rec.key_inputs,
-        outputs: rec.outputs,
-        avail,
-        metrics: rec.metrics,
-        ran: false,
-        numerics: rec.numerics,
-    })
-}
-
-/// Single-quotes a string for `sh`.
-pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c)) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
-}
-
-/// The command a shell stage runs: outputs as paths, env values in place.
-fn render_cmd(stage: &ResolvedStage, pieces: &[CmdPiece], paths: &BTreeMap<String, Vec<PathBuf>>, dir: &Path) -> String {
-    pieces
-        .iter()
-        .map(|p| match p {
-            CmdPiece::Lit(l) => l.clone(),
-            CmdPiece::Output { text, .. } => {
-                let path = paths.get(text).and_then(|v| v.first()).cloned().unwrap_or_default();
-                let shown = path.strip_prefix(dir).map(Path::to_path_buf).unwrap_or(path);
-                shell_quote(&shown.to_string_lossy())
-            }
-            CmdPiece::Env(v) => stage.env_values.get(v).cloned().unwrap_or_default(),
-        })
-        .collect()
-}
-
-fn log_line(log: &Path, line: &str) {
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-        let _ = writeln!(f, "{line}");
-    }
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// What one execution of a stage produced: output records, metrics, and the
-/// numerics profile its worker reported.
-pub(crate) type Executed = (BTreeMap<String, OutputRecord>, Value, Option<crate::numerics::Profile>);
-
-/// Runs a stage's process under the held key lock; on success ingests its
-/// outputs into `eng.store` and returns their records, the metrics and the
-/// worker's numerics profile.
+/// Launches a stage's process under the held key lock ([`launch`]) and, on
+/// success, ingests its outputs into `eng.store` ([`commit::ingest`]);
+/// returns their records, the metrics and the worker's numerics profile.
+/// Writes no run record: verify compares this against the lock instead.
 pub(crate) async fn execute(
     eng: &Arc<Engine>,
     stage: &ResolvedStage,
@@ -295,221 +184,8 @@ pub(crate) async fn execute(
     lock: &FileLock,
     gpu_ids: &[u32],
 ) -> Result<Executed, String> {
-    let store = &eng.store;
-    let work = store.work_dir(key);
-    std::fs::create_dir_all(&work).map_err(|e| format!("cannot create work dir {}: {e}", work.display()))?;
-    let log = store.log_path(key);
-    if let Some(d) = log.parent() {
-        let _ = std::fs::create_dir_all(d);
-    }
-    let resumed = std::fs::read_dir(&work).map(|mut r| r.next().is_some()).unwrap_or(false);
-    log_line(&log, &format!("== recflow: stage `{}` key {key} attempt at unix {}{}", stage.name, now_unix(), if resumed { " (resuming: work dir kept)" } else { "" }));
-    let scratch_out = store.tmp_dir().join(format!("run-{}-{}", &key[..16], std::process::id()));
-    let mut spec_tmp: Option<PathBuf> = None;
-    let (program, args): (PathBuf, Vec<String>) = match &stage.action {
-        Action::Builtin { kind, .. } => {
-            remove_any(&scratch_out);
-            std::fs::create_dir_all(&scratch_out).map_err(|e| format!("{}: {e}", scratch_out.display()))?;
-            let spec = crate::worker::ExecSpec {
-                kind: kind.clone(),
-                stage: stage.name.clone(),
-                config: stage.config_run.clone(),
-                // Path-valued `with:` fields are hashed as inputs `with.FIELD`
-                // but reach the stage through its config (absolute paths).
-                inputs: paths.iter().filter(|(k, _)| !k.starts_with("with.")).map(|(k, v)| (k.clone(), v.clone())).collect(),
-                out_dir: scratch_out.clone(),
-                work_dir: work.clone(),
-                seed: stage.seed,
-                device: stage.device.clone().unwrap_or_else(|| "cpu".into()),
-            };
-            let text = serde_json::to_string_pretty(&spec).map_err(|e| e.to_string())?;
-            // A spec holding env values never touches the store: private temp file, removed after.
-            let spec_path = if stage.env_values.is_empty() {
-                work.join("spec.json")
-            } else {
-                let p = std::env::temp_dir().join(format!("recflow-spec-{}-{}.json", std::process::id(), &key[..16]));
-                spec_tmp = Some(p.clone());
-                p
-            };
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(true)
-                    .write(true)
-                    .mode(0o600)
-                    .open(&spec_path)
-                    .map_err(|e| format!("{}: {e}", spec_path.display()))?;
-                f.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
-            }
-            let w = worker_path(eng.p.worker.as_deref());
-            if !w.is_file() {
-                return Err(format!(
-                    "worker binary {} not found (build it with `cargo build -p recflow-ml --bin recflow-worker`, or set RECFLOW_WORKER)",
-                    w.display()
-                ));
-            }
-            (w, vec!["exec-stage".into(), spec_path.to_string_lossy().into_owned()])
-        }
-        Action::Shell { cmd, outs } => {
-            // Declared outputs are removed first (they may be read-only links into the store).
-            for o in outs {
-                remove_any(&o.abs);
-                if let Some(d) = o.abs.parent() {
-                    let _ = std::fs::create_dir_all(d);
-                }
-            }
-            let text = render_cmd(stage, cmd, paths, &eng.p.dir);
-            (PathBuf::from("sh"), vec!["-c".into(), text])
-        }
-    };
-    let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("__supervise")
-        .arg(std::process::id().to_string())
-        .arg("--")
-        .arg(&program)
-        .args(&args)
-        .current_dir(&eng.p.dir)
-        .env("RECFLOW_WORK_DIR", &work)
-        .env("RECFLOW_SEED", stage.seed.to_string())
-        .env("RECFLOW_STAGE", &stage.name)
-        // Always the resolved location, so a stage never guesses it from
-        // the work dir's position (a store moved by RECFLOW_CACHE, verify).
-        .env("RECFLOW_CACHE", &eng.home)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::from(logf));
-    // The numerics profile: pinned fields set, fields left to the library removed.
-    for (k, v) in eng.numerics.env() {
-        match v {
-            Some(v) => cmd.env(k, v),
-            None => cmd.env_remove(k),
-        };
-    }
-    if !gpu_ids.is_empty() {
-        let ids: Vec<String> = gpu_ids.iter().map(|g| g.to_string()).collect();
-        cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
-    }
-    let fd = lock.raw_fd();
-    // SAFETY: between fork and exec we only clear FD_CLOEXEC on the lock's
-    // descriptor (async-signal-safe fcntl), so the supervisor holds the lock too.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::fcntl(fd, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
-    let t0 = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start stage process: {e}"))?;
-    if let Some(pid) = child.id() {
-        eng.children.lock().unwrap_or_else(|e| e.into_inner()).insert(stage.name.clone(), pid);
-    }
-    let bar = eng.mp.add(ProgressBar::new_spinner());
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:.bold} {spinner} [{bar:30}] {pos}/{len} {msg} {per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner())
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(stage.name.clone());
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    let mut numerics: Option<crate::numerics::Profile> = None;
-    if let Some(out) = child.stdout.take() {
-        let mut lines = tokio::io::BufReader::new(out).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            match serde_json::from_str::<Value>(&line) {
-                Ok(v) if v.get("progress").is_some() => {
-                    let p = &v["progress"];
-                    if let Some(t) = p.get("total").and_then(|t| t.as_u64()) {
-                        bar.set_length(t);
-                    }
-                    bar.set_position(p.get("done").and_then(|d| d.as_u64()).unwrap_or(0));
-                    bar.set_message(p.get("unit").and_then(|u| u.as_str()).unwrap_or("").to_string());
-                }
-                Ok(v) if v.get("numerics").is_some() => {
-                    numerics = serde_json::from_value(v["numerics"].clone()).ok();
-                    log_line(&log, &format!("== recflow: numerics {}", numerics.as_ref().map(|p| p.summary()).unwrap_or_else(|| line.clone())));
-                }
-                Ok(v) if v.get("log").is_some() => {
-                    let level = v["log"].get("level").and_then(|l| l.as_str()).unwrap_or("info").to_string();
-                    let msg = v["log"].get("msg").and_then(|l| l.as_str()).unwrap_or("").to_string();
-                    log_line(&log, &format!("[{level}] {msg}"));
-                    if level == "warn" || level == "error" {
-                        eng.note(&format!("{}: {level}: {msg}", stage.name));
-                    }
-                }
-                _ => log_line(&log, &line),
-            }
-        }
-    }
-    let status = child.wait().await;
-    bar.finish_and_clear();
-    eng.mp.remove(&bar);
-    eng.children.lock().unwrap_or_else(|e| e.into_inner()).remove(&stage.name);
-    if let Some(p) = &spec_tmp {
-        let _ = std::fs::remove_file(p);
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    log_line(&log, &format!("== recflow: exit {:?} after {wall:.2}s", status.as_ref().ok().and_then(|s| s.code())));
-    if eng.cancel.load(Ordering::SeqCst) {
-        return Err("cancelled".into());
-    }
-    let status = status.map_err(|e| e.to_string())?;
-    if !status.success() {
-        let tail = std::fs::read_to_string(&log).unwrap_or_default();
-        let last: Vec<&str> = tail.lines().rev().filter(|l| !l.starts_with("== recflow")).take(5).collect();
-        let last: Vec<&str> = last.into_iter().rev().collect();
-        return Err(format!(
-            "exit code {}; log {}{}",
-            status.code().map(|c| c.to_string()).unwrap_or_else(|| "signal".into()),
-            log.display(),
-            if last.is_empty() { String::new() } else { format!("\n    {}", last.join("\n    ")) }
-        ));
-    }
-    // Ingest outputs.
-    let mut outs = BTreeMap::new();
-    let mut metrics = Value::Object(Default::default());
-    let mut sc = eng.sc();
-    match &stage.action {
-        Action::Builtin { outputs, .. } => {
-            let mpath = scratch_out.join(crate::worker::METRICS_FILE);
-            if let Ok(b) = std::fs::read(&mpath) {
-                metrics = serde_json::from_slice(&b).unwrap_or(metrics);
-            }
-            if !outputs.iter().any(|o| o.file_name() == crate::worker::METRICS_FILE) {
-                let _ = std::fs::remove_file(&mpath);
-            }
-            for o in outputs {
-                let p = scratch_out.join(o.file_name());
-                if !p.exists() {
-                    return Err(format!("finished without writing output `{}`", o.name));
-                }
-                let id = store.put(&mut sc, &p, true).map_err(|e| e.to_string())?;
-                outs.insert(o.name.clone(), OutputRecord { id, path: o.file_name() });
-            }
-            // The scratch dir now holds links to the objects: it becomes out/KEY.
-            let od = store.out_dir(key);
-            remove_any(&od);
-            if let Some(d) = od.parent() {
-                let _ = std::fs::create_dir_all(d);
-            }
-            if std::fs::rename(&scratch_out, &od).is_err() {
-                remove_any(&scratch_out);
-                store.materialize_outputs(key, &outs).map_err(|e| e.to_string())?;
-            }
-        }
-        Action::Shell { outs: souts, .. } => {
-            for o in souts {
-                if !o.abs.exists() {
-                    return Err(format!("finished without writing output `{}` ({})", o.name, o.rel));
-                }
-                let id = store.put(&mut sc, &o.abs, !eng.scratch).map_err(|e| e.to_string())?;
-                outs.insert(o.name.clone(), OutputRecord { id, path: o.rel.clone() });
-            }
-        }
-    }
-    Ok((outs, metrics, numerics))
+    let launched = launch::launch(eng, stage, key, paths, lock, gpu_ids).await?;
+    commit::ingest(eng, stage, key, launched)
 }
 
 /// Reuse or run one stage (the body of a scheduler task).
@@ -570,67 +246,8 @@ async fn stage_task(
     }
     let started = now_unix();
     let t0 = Instant::now();
-    let (outputs, metrics, numerics) = execute(&eng, &stage, &key, &paths, &lock, &gpu_ids).await?;
-    let rec = RunRecord {
-        schema: RECORD_SCHEMA,
-        key: key.clone(),
-        pipeline: eng.p.name.clone(),
-        stage: stage.name.clone(),
-        key_inputs: ki.clone(),
-        outputs: outputs.clone(),
-        metrics: metrics.clone(),
-        started,
-        wall_s: t0.elapsed().as_secs_f64(),
-        numerics: numerics.clone(),
-    };
-    eng.store.write_record(&rec).map_err(|e| e.to_string())?;
-    // Committed: the work dir (checkpoints of this key) is no longer needed.
-    remove_any(&eng.store.work_dir(&key));
-    drop(lock);
-    let avail = avail_of(&eng, &stage, &key, &outputs);
-    Ok(Done { key, ki, outputs, avail, metrics, ran: true, numerics })
-}
-
-/// Records a finished stage in the lock file and the `runs/` view.
-fn commit_lock(eng: &Engine, stage: &ResolvedStage, d: &Done) -> Result<(), RunError> {
-    if matches!(stage.action, Action::Builtin { .. }) {
-        // runs/<pipeline>/<stage> → cache/out/KEY (read-only files; replacing the link is atomic).
-        let view = eng.p.root.join("runs").join(&eng.p.name).join(&stage.name);
-        if let Some(parent) = view.parent() {
-            let _ = std::fs::create_dir_all(parent);
-            let tmp = parent.join(format!(".{}.tmp{}", stage.name, std::process::id()));
-            let _ = std::fs::remove_file(&tmp);
-            if std::os::unix::fs::symlink(eng.store.out_dir(&d.key), &tmp).is_ok() {
-                if std::fs::symlink_metadata(&view).map(|m| m.is_dir()).unwrap_or(false) {
-                    remove_any(&view);
-                }
-                let _ = std::fs::rename(&tmp, &view);
-            }
-        }
-    }
-    if !eng.write_lock {
-        return Ok(());
-    }
-    let entry = LockStage {
-        key: d.key.clone(),
-        key_inputs: d.ki.clone(),
-        sources: sources(stage, &eng.p.root, &eng.p.dir),
-        outputs: d.outputs.clone(),
-        metrics: metrics_summary(&d.metrics),
-        numerics: d.numerics.clone(),
-    };
-    let (name, params) = (eng.p.name.clone(), crate::lock::spell_params(&eng.p.params, &eng.p.root, &eng.p.dir));
-    LockFile::update(&lock_path(&eng.p.file), &eng.store.dir, |l| {
-        l.pipeline = name;
-        l.params = params;
-        l.stages.insert(stage.name.clone(), entry);
-        // Entries written before the summary dropped timings lose them on
-        // the next write (idempotent for current ones).
-        for st in l.stages.values_mut() {
-            st.metrics = metrics_summary(&st.metrics);
-        }
-    })?;
-    Ok(())
+    let executed = execute(&eng, &stage, &key, &paths, &lock, &gpu_ids).await?;
+    commit::record(&eng, &stage, key, ki, executed, Timing { started, wall_s: t0.elapsed().as_secs_f64() }, lock)
 }
 
 /// Runs (or reuses) the pipeline's stages as planned.
@@ -651,10 +268,13 @@ pub(crate) fn run_with(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, R
     res
 }
 
+/// The pipeline's stages as the planner sees them (names and edges).
+fn nodes(p: &Pipeline) -> Vec<plan::Node> {
+    p.stages.iter().map(|s| plan::Node { name: s.name.clone(), base: s.base.clone(), deps: s.deps.clone() }).collect()
+}
+
 async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunError> {
-    let nodes: Vec<plan::Node> =
-        eng.p.stages.iter().map(|s| plan::Node { name: s.name.clone(), base: s.base.clone(), deps: s.deps.clone() }).collect();
-    let plan = plan::plan(&nodes, &opts.sel).map_err(RunError::BadInput)?;
+    let plan = plan::plan(&nodes(&eng.p), &opts.sel).map_err(RunError::BadInput)?;
     let modes: BTreeMap<String, Mode> = plan.stages.into_iter().collect();
     let jobs = opts.jobs.max(1);
     let total_gpus = opts.gpus.unwrap_or_else(crate::pipeline::gpu_count);
@@ -755,7 +375,19 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
     if eng.cancel.load(Ordering::SeqCst) {
         return Err(RunError::Cancelled);
     }
-    // A complete run drops lock entries of stages that left the pipeline.
+    finish(&eng, opts, &ended, &walls, &notes)
+}
+
+/// The end of a run that was not cancelled: a complete run drops the lock
+/// entries of stages that left the pipeline; then the end-of-run table.
+fn finish(
+    eng: &Engine,
+    opts: &RunOptions,
+    ended: &BTreeMap<String, Outcome>,
+    walls: &BTreeMap<String, f64>,
+    notes: &BTreeMap<String, String>,
+) -> Result<Summary, RunError> {
+    let n = eng.p.stages.len();
     let complete = ended.values().all(|o| matches!(o, Outcome::Cached | Outcome::Ran)) && ended.len() == n;
     if complete && eng.write_lock && opts.sel.only.is_empty() && opts.sel.from.is_empty() {
         let names: BTreeSet<String> = eng.p.stages.iter().map(|s| s.name.clone()).collect();
@@ -797,9 +429,7 @@ fn cancel(eng: &Engine) {
 pub fn dry_run(p: &Pipeline, sel: &Selection, allow_missing: bool) -> Result<(String, Vec<String>), RunError> {
     let store = Store::open(&crate::cache::store_dir(&p.root));
     let lock = LockFile::read(&lock_path(&p.file))?;
-    let nodes: Vec<plan::Node> =
-        p.stages.iter().map(|s| plan::Node { name: s.name.clone(), base: s.base.clone(), deps: s.deps.clone() }).collect();
-    let plan = plan::plan(&nodes, sel).map_err(RunError::BadInput)?;
+    let plan = plan::plan(&nodes(p), sel).map_err(RunError::BadInput)?;
     let mut sc = StatCache::load(&store.dir);
     let mut avail: Available = BTreeMap::new();
     let mut out = String::new();

@@ -1,6 +1,9 @@
 //! Running pipelines: a pure [`plan`] of what to consider, the tokio
-//! [`exec`]utor (one supervised child process per stage), [`status`] /
-//! explain against the lock, [`verify`] into a scratch store, [`gc`].
+//! scheduler [`exec`], which runs each stage in two halves — [`launch`] (the
+//! supervised child process, [`supervise`], and its events and log) and
+//! [`commit`] (outputs → store → run record → lock, and reuse of a record) —
+//! [`status`] / explain against the lock, [`verify`] into a scratch store,
+//! [`gc`].
 //!
 //! Shared here: how a stage's key inputs are computed from the resolved
 //! stage, the outputs of its upstream stages and the stat cache.
@@ -13,8 +16,10 @@ use crate::lock::{LockError, LockStage};
 use crate::pipeline::resolved::{Action, InputRef, ResolvedStage};
 use crate::pipeline::PipelineError;
 
+pub mod commit;
 pub mod exec;
 pub mod gc;
+pub mod launch;
 pub mod plan;
 pub mod preflight;
 pub mod status;

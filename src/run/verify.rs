@@ -11,13 +11,14 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::commit::Executed;
 use super::exec::{execute, Engine};
 use super::{key_inputs, Avail, Available, KeyState, RunError};
 use crate::cache::hash;
 use crate::cache::locks::FileLock;
 use crate::cache::store::remove_any;
 use crate::cache::Store;
-use crate::lock::{lock_path, metrics_summary, LockFile};
+use crate::lock::{lock_path, metrics_summary, LockFile, LockStage};
 use crate::numerics::{is_operational_metric, Profile, TOLERANCE};
 use crate::pipeline::resolved::Action;
 use crate::pipeline::Pipeline;
@@ -77,6 +78,78 @@ pub fn json_close(a: &Value, b: &Value, tol: f64) -> bool {
     }
 }
 
+/// A stored object read as JSON, a top-level object without its time and
+/// memory fields (inside a JSON output they are not results); None for a
+/// tree or bytes that are not JSON.
+fn json_object(st: &Store, id: &str) -> Option<Value> {
+    if hash::is_tree(id) {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&std::fs::read(st.object_path(hash::hex_of(id))).ok()?).ok()?;
+    Some(match v {
+        Value::Object(o) => Value::Object(o.into_iter().filter(|(k, _)| !is_operational_metric(k)).collect()),
+        v => v,
+    })
+}
+
+/// Compares one stage's rerun (its outputs in the `scratch` store) with its
+/// lock `entry` (objects in the `real` store): bytes under the lock's
+/// profile, JSON outputs and metrics within the tolerance under another.
+/// Adds what differs, and a note saying how it compared, to `found`.
+fn compare(real: &Store, scratch: &Store, stage: &str, entry: &LockStage, rerun: &Executed, tolerance: Option<f64>, found: &mut Verified) {
+    let (outs, metrics, prof) = rerun;
+    let gap = profile_gap(entry.numerics.as_ref(), prof.as_ref());
+    // Under another profile: numbers within the declared tolerance.
+    let tolerance = if gap.is_some() { Some(tolerance.unwrap_or(TOLERANCE)) } else { tolerance };
+    let mut byte_diffs = Vec::new();
+    for (name, o) in &entry.outputs {
+        let got = outs.get(name).map(|x| x.id.clone()).unwrap_or_else(|| "(missing)".into());
+        if got == o.id {
+            continue;
+        }
+        byte_diffs.push(name.clone());
+        if gap.is_some() && got != "(missing)" && json_object(real, &o.id).is_none() {
+            // Not JSON (weights, Parquet): under another profile its
+            // bytes are expected to differ; the metrics speak for it.
+            continue;
+        }
+        // Tolerance: compare JSON numbers between the locked object (if here) and the new one.
+        let close = tolerance.is_some_and(|tol| {
+            match (json_object(real, &o.id), json_object(scratch, &got)) {
+                (Some(x), Some(y)) => json_close(&x, &y, tol),
+                _ => false,
+            }
+        });
+        if !close {
+            found.diffs.push(Difference { stage: stage.to_string(), output: name.clone(), locked: o.id.clone(), got });
+        }
+    }
+    if let (Some(why), Some(tol)) = (&gap, tolerance) {
+        if byte_diffs.is_empty() {
+            found.notes.push(format!("{}: {why}; its outputs are byte-identical all the same", stage));
+        } else {
+            let (a, b) = (result_metrics(&entry.metrics), result_metrics(metrics));
+            let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in names {
+                let (x, y) = (a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null));
+                if !json_close(x, y, tol) {
+                    found.diffs.push(Difference {
+                        stage: stage.to_string(),
+                        output: format!("metrics.{k}"),
+                        locked: x.to_string(),
+                        got: y.to_string(),
+                    });
+                }
+            }
+            found.notes.push(format!(
+                "{}: {why}; so its metrics (and JSON outputs) were compared within relative tolerance {tol} instead of bytes (outputs differing in bytes: {})",
+                stage,
+                byte_diffs.join(", ")
+            ));
+        }
+    }
+}
+
 /// Verifies `stages` (all when empty). Returns the differences and notes.
 pub fn verify(p: Pipeline, stages: &[String], tolerance: Option<f64>) -> Result<Verified, RunError> {
     let lock = LockFile::read(&lock_path(&p.file))?;
@@ -106,8 +179,7 @@ pub fn verify(p: Pipeline, stages: &[String], tolerance: Option<f64>) -> Result<
         .map_err(|e| RunError::Failed(format!("cannot start the async runtime: {e}")))?;
     // Upstream outputs come from the real store, as recorded in the lock.
     let mut avail: Available = BTreeMap::new();
-    let mut diffs = Vec::new();
-    let mut notes = Vec::new();
+    let mut found = Verified::default();
     let mut sc = crate::cache::StatCache::load(&real.dir);
     for s in &p.stages {
         let Some(entry) = lock.stages.get(&s.name) else {
@@ -142,69 +214,8 @@ pub fn verify(p: Pipeline, stages: &[String], tolerance: Option<f64>) -> Result<
             let lk = FileLock::exclusive(&eng.store.lock_path(&key)).map_err(|e| RunError::Failed(e.to_string()))?;
             let res = rt.block_on(execute(&eng, s, &key, &paths, &lk, &[]));
             drop(lk);
-            let (outs, metrics, prof) =
-                res.map_err(|m| RunError::Failed(format!("stage `{}` failed during verify: {m}", s.name)))?;
-            let gap = profile_gap(entry.numerics.as_ref(), prof.as_ref());
-            // Under another profile: numbers within the declared tolerance.
-            let tolerance = if gap.is_some() { Some(tolerance.unwrap_or(TOLERANCE)) } else { tolerance };
-            let mut byte_diffs = Vec::new();
-            for (name, o) in &entry.outputs {
-                let got = outs.get(name).map(|x| x.id.clone()).unwrap_or_else(|| "(missing)".into());
-                if got == o.id {
-                    continue;
-                }
-                byte_diffs.push(name.clone());
-                // Tolerance: compare JSON numbers between the locked object (if here) and the new one.
-                let json = |st: &Store, id: &str| -> Option<Value> {
-                    if hash::is_tree(id) {
-                        return None;
-                    }
-                    let v: Value = serde_json::from_slice(&std::fs::read(st.object_path(hash::hex_of(id))).ok()?).ok()?;
-                    // Times and memory inside a JSON output are not results.
-                    Some(match v {
-                        Value::Object(o) => Value::Object(o.into_iter().filter(|(k, _)| !is_operational_metric(k)).collect()),
-                        v => v,
-                    })
-                };
-                if gap.is_some() && got != "(missing)" && json(&real, &o.id).is_none() {
-                    // Not JSON (weights, Parquet): under another profile its
-                    // bytes are expected to differ; the metrics speak for it.
-                    continue;
-                }
-                let close = tolerance.is_some_and(|tol| {
-                    match (json(&real, &o.id), json(&eng.store, &got)) {
-                        (Some(x), Some(y)) => json_close(&x, &y, tol),
-                        _ => false,
-                    }
-                });
-                if !close {
-                    diffs.push(Difference { stage: s.name.clone(), output: name.clone(), locked: o.id.clone(), got });
-                }
-            }
-            if let (Some(why), Some(tol)) = (&gap, tolerance) {
-                if byte_diffs.is_empty() {
-                    notes.push(format!("{}: {why}; its outputs are byte-identical all the same", s.name));
-                } else {
-                    let (a, b) = (result_metrics(&entry.metrics), result_metrics(&metrics));
-                    let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-                    for k in names {
-                        let (x, y) = (a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null));
-                        if !json_close(x, y, tol) {
-                            diffs.push(Difference {
-                                stage: s.name.clone(),
-                                output: format!("metrics.{k}"),
-                                locked: x.to_string(),
-                                got: y.to_string(),
-                            });
-                        }
-                    }
-                    notes.push(format!(
-                        "{}: {why}; so its metrics (and JSON outputs) were compared within relative tolerance {tol} instead of bytes (outputs differing in bytes: {})",
-                        s.name,
-                        byte_diffs.join(", ")
-                    ));
-                }
-            }
+            let rerun = res.map_err(|m| RunError::Failed(format!("stage `{}` failed during verify: {m}", s.name)))?;
+            compare(&real, &eng.store, &s.name, entry, &rerun, tolerance, &mut found);
             // Shell stages wrote into the workspace: put the locked outputs back.
             if let Action::Shell { outs: souts, .. } = &s.action {
                 for so in souts {
@@ -220,7 +231,7 @@ pub fn verify(p: Pipeline, stages: &[String], tolerance: Option<f64>) -> Result<
     }
     sc.save();
     remove_any(&scratch_dir);
-    Ok(Verified { diffs, notes })
+    Ok(found)
 }
 
 #[cfg(test)]

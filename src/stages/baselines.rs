@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{InputSpec, Metrics, OutputSpec, Stage, StageCtx, StageDef};
 use crate::cf::{BiasConfig, BiasModel, MfConfig, MfModel, Ratings};
-use crate::report::io::{arc, read_interactions, read_sample_rows, write_parquet, SampleRow};
+use crate::data::io::{eval_writer_properties, write_batch_atomic};
+use crate::report::io::{arc, read_interactions, read_sample_rows, SampleRow};
 use crate::report::metrics::{summarize, Scored, SummaryConfig};
 
 /// Which data the final model is fitted on.
@@ -345,7 +346,7 @@ impl Stage for Baselines {
                 pred.push(p as f32);
             }
         }
-        write_parquet(
+        write_batch_atomic(
             &ctx.output("predictions")?,
             crate::data::schema::baseline_predictions(),
             vec![
@@ -357,6 +358,7 @@ impl Stage for Baselines {
                 arc(StringArray::from(meth)),
                 arc(Float32Array::from(pred)),
             ],
+            eval_writer_properties(),
         )?;
         Ok(flat)
     }
@@ -433,7 +435,7 @@ mod tests {
         let (tr, va, te) = structured(5);
         let write_inter = |name: &str, rows: &Rows| {
             let p = dir.path().join(name);
-            write_parquet(
+            write_batch_atomic(
                 &p,
                 schema::interactions(),
                 vec![
@@ -444,6 +446,7 @@ mod tests {
                     arc(StringArray::from(vec![None::<&str>; rows.len()])),
                     arc(StringArray::from(vec![None::<&str>; rows.len()])),
                 ],
+                eval_writer_properties(),
             )
             .unwrap();
             p
@@ -462,7 +465,7 @@ mod tests {
             None,
         );
         let psm = dir.path().join("samples.parquet");
-        write_parquet(
+        write_batch_atomic(
             &psm,
             schema::samples(),
             vec![
@@ -475,6 +478,7 @@ mod tests {
                 arc(Int32Array::from(vec![2; k])),
                 arc(Int32Array::from(vec![2; k])),
             ],
+            eval_writer_properties(),
         )
         .unwrap();
         let cfg = Config { bootstrap: 20, mf: MfGrid { factors: vec![2], reg: vec![0.05], epochs: 5, ..MfGrid::default() }, ..Config::default() };

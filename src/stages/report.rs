@@ -106,7 +106,8 @@ impl Stage for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::io::{arc, write_parquet};
+    use crate::data::io::{eval_writer_properties, write_batch_atomic};
+    use crate::report::io::arc;
     use arrow::array::{Float64Array, Int64Array};
     use arrow::datatypes::{DataType, Field, Schema};
     use std::collections::BTreeMap;
@@ -124,7 +125,7 @@ mod tests {
             Field::new("reward_mean", DataType::Float64, false),
             Field::new("val_rmse", DataType::Float64, true),
         ]));
-        write_parquet(&log, schema, vec![arc(Int64Array::from(vec![0, 1, 2])), arc(Float64Array::from(vec![1.0, 1.2, 1.3])), arc(Float64Array::from(vec![Some(1.1), None, Some(1.0)]))]).unwrap();
+        write_batch_atomic(&log, schema, vec![arc(Int64Array::from(vec![0, 1, 2])), arc(Float64Array::from(vec![1.0, 1.2, 1.3])), arc(Float64Array::from(vec![Some(1.1), None, Some(1.0)]))], eval_writer_properties()).unwrap();
         BTreeMap::from([
             ("metrics".to_string(), vec![b, e]),
             ("stats".to_string(), vec![s]),
