@@ -10,7 +10,6 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
 
 use super::TrainError;
 
@@ -133,14 +132,15 @@ pub fn write_examples(path: &Path, rows: &[Example], coldstart: bool) -> Result<
         cols.push(strs(&|_| "toy".into()));
         cols.push(Arc::new(StringArray::from(vec![None::<String>; n])));
     }
-    let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let mut buf = Vec::new();
-    {
-        let mut w = ArrowWriter::try_new(&mut buf, schema, None).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        w.write(&batch).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        w.close().map_err(|e| TrainError::Invalid(e.to_string()))?;
-    }
-    recflow::util::write_atomic(path, &buf).map_err(TrainError::io(path))
+    write_table(path, schema, cols)
+}
+
+/// The one Parquet writer path ([`recflow::data::io::write_batch_atomic`]),
+/// under parquet's default properties: the sft/grpo logs have always been
+/// written so, and their bytes are pinned by the committed locks.
+fn write_table(path: &Path, schema: arrow::datatypes::SchemaRef, cols: Vec<ArrayRef>) -> Result<(), TrainError> {
+    recflow::data::io::write_batch_atomic(path, schema, cols, parquet::file::properties::WriterProperties::default())
+        .map_err(|e| TrainError::Invalid(e.to_string())) // "cannot write PATH: …"
 }
 
 /// A per-step log: `step` plus nullable float64 columns in a fixed order.
@@ -205,14 +205,7 @@ impl Log {
         for j in 0..self.columns.len() {
             cols.push(Arc::new(Float64Array::from(self.rows.iter().map(|r| r[j]).collect::<Vec<_>>())));
         }
-        let batch = RecordBatch::try_new(schema.clone(), cols).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        let mut buf = Vec::new();
-        {
-            let mut w = ArrowWriter::try_new(&mut buf, schema, None).map_err(|e| TrainError::Invalid(e.to_string()))?;
-            w.write(&batch).map_err(|e| TrainError::Invalid(e.to_string()))?;
-            w.close().map_err(|e| TrainError::Invalid(e.to_string()))?;
-        }
-        recflow::util::write_atomic(path, &buf).map_err(TrainError::io(path))
+        write_table(path, schema, cols)
     }
 
     /// Reads a log written by [`Log::write`] (checkpoint restore).
@@ -269,6 +262,32 @@ mod tests {
         log.write(&p).unwrap();
         // Exact resume needs the log restored bit for bit.
         assert_eq!(Log::read(&p).unwrap(), log);
+    }
+
+    /// The one writer path keeps the bytes the former inline writer
+    /// (`ArrowWriter::try_new(.., None)`) produced: log and example files
+    /// are pinned by committed locks.
+    #[test]
+    fn logs_keep_the_former_writer_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let mut log = Log::new(&["loss", "val_loss"]);
+        log.push(1, &[("loss", Some(0.5))]).unwrap();
+        log.push(2, &[("loss", Some(0.25)), ("val_loss", Some(0.75))]).unwrap();
+        let p = d.path().join("log.parquet");
+        log.write(&p).unwrap();
+        let mut fields = vec![Field::new("step", DataType::Int64, false)];
+        fields.extend(log.columns.iter().map(|c| Field::new(c, DataType::Float64, true)));
+        let schema = Arc::new(Schema::new(fields));
+        let mut cols: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(log.steps.clone()))];
+        for j in 0..log.columns.len() {
+            cols.push(Arc::new(Float64Array::from(log.rows.iter().map(|r| r[j]).collect::<Vec<_>>())));
+        }
+        let batch = RecordBatch::try_new(schema.clone(), cols).unwrap();
+        let mut former = Vec::new();
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut former, schema, None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), former, "same bytes as the former writer");
     }
 
     /// The trainers log a step's row after its update and its evaluation
