@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use super::exec::{Done, Engine};
+use super::engine::{Done, Engine};
 use super::launch::Launched;
 use super::{sources, Avail, RunError};
 use crate::cache::key::StageKeyInputs;

@@ -20,7 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 
-use super::exec::Engine;
+use super::engine::Engine;
 use super::worker_path;
 use crate::cache::locks::FileLock;
 use crate::cache::store::remove_any;

@@ -17,6 +17,7 @@ use crate::pipeline::resolved::{Action, InputRef, ResolvedStage};
 use crate::pipeline::PipelineError;
 
 pub mod commit;
+pub mod engine;
 pub mod exec;
 pub mod gc;
 pub mod launch;

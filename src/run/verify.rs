@@ -12,7 +12,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::commit::Executed;
-use super::exec::{execute, Engine};
+use super::engine::Engine;
+use super::exec::execute;
 use super::{key_inputs, Avail, Available, KeyState, RunError};
 use crate::cache::hash;
 use crate::cache::locks::FileLock;

@@ -1,0 +1,98 @@
+//! The state one run shares across its stages ([`Engine`]: the pipeline,
+//! the store, the stat cache, cancellation, the running children, progress
+//! output, the numerics profile) and what a finished stage hands on
+//! ([`Done`]). Its own file below the scheduler (`exec`), the launcher
+//! (`launch`) and the committer (`commit`), which all read it, so none of
+//! them imports another for it.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
+
+use indicatif::{MultiProgress, ProgressDrawTarget};
+use serde_json::Value;
+
+use super::Avail;
+use crate::cache::key::StageKeyInputs;
+use crate::cache::store::OutputRecord;
+use crate::cache::{StatCache, Store};
+use crate::pipeline::Pipeline;
+
+/// Shared state of one run.
+pub(crate) struct Engine {
+    pub p: Pipeline,
+    pub store: Store,
+    pub sc: Mutex<StatCache>,
+    pub cancel: AtomicBool,
+    /// Stage → supervisor pid of running children.
+    pub children: Mutex<BTreeMap<String, u32>>,
+    pub mp: MultiProgress,
+    pub quiet: bool,
+    /// Verify: outputs go to a scratch store, shell outputs are copied, not moved.
+    pub scratch: bool,
+    /// Update the lock file after each stage.
+    pub write_lock: bool,
+    /// The project's store, exported to every stage as `RECFLOW_CACHE` (the
+    /// teacher's response cache lives there). Verify's scratch store differs:
+    /// re-execution reuses bought answers instead of paying for them again.
+    pub home: PathBuf,
+    /// The numerics profile set in every stage's environment (checked and
+    /// reported back by the worker).
+    pub numerics: crate::numerics::Resolved,
+}
+
+impl Engine {
+    pub fn new(p: Pipeline, store: Store, quiet: bool) -> Self {
+        let sc = StatCache::load(&store.dir);
+        let mp = MultiProgress::new();
+        let home = store.dir.clone();
+        if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            mp.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        Engine {
+            p,
+            store,
+            sc: Mutex::new(sc),
+            cancel: AtomicBool::new(false),
+            children: Mutex::new(BTreeMap::new()),
+            mp,
+            quiet,
+            scratch: false,
+            write_lock: true,
+            home,
+            // main validates RECFLOW_NUMERICS before any engine exists.
+            numerics: crate::numerics::Request::from_env().unwrap_or(crate::numerics::Request::DEFAULT).resolve(),
+        }
+    }
+
+    pub(super) fn sc(&self) -> std::sync::MutexGuard<'_, StatCache> {
+        self.sc.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn note(&self, msg: &str) {
+        if !self.quiet {
+            // Without a terminal the bars are hidden and so is their
+            // `println`: warnings must still reach a CI log.
+            if self.mp.is_hidden() {
+                eprintln!("{msg}");
+            } else {
+                let _ = self.mp.println(msg);
+            }
+        }
+        tracing::info!("{msg}");
+    }
+}
+
+/// A stage that is done (ran or reused).
+#[derive(Debug, Clone)]
+pub(crate) struct Done {
+    pub key: String,
+    pub ki: StageKeyInputs,
+    pub outputs: BTreeMap<String, OutputRecord>,
+    pub avail: BTreeMap<String, Avail>,
+    pub metrics: Value,
+    pub ran: bool,
+    /// The profile the worker reported (None for shell stages).
+    pub numerics: Option<crate::numerics::Profile>,
+}
+
