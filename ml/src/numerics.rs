@@ -4,7 +4,28 @@
 //! torch's intra-op thread count through tch — and refuses to run a stage
 //! whose requested profile (`RECFLOW_NUMERICS`, set by the runner) was not
 //! applied.
+use std::path::PathBuf;
+
 use recflow::numerics::{mkl_branch_name, Cpu, Profile, Request, Resolved};
+
+/// The libtorch library this process loaded and its version (PyTorch's
+/// `torch/version.py` next to `lib/`), from `/proc/self/maps`.
+pub fn libtorch_info() -> Option<(PathBuf, String)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let lib = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.contains("libtorch_cpu"))?;
+    let lib = PathBuf::from(lib);
+    let root = lib.parent()?.parent()?; // .../torch/lib/libtorch_cpu.so → .../torch
+    let ver = std::fs::read_to_string(root.join("version.py"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("__version__"))
+                .and_then(|l| l.split(['\'', '"']).nth(1).map(String::from))
+        })
+        .or_else(|| std::fs::read_to_string(root.join("build-version")).ok().map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into());
+    Some((lib, ver))
+}
 
 #[cfg(recflow_numerics_shim)]
 mod ffi {
@@ -57,7 +78,7 @@ pub fn observe(requested: Option<&Resolved>) -> Profile {
         aten: aten_capability(),
         mkl: mkl_branch(),
         threads: tch::get_num_threads().max(0) as u32,
-        torch: crate::llm::cli::libtorch_info().map(|(_, v)| v).unwrap_or_default(),
+        torch: libtorch_info().map(|(_, v)| v).unwrap_or_default(),
         onednn_max_isa: std::env::var("ONEDNN_MAX_CPU_ISA").ok(),
     }
 }

@@ -243,25 +243,6 @@ fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The libtorch library this process loaded and its version (PyTorch's
-/// `torch/version.py` next to `lib/`), from `/proc/self/maps`.
-pub(crate) fn libtorch_info() -> Option<(PathBuf, String)> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let lib = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.contains("libtorch_cpu"))?;
-    let lib = PathBuf::from(lib);
-    let root = lib.parent()?.parent()?; // .../torch/lib/libtorch_cpu.so → .../torch
-    let ver = std::fs::read_to_string(root.join("version.py"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("__version__"))
-                .and_then(|l| l.split(['\'', '"']).nth(1).map(String::from))
-        })
-        .or_else(|| std::fs::read_to_string(root.join("build-version")).ok().map(|s| s.trim().to_string()))
-        .unwrap_or_else(|| "unknown".into());
-    Some((lib, ver))
-}
-
 /// `doctor [--json]`: libtorch version and path, CUDA availability,
 /// devices, thread count, the numerics profile in force. Exit 1 when
 /// libtorch cannot be identified or the requested profile is not in force.
@@ -272,7 +253,7 @@ pub fn doctor_main(args: &[String]) -> i32 {
     let cuda = tch::Cuda::is_available();
     let n = tch::Cuda::device_count();
     let cudnn = tch::Cuda::cudnn_is_available();
-    let info = libtorch_info();
+    let info = crate::numerics::libtorch_info();
     let torch_cuda_linked = std::fs::read_to_string("/proc/self/maps").map(|m| m.contains("libtorch_cuda")).unwrap_or(false);
     let (path, ver) = info.clone().map(|(p, v)| (p.display().to_string(), v)).unwrap_or_default();
     let devices: Vec<String> = std::iter::once("cpu".to_string()).chain((0..n).map(|i| format!("cuda:{i}"))).collect();

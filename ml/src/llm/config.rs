@@ -256,6 +256,23 @@ impl ModelConfig {
     }
 }
 
+
+/// LoRA settings (PEFT's `LoraConfig` names). Here, beside the model's
+/// config, rather than in `lora.rs`: the model records the adapters it
+/// carries, and `lora.rs` builds on the model, so the setting must sit below both.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// Rank r.
+    pub r: i64,
+    /// α: the update is scaled by α/r.
+    pub alpha: f64,
+    /// Dropout on the adapter's input during training.
+    pub dropout: f64,
+    /// Module names to adapt (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
+    /// `gate_proj`, `up_proj`, `down_proj`); `["all-linear"]` = all seven.
+    pub target_modules: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,24 +10,10 @@ use std::sync::atomic::Ordering;
 use recflow::stages::sft::{ALL_LINEAR, LORA_MODULES};
 use tch::Tensor;
 
+use super::config::LoraConfig;
 use super::error::{io_err, LlmError, Result};
 use super::model::Model;
 use super::weights;
-
-/// LoRA settings (PEFT's `LoraConfig` names).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LoraConfig {
-    /// Rank r.
-    pub r: i64,
-    /// α: the update is scaled by α/r.
-    pub alpha: f64,
-    /// Dropout on the adapter's input during training.
-    pub dropout: f64,
-    /// Module names to adapt (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
-    /// `gate_proj`, `up_proj`, `down_proj`); `["all-linear"]` = all seven.
-    pub target_modules: Vec<String>,
-}
-
 
 impl Model {
     /// Adds a LoRA adapter to every targeted linear layer of every block

@@ -44,7 +44,7 @@ pub mod weights;
 pub use config::ModelConfig;
 pub use error::{LlmError, Result};
 pub use linear::Linear;
-pub use lora::LoraConfig;
+pub use config::LoraConfig;
 pub use model::{position_ids_from_mask, DecoderLayer, KvCache, LayerCtx, Model};
 pub use tokenizer::{ChatMessage, Tokenizer};
 

@@ -20,7 +20,7 @@ use tch::{Device, Kind, Tensor};
 use super::config::ModelConfig;
 use super::error::{LlmError, Result};
 use super::linear::{Linear, LoraSwitch};
-use super::lora::LoraConfig;
+use super::config::LoraConfig;
 
 /// RMSNorm weight `[H]`.
 #[derive(Debug)]
