@@ -42,54 +42,15 @@ pub enum DType {
     Bfloat16,
 }
 
-pub(crate) fn d_device() -> String {
-    "auto".into()
-}
-pub(crate) fn d_dtype() -> DType {
-    DType::Auto
-}
-pub(crate) fn d_true() -> bool {
-    true
-}
-pub(crate) fn d_lora_r() -> usize {
-    16
-}
-pub(crate) fn d_lora_alpha() -> f64 {
-    32.0
-}
 /// The decoder's linear layers by their HF/PEFT short names, and PEFT's
 /// shorthand for all of them. The one list the configs validate against.
 pub const LORA_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 pub const ALL_LINEAR: &str = "all-linear";
-pub(crate) fn d_lora_targets() -> Vec<String> {
-    vec![ALL_LINEAR.into()]
-}
 /// The default stays out of the serialized (key) form, so adding the option
 /// left the keys of existing sft/grpo stages where they were; any other
 /// value enters the key.
 pub(crate) fn is_all_linear(v: &[String]) -> bool {
     v.len() == 1 && v[0] == ALL_LINEAR
-}
-pub(crate) fn d_beta1() -> f64 {
-    0.9
-}
-pub(crate) fn d_beta2() -> f64 {
-    0.999
-}
-pub(crate) fn d_adam_eps() -> f64 {
-    1e-8
-}
-pub(crate) fn d_max_grad_norm() -> f64 {
-    1.0
-}
-pub(crate) fn d_save_steps() -> usize {
-    50
-}
-pub(crate) fn d_eval_steps() -> usize {
-    50
-}
-pub(crate) fn d_one() -> usize {
-    1
 }
 
 /// `with:` of an sft stage.
