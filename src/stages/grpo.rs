@@ -22,10 +22,7 @@
 //! (TRL 0.24) so configs carry across.
 use serde::{Deserialize, Serialize};
 
-use super::sft::{
-    check_device, check_lora, check_optim, d_adam_eps, d_beta1, d_beta2, d_device, d_dtype, d_eval_steps,
-    d_lora_alpha, d_lora_r, d_lora_targets, is_all_linear, d_max_grad_norm, d_one, d_save_steps, d_true, positive, DType, LrSchedulerType,
-};
+use super::sft::{check_device, check_lora, check_optim, is_all_linear, positive, DType, LrSchedulerType, ALL_LINEAR};
 use super::{InputSpec, OutputSpec, StageDef};
 use crate::answer::{RewardConfig, Scale};
 
@@ -55,162 +52,80 @@ pub enum ScaleRewards {
     None,
 }
 
-fn d_lr() -> f64 {
-    1e-6
-}
-fn d_prompts() -> usize {
-    4
-}
-fn d_generations() -> usize {
-    8
-}
-fn d_max_prompt() -> usize {
-    1024
-}
-fn d_max_completion() -> usize {
-    512
-}
-fn d_temperature() -> f64 {
-    1.0
-}
-fn d_top_p() -> f64 {
-    1.0
-}
-fn d_epsilon() -> f64 {
-    0.2
-}
-fn d_loss_type() -> LossType {
-    LossType::Dapo
-}
-fn d_scale_rewards() -> ScaleRewards {
-    ScaleRewards::Group
-}
-fn d_max_steps() -> usize {
-    100
-}
-fn d_sched() -> LrSchedulerType {
-    LrSchedulerType::Constant
-}
-fn d_eval_samples() -> usize {
-    64
-}
-fn d_tokens_per_micro() -> usize {
-    8192
-}
-fn d_chunk() -> usize {
-    1024
-}
 /// Default `kl_warn_threshold` (the report judges logs against it).
 pub const DEFAULT_KL_WARN_THRESHOLD: f64 = 1.0;
-fn d_kl_warn() -> f64 {
-    DEFAULT_KL_WARN_THRESHOLD
-}
 
 /// `with:` of a grpo stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Config {
     // --- placement ---------------------------------------------------------
     /// `auto` | `cpu` | `cuda` | `cuda:N` (the runner resolves `auto`).
-    #[serde(default = "d_device")]
     pub device: String,
     /// `auto` (f32 on CPU, bf16 autocast on CUDA) | `float32` | `bfloat16`.
-    #[serde(default = "d_dtype")]
     pub dtype: DType,
     /// Overrides the pipeline seed for this stage (e.g. `${matrix.seed}`).
-    #[serde(default)]
     pub seed: Option<u64>,
 
     // --- rollouts ------------------------------------------------------------
     /// B: prompts per step.
-    #[serde(default = "d_prompts")]
     pub prompts_per_step: usize,
     /// G: completions per prompt (the group).
-    #[serde(default = "d_generations")]
     pub num_generations: usize,
     /// Prompts longer than this are cut from the left (keeping the question).
-    #[serde(default = "d_max_prompt")]
     pub max_prompt_length: usize,
-    #[serde(default = "d_max_completion")]
     pub max_completion_length: usize,
     /// Sampling temperature; logits are divided by it in training too.
-    #[serde(default = "d_temperature")]
     pub temperature: f64,
-    #[serde(default = "d_top_p")]
     pub top_p: f64,
     /// 0 disables top-k.
-    #[serde(default)]
     pub top_k: usize,
     /// Optimizer steps (each: B × G rollouts, `num_iterations` updates).
-    #[serde(default = "d_max_steps")]
     pub max_steps: usize,
 
     // --- reward ----------------------------------------------------------------
     /// Rule reward constants (paper defaults: valid → 1 + (1 − |ŷ − y| / 2), else −1).
-    #[serde(default)]
     pub reward: RewardConfig,
     /// Rating scale of valid answers.
-    #[serde(default)]
     pub scale: Scale,
 
     // --- objective (TRL 0.24 names and meanings) -----------------------------
-    #[serde(default = "d_loss_type")]
     pub loss_type: LossType,
-    #[serde(default = "d_scale_rewards")]
     pub scale_rewards: ScaleRewards,
     /// KL coefficient against the reference (the initial model; with LoRA the
     /// model with adapters off). 0 skips the reference forward entirely.
-    #[serde(default)]
     pub beta: f64,
     /// Lower clip: ratio ≥ 1 − epsilon.
-    #[serde(default = "d_epsilon")]
     pub epsilon: f64,
     /// Upper clip: ratio ≤ 1 + epsilon_high (defaults to `epsilon`; DAPO uses 0.28).
-    #[serde(default)]
     pub epsilon_high: Option<f64>,
     /// μ: optimizer updates per batch of rollouts (old log-probs recomputed
     /// once before the first update when μ > 1).
-    #[serde(default = "d_one")]
     pub num_iterations: usize,
     /// Exclude completions that hit `max_completion_length` from the loss.
-    #[serde(default)]
     pub mask_truncated_completions: bool,
 
     // --- optimizer -------------------------------------------------------------
-    #[serde(default = "d_lr")]
     pub learning_rate: f64,
-    #[serde(default = "d_sched")]
     pub lr_scheduler_type: LrSchedulerType,
-    #[serde(default)]
     pub warmup_ratio: f64,
-    #[serde(default)]
     pub warmup_steps: usize,
-    #[serde(default)]
     pub weight_decay: f64,
-    #[serde(default = "d_beta1")]
     pub adam_beta1: f64,
-    #[serde(default = "d_beta2")]
     pub adam_beta2: f64,
-    #[serde(default = "d_adam_eps")]
     pub adam_epsilon: f64,
-    #[serde(default = "d_max_grad_norm")]
     pub max_grad_norm: f64,
 
     // --- LoRA (PEFT names) -------------------------------------------------------
-    #[serde(default)]
     pub use_peft: bool,
-    #[serde(default = "d_lora_r")]
     pub lora_r: usize,
-    #[serde(default = "d_lora_alpha")]
     pub lora_alpha: f64,
-    #[serde(default)]
     pub lora_dropout: f64,
     /// `["all-linear"]` (default) or some of `q_proj` … `down_proj` (see `sft`).
-    #[serde(default = "d_lora_targets", skip_serializing_if = "is_all_linear")]
+    #[serde(skip_serializing_if = "is_all_linear")]
     pub lora_target_modules: Vec<String>,
 
     // --- memory ----------------------------------------------------------------
-    #[serde(default)]
     pub gradient_checkpointing: bool,
     /// Compute each prompt once per micro-batch and let its G completions
     /// attend to it, in the forward and the backward pass (the G rows'
@@ -218,7 +133,6 @@ pub struct Config {
     /// (with LoRA dropout the G rows share the prompt's dropout mask); the
     /// prompt's share of the training FLOPs drops G-fold. Keyed: the bits
     /// of the results differ.
-    #[serde(default = "d_true")]
     pub share_prompt_prefix: bool,
     /// With `beta` = 0, rows whose advantage is 0 (every row of a group with
     /// identical rewards) and masked rows add exactly nothing to the
@@ -226,33 +140,78 @@ pub struct Config {
     /// to float summation order — their tokens still count in the loss
     /// normalisation and `clip_*` — but `entropy` and `logprob_gap` average
     /// over the rows trained on (null when none was). Keyed.
-    #[serde(default = "d_true")]
     pub skip_zero_advantage: bool,
     /// Micro-batches hold at most this many padded tokens — with
     /// `share_prompt_prefix` each prompt counted once — and at least one
     /// sequence. Operational.
-    #[serde(default = "d_tokens_per_micro")]
     pub max_tokens_per_microbatch: usize,
     /// Positions per chunk when turning hidden states into log-probs, so
     /// `[B, T, vocab]` logits never exist at once. Operational.
-    #[serde(default = "d_chunk")]
     pub logprob_chunk_tokens: usize,
 
     // --- evaluation, diagnostics, checkpoints ---------------------------------
     /// Greedy evaluation on `valid` every N steps (and after the last); 0 = only at the end.
-    #[serde(default = "d_eval_steps")]
     pub eval_steps: usize,
-    #[serde(default = "d_eval_samples")]
     pub eval_max_samples: usize,
     /// Keep the weights with the lowest validation RMSE instead of the last.
-    #[serde(default = "d_true")]
     pub load_best_model_at_end: bool,
     /// Warn loudly when the mean KL to the reference exceeds this.
-    #[serde(default = "d_kl_warn")]
     pub kl_warn_threshold: f64,
     /// Checkpoint into the work dir every N steps (operational).
-    #[serde(default = "d_save_steps")]
     pub save_steps: usize,
+}
+
+/// The defaults, one table: a field the `with:` (or `stages/grpo.yaml`)
+/// leaves out takes its value here.
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            device: "auto".into(),
+            dtype: DType::Auto,
+            seed: None,
+            prompts_per_step: 4,
+            num_generations: 8,
+            max_prompt_length: 1024,
+            max_completion_length: 512,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_steps: 100,
+            reward: RewardConfig::default(),
+            scale: Scale::default(),
+            loss_type: LossType::Dapo,
+            scale_rewards: ScaleRewards::Group,
+            beta: 0.0,
+            epsilon: 0.2,
+            epsilon_high: None,
+            num_iterations: 1,
+            mask_truncated_completions: false,
+            learning_rate: 1e-6,
+            lr_scheduler_type: LrSchedulerType::Constant,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            use_peft: false,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            lora_target_modules: vec![ALL_LINEAR.into()],
+            gradient_checkpointing: false,
+            share_prompt_prefix: true,
+            skip_zero_advantage: true,
+            max_tokens_per_microbatch: 8192,
+            logprob_chunk_tokens: 1024,
+            eval_steps: 50,
+            eval_max_samples: 64,
+            load_best_model_at_end: true,
+            kl_warn_threshold: DEFAULT_KL_WARN_THRESHOLD,
+            save_steps: 50,
+        }
+    }
 }
 
 impl Config {
@@ -511,5 +470,29 @@ mod tests {
         let m: serde_json::Map<String, serde_json::Value> = quiet.metrics().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         assert_eq!(collapse_note(&serde_json::Value::Object(m)), None, "a healthy run has no note");
         assert_eq!(collapse_note(&serde_json::json!({"steps": 3})), None, "runs recorded before the check have no note");
+    }
+
+    /// Keys hash the serialized config: an empty `with:` and a typical one
+    /// must serialize to exactly these strings (fields, order, values, and
+    /// the defaults that `skip_serializing_if` leaves out), whichever way
+    /// the defaults are written.
+    #[test]
+    fn defaults_resolve_to_the_keyed_values() {
+        let ser = |v: serde_json::Value| serde_json::to_string(&serde_json::from_value::<Config>(v).unwrap()).unwrap();
+        assert_eq!(
+            ser(serde_json::json!({})),
+            r#"{"device":"auto","dtype":"auto","seed":null,"prompts_per_step":4,"num_generations":8,"max_prompt_length":1024,"max_completion_length":512,"temperature":1.0,"top_p":1.0,"top_k":0,"max_steps":100,"reward":{"format_reward":1.0,"invalid_reward":-1.0,"accuracy_weight":1.0,"error_scale":2.0},"scale":{"min":1.0,"max":5.0},"loss_type":"dapo","scale_rewards":"group","beta":0.0,"epsilon":0.2,"epsilon_high":null,"num_iterations":1,"mask_truncated_completions":false,"learning_rate":1e-6,"lr_scheduler_type":"constant","warmup_ratio":0.0,"warmup_steps":0,"weight_decay":0.0,"adam_beta1":0.9,"adam_beta2":0.999,"adam_epsilon":1e-8,"max_grad_norm":1.0,"use_peft":false,"lora_r":16,"lora_alpha":32.0,"lora_dropout":0.0,"gradient_checkpointing":false,"share_prompt_prefix":true,"skip_zero_advantage":true,"max_tokens_per_microbatch":8192,"logprob_chunk_tokens":1024,"eval_steps":50,"eval_max_samples":64,"load_best_model_at_end":true,"kl_warn_threshold":1.0,"save_steps":50}"#
+        );
+        let typical = serde_json::json!({
+            "num_generations": 8, "prompts_per_step": 8, "max_steps": 150, "learning_rate": 3.0e-4, "lr_scheduler_type": "constant",
+            "epsilon": 0.2, "epsilon_high": 0.28, "beta": 0.01, "temperature": 1.0, "max_prompt_length": 256,
+            "max_completion_length": 128, "eval_steps": 50, "load_best_model_at_end": false, "use_peft": true,
+            "lora_target_modules": ["q_proj", "v_proj"], "reward": {"error_scale": 4.0}, "scale": {"min": 1, "max": 10},
+            "device": "cpu", "dtype": "float32"
+        });
+        assert_eq!(
+            ser(typical),
+            r#"{"device":"cpu","dtype":"float32","seed":null,"prompts_per_step":8,"num_generations":8,"max_prompt_length":256,"max_completion_length":128,"temperature":1.0,"top_p":1.0,"top_k":0,"max_steps":150,"reward":{"format_reward":1.0,"invalid_reward":-1.0,"accuracy_weight":1.0,"error_scale":4.0},"scale":{"min":1.0,"max":10.0},"loss_type":"dapo","scale_rewards":"group","beta":0.01,"epsilon":0.2,"epsilon_high":0.28,"num_iterations":1,"mask_truncated_completions":false,"learning_rate":0.0003,"lr_scheduler_type":"constant","warmup_ratio":0.0,"warmup_steps":0,"weight_decay":0.0,"adam_beta1":0.9,"adam_beta2":0.999,"adam_epsilon":1e-8,"max_grad_norm":1.0,"use_peft":true,"lora_r":16,"lora_alpha":32.0,"lora_dropout":0.0,"lora_target_modules":["q_proj","v_proj"],"gradient_checkpointing":false,"share_prompt_prefix":true,"skip_zero_advantage":true,"max_tokens_per_microbatch":8192,"logprob_chunk_tokens":1024,"eval_steps":50,"eval_max_samples":64,"load_best_model_at_end":false,"kl_warn_threshold":1.0,"save_steps":50}"#
+        );
     }
 }

@@ -42,157 +42,71 @@ pub enum DType {
     Bfloat16,
 }
 
-pub(crate) fn d_device() -> String {
-    "auto".into()
-}
-pub(crate) fn d_dtype() -> DType {
-    DType::Auto
-}
-pub(crate) fn d_true() -> bool {
-    true
-}
-pub(crate) fn d_lora_r() -> usize {
-    16
-}
-pub(crate) fn d_lora_alpha() -> f64 {
-    32.0
-}
 /// The decoder's linear layers by their HF/PEFT short names, and PEFT's
 /// shorthand for all of them. The one list the configs validate against.
 pub const LORA_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 pub const ALL_LINEAR: &str = "all-linear";
-pub(crate) fn d_lora_targets() -> Vec<String> {
-    vec![ALL_LINEAR.into()]
-}
 /// The default stays out of the serialized (key) form, so adding the option
 /// left the keys of existing sft/grpo stages where they were; any other
 /// value enters the key.
 pub(crate) fn is_all_linear(v: &[String]) -> bool {
     v.len() == 1 && v[0] == ALL_LINEAR
 }
-pub(crate) fn d_beta1() -> f64 {
-    0.9
-}
-pub(crate) fn d_beta2() -> f64 {
-    0.999
-}
-pub(crate) fn d_adam_eps() -> f64 {
-    1e-8
-}
-pub(crate) fn d_max_grad_norm() -> f64 {
-    1.0
-}
-pub(crate) fn d_save_steps() -> usize {
-    50
-}
-pub(crate) fn d_eval_steps() -> usize {
-    50
-}
-pub(crate) fn d_one() -> usize {
-    1
-}
-fn d_lr() -> f64 {
-    2e-5
-}
-fn d_batch() -> usize {
-    4
-}
-fn d_max_length() -> usize {
-    1024
-}
-fn d_epochs() -> f64 {
-    1.0
-}
-fn d_eval_samples() -> usize {
-    64
-}
-fn d_eval_new_tokens() -> usize {
-    256
-}
-fn d_val_fraction() -> f64 {
-    0.05
-}
-fn d_sched() -> LrSchedulerType {
-    LrSchedulerType::Cosine
-}
 
 /// `with:` of an sft stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Config {
     // --- placement ---------------------------------------------------------
     /// `auto` | `cpu` | `cuda` | `cuda:N` (the runner resolves `auto`).
-    #[serde(default = "d_device")]
     pub device: String,
     /// `auto` (f32 on CPU, bf16 autocast on CUDA) | `float32` | `bfloat16`.
-    #[serde(default = "d_dtype")]
     pub dtype: DType,
     /// Overrides the pipeline seed for this stage (e.g. `${matrix.seed}`).
-    #[serde(default)]
     pub seed: Option<u64>,
 
     // --- data --------------------------------------------------------------
     /// Prompt + completion tokens kept per example (longer ones are cut from the end).
-    #[serde(default = "d_max_length")]
     pub max_length: usize,
     /// Examples per micro-batch.
-    #[serde(default = "d_batch")]
     pub per_device_train_batch_size: usize,
     /// Micro-batches summed into one optimizer step.
-    #[serde(default = "d_one")]
     pub gradient_accumulation_steps: usize,
     /// Length bucketing: each optimizer step's micro-batches are built from
     /// examples of similar length, so padding is small (transformers' name).
-    #[serde(default = "d_true")]
     pub group_by_length: bool,
     /// Passes over the accepted rows; ignored when `max_steps` is set.
-    #[serde(default = "d_epochs")]
     pub num_train_epochs: f64,
     /// Optimizer steps; overrides `num_train_epochs`.
-    #[serde(default)]
     pub max_steps: Option<usize>,
 
     // --- optimizer (AdamW, decoupled weight decay) --------------------------
-    #[serde(default = "d_lr")]
     pub learning_rate: f64,
-    #[serde(default = "d_sched")]
     pub lr_scheduler_type: LrSchedulerType,
     /// Fraction of steps of linear warmup (used when `warmup_steps` is 0).
-    #[serde(default)]
     pub warmup_ratio: f64,
-    #[serde(default)]
     pub warmup_steps: usize,
-    #[serde(default)]
     pub weight_decay: f64,
-    #[serde(default = "d_beta1")]
     pub adam_beta1: f64,
-    #[serde(default = "d_beta2")]
     pub adam_beta2: f64,
-    #[serde(default = "d_adam_eps")]
     pub adam_epsilon: f64,
     /// Global L2 gradient-norm clip; 0 disables.
-    #[serde(default = "d_max_grad_norm")]
     pub max_grad_norm: f64,
 
     // --- LoRA (PEFT names) ---------------------------------------------------
     /// LoRA on all linear layers of the decoder; false = full fine-tuning.
-    #[serde(default)]
     pub use_peft: bool,
-    #[serde(default = "d_lora_r")]
     pub lora_r: usize,
-    #[serde(default = "d_lora_alpha")]
     pub lora_alpha: f64,
-    #[serde(default)]
     pub lora_dropout: f64,
     /// Linear layers that get adapters: `["all-linear"]` (default) or a list
     /// of `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
     /// `down_proj` (TRL's `lora_target_modules`, PEFT's `target_modules`).
-    #[serde(default = "d_lora_targets", skip_serializing_if = "is_all_linear")]
+    #[serde(skip_serializing_if = "is_all_linear")]
     pub lora_target_modules: Vec<String>,
 
     // --- memory -------------------------------------------------------------
     /// Recompute each decoder layer's forward in the backward pass.
-    #[serde(default)]
     pub gradient_checkpointing: bool,
     /// Split each optimizer step's `per_device_train_batch_size ×
     /// gradient_accumulation_steps` examples into micro-batches of at most
@@ -200,32 +114,66 @@ pub struct Config {
     /// of `per_device_train_batch_size` rows each: bounds activation memory
     /// when lengths vary. Keyed (unlike grpo's, which is operational), since
     /// the LoRA dropout masks are drawn per micro-batch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_tokens_per_microbatch: Option<usize>,
 
     // --- evaluation and checkpoints ------------------------------------------
     /// Validation loss and greedy format-valid rate every N optimizer steps
     /// (and after the last); 0 = only at the end.
-    #[serde(default = "d_eval_steps")]
     pub eval_steps: usize,
     /// Fraction of accepted coldstart rows held out for the validation loss
     /// (by a hash of `sample_id`, so stable across runs; at least one row
     /// when there are two or more).
-    #[serde(default = "d_val_fraction")]
     pub val_fraction: f64,
     /// Validation prompts used for the greedy format-valid rate (first N rows).
-    #[serde(default = "d_eval_samples")]
     pub eval_max_samples: usize,
     /// Generation budget of the greedy validation answers.
-    #[serde(default = "d_eval_new_tokens")]
     pub eval_max_new_tokens: usize,
     /// Keep the weights of the best evaluation (lowest val_loss) as the
     /// output instead of the last step's.
-    #[serde(default = "d_true")]
     pub load_best_model_at_end: bool,
     /// Checkpoint into the work dir every N optimizer steps (operational).
-    #[serde(default = "d_save_steps")]
     pub save_steps: usize,
+}
+
+/// The defaults, one table: a field the `with:` (or `stages/sft.yaml`)
+/// leaves out takes its value here.
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            device: "auto".into(),
+            dtype: DType::Auto,
+            seed: None,
+            max_length: 1024,
+            per_device_train_batch_size: 4,
+            gradient_accumulation_steps: 1,
+            group_by_length: true,
+            num_train_epochs: 1.0,
+            max_steps: None,
+            learning_rate: 2e-5,
+            lr_scheduler_type: LrSchedulerType::Cosine,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            use_peft: false,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            lora_target_modules: vec![ALL_LINEAR.into()],
+            gradient_checkpointing: false,
+            max_tokens_per_microbatch: None,
+            eval_steps: 50,
+            val_fraction: 0.05,
+            eval_max_samples: 64,
+            eval_max_new_tokens: 256,
+            load_best_model_at_end: true,
+            save_steps: 50,
+        }
+    }
 }
 
 /// Stage metadata of `sft` (run function: `recflow_ml::train::sft::run`).
@@ -398,5 +346,27 @@ mod tests {
         assert!(e.contains("twice"), "{e}");
         let e = check(serde_json::json!({"lora_target_modules": ["all-linear", "q_proj"]})).unwrap_err();
         assert!(e.contains("alone"), "{e}");
+    }
+
+    /// Keys hash the serialized config: an empty `with:` and a typical one
+    /// must serialize to exactly these strings (fields, order, values, and
+    /// the defaults that `skip_serializing_if` leaves out), whichever way
+    /// the defaults are written.
+    #[test]
+    fn defaults_resolve_to_the_keyed_values() {
+        let ser = |v: serde_json::Value| serde_json::to_string(&serde_json::from_value::<Config>(v).unwrap()).unwrap();
+        assert_eq!(
+            ser(serde_json::json!({})),
+            r#"{"device":"auto","dtype":"auto","seed":null,"max_length":1024,"per_device_train_batch_size":4,"gradient_accumulation_steps":1,"group_by_length":true,"num_train_epochs":1.0,"max_steps":null,"learning_rate":0.00002,"lr_scheduler_type":"cosine","warmup_ratio":0.0,"warmup_steps":0,"weight_decay":0.0,"adam_beta1":0.9,"adam_beta2":0.999,"adam_epsilon":1e-8,"max_grad_norm":1.0,"use_peft":false,"lora_r":16,"lora_alpha":32.0,"lora_dropout":0.0,"gradient_checkpointing":false,"eval_steps":50,"val_fraction":0.05,"eval_max_samples":64,"eval_max_new_tokens":256,"load_best_model_at_end":true,"save_steps":50}"#
+        );
+        let typical = serde_json::json!({
+            "max_steps": 500, "per_device_train_batch_size": 16, "learning_rate": 3.0e-3, "lr_scheduler_type": "constant",
+            "warmup_steps": 20, "warmup_ratio": 0, "eval_steps": 100, "max_length": 512, "use_peft": true,
+            "lora_target_modules": ["q_proj", "v_proj"], "max_tokens_per_microbatch": 4096, "device": "cpu", "dtype": "float32", "seed": 7
+        });
+        assert_eq!(
+            ser(typical),
+            r#"{"device":"cpu","dtype":"float32","seed":7,"max_length":512,"per_device_train_batch_size":16,"gradient_accumulation_steps":1,"group_by_length":true,"num_train_epochs":1.0,"max_steps":500,"learning_rate":0.003,"lr_scheduler_type":"constant","warmup_ratio":0.0,"warmup_steps":20,"weight_decay":0.0,"adam_beta1":0.9,"adam_beta2":0.999,"adam_epsilon":1e-8,"max_grad_norm":1.0,"use_peft":true,"lora_r":16,"lora_alpha":32.0,"lora_dropout":0.0,"lora_target_modules":["q_proj","v_proj"],"gradient_checkpointing":false,"max_tokens_per_microbatch":4096,"eval_steps":100,"val_fraction":0.05,"eval_max_samples":64,"eval_max_new_tokens":256,"load_best_model_at_end":true,"save_steps":50}"#
+        );
     }
 }

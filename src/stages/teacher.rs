@@ -105,6 +105,11 @@ pub enum OnRequestFailure {
 }
 
 /// `with:` of a teacher stage.
+///
+/// Per-field defaults (the `d_*` functions above), not one container-level
+/// `#[serde(default)]` table as in the other stages: `backend` has no
+/// default and must stay required, and a container default would fill
+/// every missing field, `backend` included, from `Config::default()`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -672,5 +677,32 @@ mod tests {
         assert_eq!((lc.sampling.temperature, lc.sampling.max_tokens, lc.sampling.seed), (0.3, 77, Some(5)), "sampling from the config");
         assert_eq!(lc.max_rationalize, 1);
         assert_eq!(lc.hint_template, crate::teacher::rationalize::DEFAULT_HINT, "default hint");
+    }
+
+    /// Keys hash the serialized config: a minimal `with:` (only the required
+    /// `backend`) and a typical one must serialize to exactly these strings
+    /// (fields, order, values, and the default `cf_estimate` left out).
+    #[test]
+    fn defaults_resolve_to_the_keyed_values() {
+        let ser = |v: serde_json::Value| serde_json::to_string(&cfg(v)).unwrap();
+        assert_eq!(
+            ser(serde_json::json!({"backend": "cf"})),
+            r#"{"backend":"cf","base_url":null,"model":null,"api_key_env":null,"model_dir":null,"device":null,"dtype":null,"temperature":0.6,"top_p":null,"max_tokens":4096,"sampling_seed":null,"max_samples":null,"max_rationalize":3,"tolerance":null,"scale":{"min":1.0,"max":5.0},"hint_template":"\n\n(For this attempt only: the user's rating of this item was {rating}. Write your analysis so that it reaches this rating from the evidence above, in the same format, and do not mention this note, that you were told the rating, or any \"actual\" or \"true\" rating.)","cf_style":"verbose","on_request_failure":"fail","concurrency":8,"request_timeout_s":600.0,"connect_timeout_s":30.0,"max_retries":8,"max_malformed_retries":3,"backoff_base_s":1.0,"backoff_max_s":60.0,"requests_per_min":null,"tokens_per_min":null,"price_in_per_mtok":0.0,"price_out_per_mtok":0.0,"budget_tokens":null,"budget_usd":null,"progress_interval_s":2.0,"response_cache":null}"#
+        );
+        let typical = serde_json::json!({
+            "backend": "cf", "cf_style": "concise", "cf_estimate": "mean_of_averages", "max_rationalize": 1, "tolerance": 1
+        });
+        assert_eq!(
+            ser(typical),
+            r#"{"backend":"cf","base_url":null,"model":null,"api_key_env":null,"model_dir":null,"device":null,"dtype":null,"temperature":0.6,"top_p":null,"max_tokens":4096,"sampling_seed":null,"max_samples":null,"max_rationalize":1,"tolerance":1.0,"scale":{"min":1.0,"max":5.0},"hint_template":"\n\n(For this attempt only: the user's rating of this item was {rating}. Write your analysis so that it reaches this rating from the evidence above, in the same format, and do not mention this note, that you were told the rating, or any \"actual\" or \"true\" rating.)","cf_style":"concise","cf_estimate":"mean_of_averages","on_request_failure":"fail","concurrency":8,"request_timeout_s":600.0,"connect_timeout_s":30.0,"max_retries":8,"max_malformed_retries":3,"backoff_base_s":1.0,"backoff_max_s":60.0,"requests_per_min":null,"tokens_per_min":null,"price_in_per_mtok":0.0,"price_out_per_mtok":0.0,"budget_tokens":null,"budget_usd":null,"progress_interval_s":2.0,"response_cache":null}"#
+        );
+    }
+
+    /// `backend` has no default: a `with:` without it is refused by name,
+    /// not filled in.
+    #[test]
+    fn backend_stays_required() {
+        let e = serde_json::from_value::<Config>(serde_json::json!({"cf_style": "concise"})).unwrap_err();
+        assert_eq!(e.to_string(), "missing field `backend`");
     }
 }
