@@ -22,7 +22,7 @@
 //! (TRL 0.24) so configs carry across.
 use serde::{Deserialize, Serialize};
 
-use super::sft::{check_device, check_lora, check_optim, is_all_linear, positive, DType, LrSchedulerType, ALL_LINEAR};
+use super::sft::{check_device, check_lora, check_optim, is_all_linear, positive, DType, LrSchedulerType};
 use super::{InputSpec, OutputSpec, StageDef};
 use crate::answer::{RewardConfig, Scale};
 
@@ -165,9 +165,12 @@ pub struct Config {
 /// leaves out takes its value here.
 impl Default for Config {
     fn default() -> Self {
+        // The device, optimizer, LoRA and cadence defaults are SFT's: one
+        // home, so the two trainers cannot drift apart.
+        let sft = super::sft::Config::default();
         Config {
-            device: "auto".into(),
-            dtype: DType::Auto,
+            device: sft.device,
+            dtype: sft.dtype,
             seed: None,
             prompts_per_step: 4,
             num_generations: 8,
@@ -191,25 +194,25 @@ impl Default for Config {
             warmup_ratio: 0.0,
             warmup_steps: 0,
             weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            max_grad_norm: 1.0,
+            adam_beta1: sft.adam_beta1,
+            adam_beta2: sft.adam_beta2,
+            adam_epsilon: sft.adam_epsilon,
+            max_grad_norm: sft.max_grad_norm,
             use_peft: false,
-            lora_r: 16,
-            lora_alpha: 32.0,
+            lora_r: sft.lora_r,
+            lora_alpha: sft.lora_alpha,
             lora_dropout: 0.0,
-            lora_target_modules: vec![ALL_LINEAR.into()],
+            lora_target_modules: sft.lora_target_modules,
             gradient_checkpointing: false,
             share_prompt_prefix: true,
             skip_zero_advantage: true,
             max_tokens_per_microbatch: 8192,
             logprob_chunk_tokens: 1024,
-            eval_steps: 50,
+            eval_steps: sft.eval_steps,
             eval_max_samples: 64,
             load_best_model_at_end: true,
             kl_warn_threshold: DEFAULT_KL_WARN_THRESHOLD,
-            save_steps: 50,
+            save_steps: sft.save_steps,
         }
     }
 }
