@@ -387,3 +387,34 @@ fn model_init_and_import_stages() {
     let e = format!("{:#}", recflow::worker::exec(&reg, &spec, Default::default()).unwrap_err());
     assert!(e.contains("/nonexistent/x.gguf"), "error names the source: {e}");
 }
+
+/// `decimal_tokens`: each one-decimal number is one token (its size in one
+/// embedding), integers and other text keep the BPE's pieces, and the text
+/// round-trips; without the option `3.5` stays several byte-level pieces.
+#[test]
+fn model_init_decimal_tokens_make_each_one_decimal_number_one_token() {
+    use arrow::array::{RecordBatch, StringArray};
+    let d = tempfile::tempdir().unwrap();
+    let corpus = d.path().join("corpus.parquet");
+    let texts: Vec<String> = (0..200).map(|i| format!("User: {} ratings, average {}.{}. Estimate {}.{}.", i % 20, 1 + i % 5, i % 10, 2 + i % 3, (i * 7) % 10)).collect();
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new("text", arrow::datatypes::DataType::Utf8, false)]));
+    let batch = RecordBatch::try_new(schema.clone(), vec![std::sync::Arc::new(StringArray::from(texts))]).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&corpus).unwrap(), schema, None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let base = serde_json::json!({"vocab_size": 300, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48});
+    let mut with = base.clone();
+    with["decimal_tokens"] = true.into();
+    let on = recflow_ml::llm::Tokenizer::load(&run_stage("model_init", with, &[("corpus", &corpus)], 7, &d.path().join("on")).join("model")).unwrap();
+    let off = recflow_ml::llm::Tokenizer::load(&run_stage("model_init", base, &[("corpus", &corpus)], 7, &d.path().join("off")).join("model")).unwrap();
+    let text = "User: 14 ratings, average 3.5. Estimate 4.0.";
+    let ids = on.encode(text, false).unwrap();
+    assert_eq!(on.decode(&ids, false).unwrap(), text, "round-trips");
+    for v in ["3.5", "4.0", "0.0", "9.9"] {
+        let one = on.encode(v, false).unwrap();
+        assert_eq!(one.len(), 1, "{v} is one token");
+        assert!(ids.contains(&one[0]) || !text.contains(v), "{v} inside a sentence is the same single token");
+    }
+    assert!(off.encode("3.5", false).unwrap().len() > 1, "without the option the BPE splits the number");
+    assert!(on.vocab_size() >= off.vocab_size() + 100, "100 tokens added");
+}

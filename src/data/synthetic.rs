@@ -110,7 +110,7 @@ const NOUN: [&str; 20] = [
 ];
 
 /// Standard normal via Box–Muller (rand 0.9 has no Normal without rand_distr).
-fn normal(rng: &mut ChaCha8Rng) -> f64 {
+pub(crate) fn normal(rng: &mut ChaCha8Rng) -> f64 {
     let u1: f64 = rng.random::<f64>().max(1e-300);
     let u2: f64 = rng.random();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()

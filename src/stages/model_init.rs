@@ -47,6 +47,21 @@ pub struct Config {
     /// text). A model trained from scratch then learns the format as eight
     /// symbols instead of ~40 byte-pieces.
     pub answer_tokens: bool,
+    /// Every one-decimal number `0.0` … `9.9` becomes a single token of the
+    /// vocabulary (added, not special). The byte-level BPE otherwise splits
+    /// `3.5` into ` 3`, `.`, `5`, so a model trained from scratch must learn
+    /// digit arithmetic before it can compare two averages; as one symbol
+    /// each, a value's embedding can carry its size directly. The token
+    /// matches anywhere in the text (`13.5` becomes `1` + `3.5`), so it suits
+    /// prompts whose decimals are ratings on a one-digit scale. Left out of
+    /// the key while false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub decimal_tokens: bool,
+}
+
+/// The tokens [`Config::decimal_tokens`] adds: `0.0`, `0.1`, … `9.9`.
+pub fn decimal_tokens() -> Vec<String> {
+    (0..100).map(|t| format!("{}.{}", t / 10, t % 10)).collect()
 }
 
 /// The defaults, one table: a field the `with:` (or `stages/model_init.yaml`)
@@ -69,6 +84,7 @@ impl Default for Config {
             rms_norm_eps: 1e-6,
             dtype: "float32".into(),
             answer_tokens: true,
+            decimal_tokens: false,
         }
     }
 }

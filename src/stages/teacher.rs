@@ -51,6 +51,16 @@ pub enum Backend {
     Local,
 }
 
+/// Serde's `skip_serializing_if` for offsets that stay out of the key at 0.
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+fn is_true(x: &bool) -> bool {
+    *x
+}
+fn d_true() -> bool {
+    true
+}
 fn d_temperature() -> f32 {
     0.6
 }
@@ -166,11 +176,30 @@ pub struct Config {
     #[serde(default)]
     pub cf_style: crate::teacher::cf::CfStyle,
     /// `backend: cf`: the estimate the trace writes and rounds: `bias`
-    /// (default; the shrunk user/item bias predictor) or `mean_of_averages`
-    /// (the mean of the two averages the prompt shows). Left out of the key
+    /// (default; the shrunk user/item bias predictor), `mean_of_averages`
+    /// (the mean of the two averages the prompt shows) or `user_mean` (the
+    /// user's average alone). Left out of the key
     /// when default, so keys of pipelines that never set it do not move.
     #[serde(default, skip_serializing_if = "crate::teacher::cf::CfEstimate::is_default")]
     pub cf_estimate: crate::teacher::cf::CfEstimate,
+    /// `backend: cf`: stars added to the estimate before it is rounded to
+    /// the teacher's rating (default 0; −0.3 = a strict rater). A teacher
+    /// miscalibrated by a known amount, for checking that GRPO corrects what
+    /// SFT inherits (the quickstart; docs/teacher.md). Left out of the key
+    /// while 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cf_rating_offset: f64,
+    /// `backend: cf`: σ (stars) of the teacher's rating noise, drawn per
+    /// sample from its id (default 0): a teacher whose rating varies around
+    /// its estimate as an LLM's does when sampled at a temperature. Left out
+    /// of the key while 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cf_rating_noise: f64,
+    /// `backend: cf`, `cf_style: concise`: end `<match>` with the estimate
+    /// ("Estimate 3.6."; default) or leave it out, so the rating is the
+    /// trace's one decision. Left out of the key while true.
+    #[serde(default = "d_true", skip_serializing_if = "is_true")]
+    pub cf_show_estimate: bool,
     /// `fail` (default) or `record`: see [`OnRequestFailure`]. In the key:
     /// it decides whether a committed output may hold unanswered samples.
     #[serde(default)]
@@ -279,6 +308,19 @@ impl StageDef for Teacher {
         }
         if c.backend != Backend::Cf && !c.cf_estimate.is_default() {
             return Err("`cf_estimate` applies to backend: cf only".into());
+        }
+        if c.backend != Backend::Cf && (c.cf_rating_offset != 0.0 || c.cf_rating_noise != 0.0) {
+            return Err("`cf_rating_offset` and `cf_rating_noise` apply to backend: cf only".into());
+        }
+        let span = (c.scale.max - c.scale.min) as f64;
+        if !c.cf_rating_offset.is_finite() || c.cf_rating_offset.abs() > span {
+            return Err(format!("`cf_rating_offset` must be a number of stars within ±{span} (the scale's span), got {}", c.cf_rating_offset));
+        }
+        if !c.cf_show_estimate && (c.backend != Backend::Cf || c.cf_style != crate::teacher::cf::CfStyle::Concise) {
+            return Err("`cf_show_estimate: false` applies to backend: cf with cf_style: concise only".into());
+        }
+        if !c.cf_rating_noise.is_finite() || !(0.0..=span).contains(&c.cf_rating_noise) {
+            return Err(format!("`cf_rating_noise` must be a σ in stars within 0..={span} (the scale's span), got {}", c.cf_rating_noise));
         }
         if c.backend != Backend::Local && (c.device.is_some() || c.dtype.is_some()) {
             return Err("`device` and `dtype` apply to backend: local only".into());
@@ -607,7 +649,7 @@ pub fn default_backend(cfg: &Config, inp: &BackendInputs) -> anyhow::Result<Arc<
         Backend::Cf => {
             let train = crate::data::io::read_interactions(&inp.train)?;
             let items = crate::data::io::read_items(&inp.items)?;
-            Ok(Arc::new(cf::CfTeacher::new(inp.samples.clone(), train, items, cfg.scale).with_style(cfg.cf_style).with_estimate(cfg.cf_estimate)))
+            Ok(Arc::new(cf::CfTeacher::new(inp.samples.clone(), train, items, cfg.scale).with_style(cfg.cf_style).with_estimate(cfg.cf_estimate).with_rating_offset(cfg.cf_rating_offset).with_rating_noise(cfg.cf_rating_noise).with_show_estimate(cfg.cf_show_estimate)))
         }
         Backend::Local => anyhow::bail!(
             "backend: local runs a model with recflow's generation engine, which lives in recflow-worker \

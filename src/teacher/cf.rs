@@ -75,6 +75,14 @@ pub enum CfEstimate {
     /// improve under the rule reward (the quickstart's GRPO learns to stretch
     /// it; docs/eval.md "The quickstart recipe").
     MeanOfAverages,
+    /// The user's own average as the trace shows it (one decimal); μ for a
+    /// user without earlier ratings. A teacher that reads the user's history
+    /// and ignores how others rated the item (the item's average is still in
+    /// its trace, unused): easy to imitate, about as accurate as the
+    /// user-mean baseline, and leaving the item's evidence for the rule
+    /// reward to teach (the quickstart's GRPO learns to use it; docs/eval.md
+    /// "The quickstart recipe").
+    UserMean,
 }
 
 impl CfEstimate {
@@ -91,6 +99,9 @@ pub struct CfTeacher {
     scale: Scale,
     style: CfStyle,
     estimate: CfEstimate,
+    rating_offset: f64,
+    rating_noise: f64,
+    show_estimate: bool,
 }
 
 impl CfTeacher {
@@ -109,6 +120,9 @@ impl CfTeacher {
             scale,
             style: CfStyle::default(),
             estimate: CfEstimate::default(),
+            rating_offset: 0.0,
+            rating_noise: 0.0,
+            show_estimate: true,
         }
     }
 
@@ -120,6 +134,55 @@ impl CfTeacher {
     pub fn with_estimate(mut self, estimate: CfEstimate) -> Self {
         self.estimate = estimate;
         self
+    }
+
+    /// `with.cf_rating_offset`: stars added to the written estimate before
+    /// it is rounded to the rating, so the teacher is miscalibrated by a
+    /// known amount (−0.3: a strict rater, who rounds up only from .8). The
+    /// trace still shows the estimate itself.
+    pub fn with_rating_offset(mut self, offset: f64) -> Self {
+        self.rating_offset = offset;
+        self
+    }
+
+    /// `with.cf_show_estimate` (concise style): whether `<match>` ends with
+    /// "Estimate y." Without it the trace copies the evidence (both
+    /// averages, the taste overlap) and the rating itself is the one
+    /// decision, so a small student's rollouts vary in the token the reward
+    /// judges rather than in an intermediate number it cannot yet compute
+    /// exactly (docs/eval.md, "The quickstart recipe").
+    pub fn with_show_estimate(mut self, show: bool) -> Self {
+        self.show_estimate = show;
+        self
+    }
+
+    /// `with.cf_rating_noise`: σ (stars) of the teacher's own rating noise.
+    /// Its rating is then `round(y + offset + σ·z)` with z ~ N(0, 1) drawn
+    /// per sample, as an LLM teacher sampled at a temperature varies its
+    /// rating around what its reasoning says; the trace is unchanged. z comes
+    /// from the sample id alone (xxh3 → ChaCha8 → Box–Muller), so the
+    /// teacher stays a pure function of its inputs and a retry of the same
+    /// sample draws the same z.
+    pub fn with_rating_noise(mut self, sigma: f64) -> Self {
+        self.rating_noise = sigma;
+        self
+    }
+
+    /// The teacher's own rating for sample `s` with estimate `y`: shifted by
+    /// the offset, perturbed by the rating noise, then rounded to a whole
+    /// star. The sum is snapped to 1e-6 first, so a printed tenth plus an
+    /// offset in tenths ties exactly (3.8 − 0.3 rounds as 3.5, not as
+    /// 3.4999…).
+    fn rate(&self, s: &Sample, y: f64) -> f32 {
+        let z = if self.rating_noise > 0.0 {
+            use rand::SeedableRng;
+            let seed = twox_hash::XxHash3_64::oneshot(s.sample_id.as_bytes());
+            crate::data::synthetic::normal(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+        } else {
+            0.0
+        };
+        let shifted = ((y + self.rating_offset + self.rating_noise * z) * 1e6).round() / 1e6;
+        round_to_scale(shifted as f32, self.scale)
     }
 
     /// Earlier-only evidence and the bias prediction for one sample.
@@ -135,6 +198,7 @@ impl CfTeacher {
         let y = match self.estimate {
             CfEstimate::Bias => est.clamped(self.scale.min as f64, self.scale.max as f64),
             CfEstimate::MeanOfAverages => mean_of_averages(&user_ratings, &item_ratings, mu),
+            CfEstimate::UserMean => user_mean(&user_ratings, mu),
         };
         Ok(Known { mu, est, y, hist, item_ratings })
     }
@@ -215,8 +279,12 @@ impl CfTeacher {
         if fits.is_empty() && clashes.is_empty() {
             matching.push_str("No clear taste signal. ");
         }
-        matching.push_str(&format!("Estimate {y:.1}."));
-        let predicted = round_to_scale(y as f32, self.scale);
+        if self.show_estimate {
+            matching.push_str(&format!("Estimate {y:.1}."));
+        } else {
+            matching.truncate(matching.trim_end().len());
+        }
+        let predicted = self.rate(s, y);
         let rating = match hint.map(|h| Nudge::new(h, predicted, &user_ratings, self.scale)) {
             None => predicted,
             Some(Nudge { to: h, dir, user_extreme }) => {
@@ -313,8 +381,9 @@ impl CfTeacher {
                 "A bias estimate from the earlier ratings (overall mean {mu:.2}, user offset {b_u:+.2}, item offset {b_i:+.2}) gives {y:.2}."
             ),
             CfEstimate::MeanOfAverages => format!("The mean of the user's and the item's averages gives {y:.1}."),
+            CfEstimate::UserMean => format!("The user's own average gives {y:.1}."),
         });
-        let predicted = round_to_scale(y as f32, self.scale);
+        let predicted = self.rate(s, y);
         let rating = match hint.map(|h| Nudge::new(h, predicted, &user_ratings, self.scale)) {
             None => predicted,
             Some(Nudge { to: h, dir, user_extreme }) => {
@@ -391,20 +460,28 @@ fn fmt_r(r: f32) -> String {
     }
 }
 
-/// Rounds to a whole star inside the scale.
+/// One decimal of the mean of `v` as the trace prints it, in tenths; None
+/// for no ratings.
+fn shown_tenths(v: &[f32]) -> Option<i64> {
+    // Through the printed text, so a tie (3.25) rounds exactly as the trace shows it.
+    (!v.is_empty()).then(|| {
+        let shown = format!("{:.1}", v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64);
+        (shown.parse::<f64>().unwrap_or(0.0) * 10.0).round() as i64
+    })
+}
+
+/// [`CfEstimate::UserMean`]: the user's average as printed; μ (one decimal)
+/// without earlier ratings.
+fn user_mean(user: &[f32], mu: f64) -> f64 {
+    shown_tenths(user).unwrap_or_else(|| (mu * 10.0).round() as i64) as f64 / 10.0
+}
+
 /// [`CfEstimate::MeanOfAverages`]: in tenths, so the trace's arithmetic is
 /// exact — each average rounded to one decimal as the prompt and the trace
 /// print it, their mean rounded half up (3.5 and 2.6 give 3.1). A side
 /// without ratings drops out; with neither, μ (one decimal).
 fn mean_of_averages(user: &[f32], item: &[f32], mu: f64) -> f64 {
-    // Through the printed text, so a tie (3.25) rounds exactly as the trace shows it.
-    let tenths = |v: &[f32]| {
-        (!v.is_empty()).then(|| {
-            let shown = format!("{:.1}", v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64);
-            (shown.parse::<f64>().unwrap_or(0.0) * 10.0).round() as i64
-        })
-    };
-    let t = match (tenths(user), tenths(item)) {
+    let t = match (shown_tenths(user), shown_tenths(item)) {
         (Some(u), Some(i)) => (u + i + 1) / 2,
         (Some(a), None) | (None, Some(a)) => a,
         (None, None) => (mu * 10.0).round() as i64,
@@ -412,6 +489,7 @@ fn mean_of_averages(user: &[f32], item: &[f32], mu: f64) -> f64 {
     t as f64 / 10.0
 }
 
+/// Rounds to a whole star inside the scale.
 pub fn round_to_scale(y: f32, scale: Scale) -> f32 {
     y.round().clamp(scale.min.ceil(), scale.max.floor())
 }
@@ -514,6 +592,77 @@ mod tests {
         assert_eq!(mean_of_averages(&[], &[2.0, 3.0], 3.3), 2.5, "no user history: the item's average");
         assert_eq!(mean_of_averages(&[5.0], &[], 3.3), 5.0, "no item history: the user's average");
         assert_eq!(mean_of_averages(&[], &[], 3.46), 3.5, "neither: μ");
+    }
+
+    #[test]
+    fn rating_offset_shifts_the_rounding_not_the_trace() {
+        // User u: 5 and 1 (3.0); item t: 2.0 earlier → mean of averages 2.5.
+        let s = sample("u", "t", 10, 4.0);
+        let base = teacher().with_style(CfStyle::Concise).with_estimate(CfEstimate::MeanOfAverages);
+        let strict = teacher().with_style(CfStyle::Concise).with_estimate(CfEstimate::MeanOfAverages).with_rating_offset(-0.3);
+        let a = crate::answer::parse(&base.answer(&s, None).unwrap(), Scale::default()).unwrap();
+        let b = crate::answer::parse(&strict.answer(&s, None).unwrap(), Scale::default()).unwrap();
+        assert!(b.matching.ends_with("Estimate 2.5."), "the trace keeps the estimate: {}", b.matching);
+        assert_eq!((a.rating, b.rating), (3.0, 2.0));
+        // Tenths tie exactly: 3.8 − 0.3 = 3.5 rounds up; 3.7 − 0.3 rounds down.
+        assert_eq!(strict.rate(&s, 3.8), 4.0);
+        assert_eq!(strict.rate(&s, 3.7), 3.0);
+        assert_eq!(teacher().with_rating_offset(0.6).rate(&s, 4.9), 5.0, "clamped to the scale");
+    }
+
+    #[test]
+    fn rating_noise_is_per_sample_deterministic_and_centred() {
+        // Same sample → same rating (a retry or a rerun draws the same z);
+        // over many samples the ratings spread around the estimate with the
+        // noise's σ, and σ = 0 is exactly the noiseless rounding.
+        let noisy = teacher().with_rating_noise(0.5);
+        let s = sample("u", "t", 10, 4.0);
+        assert_eq!(noisy.rate(&s, 3.6), noisy.rate(&s, 3.6), "deterministic per sample");
+        let mut sum = 0.0;
+        let mut moved = 0;
+        for k in 0..2000 {
+            let s = Sample { sample_id: format!("u:t:{k}"), ..sample("u", "t", 10, 4.0) };
+            let r = noisy.rate(&s, 3.0);
+            sum += r as f64;
+            moved += (r != 3.0) as usize;
+            assert_eq!(teacher().rate(&s, 3.0), 3.0, "no noise: plain rounding");
+        }
+        let mean = sum / 2000.0;
+        assert!((mean - 3.0).abs() < 0.05, "centred on the estimate: mean {mean}");
+        // P(|0.5·z| ≥ 0.5) = P(|z| ≥ 1) ≈ 0.317.
+        let frac = moved as f64 / 2000.0;
+        assert!((0.27..0.37).contains(&frac), "σ 0.5 moves ~32% of ratings off 3, got {frac}");
+    }
+
+    #[test]
+    fn show_estimate_false_leaves_the_rating_as_the_one_decision() {
+        // User u: 5 and 1 (3.0); item t: 2.0 earlier → mean of averages 2.5 → 3.
+        let s = sample("u", "t", 10, 4.0);
+        let with = teacher().with_style(CfStyle::Concise).with_estimate(CfEstimate::MeanOfAverages);
+        let without = teacher().with_style(CfStyle::Concise).with_estimate(CfEstimate::MeanOfAverages).with_show_estimate(false);
+        let a = crate::answer::parse(&with.answer(&s, None).unwrap(), Scale::default()).unwrap();
+        let b = crate::answer::parse(&without.answer(&s, None).unwrap(), Scale::default()).expect("still a valid answer");
+        assert!(a.matching.contains("Estimate 2.5."), "{}", a.matching);
+        assert!(!b.matching.contains("Estimate") && !b.matching.ends_with(' '), "no estimate, no trailing space: {:?}", b.matching);
+        assert_eq!(a.rating, b.rating, "the same rating either way");
+        assert_eq!((a.analyze_user, a.analyze_item), (b.analyze_user, b.analyze_item), "the same evidence");
+        // A rationalized answer still argues for the hint after the taste clause.
+        let h = crate::answer::parse(&without.answer(&s, Some(5.0)).unwrap(), Scale::default()).unwrap();
+        assert_eq!(h.rating, 5.0);
+        assert!(h.matching.contains("so higher: 5"), "{}", h.matching);
+    }
+
+    #[test]
+    fn user_mean_reads_the_user_only() {
+        // 3.33 → 3.3 as printed; the item's ratings play no part.
+        assert_eq!(user_mean(&[3.0, 3.0, 4.0], 3.46), 3.3);
+        assert_eq!(user_mean(&[], 3.46), 3.5, "no user history: μ");
+        let s = sample("u", "t", 10, 4.0);
+        let t = teacher().with_style(CfStyle::Concise).with_estimate(CfEstimate::UserMean);
+        let a = crate::answer::parse(&t.answer(&s, None).unwrap(), Scale::default()).expect("valid format");
+        // User u's earlier ratings 5 and 1 → 3.0 → rating 3, whatever item t's average.
+        assert!(a.matching.ends_with("Estimate 3.0."), "{}", a.matching);
+        assert_eq!(a.rating, 3.0);
     }
 
     #[test]

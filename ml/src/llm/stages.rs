@@ -112,12 +112,15 @@ fn normal(rng: &mut rand_chacha::ChaCha8Rng, shape: &[i64], std: f64) -> Tensor 
 /// Writes a randomly initialised model + trained tokenizer into `out`.
 pub fn init_model(cfg: &InitConfig, texts: &[String], seed: u64, out: &Path) -> anyhow::Result<ModelConfig> {
     std::fs::create_dir_all(out)?;
-    let tags: Vec<&str> = if cfg.answer_tokens {
-        recflow::answer::TAGS.iter().flat_map(|(_, open, close)| [*open, *close]).collect()
-    } else {
-        Vec::new()
-    };
-    let vocab = train_bpe(texts, cfg.vocab_size, cfg.min_frequency, &tags, out)?;
+    let mut extra: Vec<String> = Vec::new();
+    if cfg.answer_tokens {
+        extra.extend(recflow::answer::TAGS.iter().flat_map(|(_, open, close)| [open.to_string(), close.to_string()]));
+    }
+    if cfg.decimal_tokens {
+        extra.extend(recflow::stages::model_init::decimal_tokens());
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let vocab = train_bpe(texts, cfg.vocab_size, cfg.min_frequency, &extra, out)?;
     let arch = if cfg.architecture == "llama" { "LlamaForCausalLM" } else { "Qwen2ForCausalLM" };
     let mut j = serde_json::json!({
         "architectures": [arch], "model_type": cfg.architecture, "vocab_size": vocab,
