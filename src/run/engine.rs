@@ -39,6 +39,12 @@ pub(crate) struct Engine {
     /// The numerics profile set in every stage's environment (checked and
     /// reported back by the worker).
     pub numerics: crate::numerics::Resolved,
+    /// The project's remote store, if one is configured (read-through,
+    /// leases, write-through: [`super::remote`]). None under verify.
+    pub remote: Option<super::remote::RemoteLink>,
+    /// A problem that ends the whole run as bad input (exit 2): an unusable
+    /// remote found by the first stage that needed it.
+    pub fatal: Mutex<Option<String>>,
 }
 
 impl Engine {
@@ -62,6 +68,16 @@ impl Engine {
             home,
             // main validates RECFLOW_NUMERICS before any engine exists.
             numerics: crate::numerics::Request::from_env().unwrap_or(crate::numerics::Request::DEFAULT).resolve(),
+            remote: None,
+            fatal: Mutex::new(None),
+        }
+    }
+
+    /// Records the first run-ending problem (see [`Engine::fatal`]).
+    pub(super) fn set_fatal(&self, msg: &str) {
+        let mut f = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(msg.to_string());
         }
     }
 

@@ -20,6 +20,7 @@ use super::commit::{self, commit_lock, try_reuse, Executed, Timing};
 use super::engine::{Done, Engine};
 use super::launch::{self, now_unix};
 use super::plan::{self, Mode, Selection};
+use super::remote;
 use super::{key_inputs, worker_path, Avail, Available, KeyState, RunError};
 use crate::cache::locks::FileLock;
 use crate::cache::{StatCache, Store};
@@ -137,7 +138,7 @@ async fn stage_task(
             return Ok(d);
         }
     }
-    if mode == Mode::ReuseOnly {
+    if mode == Mode::ReuseOnly && eng.remote.is_none() {
         return Err("not built yet and outside the selection (run it, or drop --only/--from)".into());
     }
     // Per-key lock: a concurrent run building the same key makes us wait, then reuse.
@@ -163,17 +164,47 @@ async fn stage_task(
             return Ok(d);
         }
     }
+    // Missing here: the remote's turn (read-through, then its lease).
+    let keeper = match &eng.remote {
+        None => None,
+        Some(link) => match remote::before_run(&eng, link, &stage, &key, mode).await? {
+            remote::Before::Reused(d) => return Ok(d),
+            remote::Before::Run(k) => Some(k),
+        },
+    };
     let started = now_unix();
     let t0 = Instant::now();
-    let executed = execute(&eng, &stage, &key, &paths, &lock, &gpu_ids).await?;
-    commit::record(&eng, &stage, key, ki, executed, Timing { started, wall_s: t0.elapsed().as_secs_f64() }, lock)
+    let run = execute(&eng, &stage, &key, &paths, &lock, &gpu_ids);
+    let executed = match &keeper {
+        None => run.await?,
+        Some(k) => {
+            tokio::pin!(run);
+            tokio::select! {
+                r = &mut run => r?,
+                why = k.lost() => {
+                    // A holder that lost its lease stops: another runner may own the key now.
+                    remote::stop_stage(&eng, &stage.name);
+                    let _ = run.await;
+                    return Err(format!("lost the remote lease on key {} ({why}); the stage was stopped, its work dir is kept", &key[..12]));
+                }
+            }
+        }
+    };
+    let done = commit::record(&eng, &stage, key.clone(), ki, executed, Timing { started, wall_s: t0.elapsed().as_secs_f64() }, lock)?;
+    if let (Some(link), Some(k)) = (&eng.remote, keeper) {
+        remote::after_commit(&eng, link, &stage, &key, k).await;
+    }
+    Ok(done)
 }
 
 /// Runs (or reuses) the pipeline's stages as planned.
 pub fn run(p: Pipeline, opts: &RunOptions) -> Result<Summary, RunError> {
     let store = Store::open(&crate::cache::store_dir(&p.root));
-    let eng = Arc::new(Engine::new(p, store, opts.quiet));
-    run_with(eng, opts)
+    // Settings only: no request is made until a key is missing locally.
+    let remote = crate::remote::RemoteSpec::from_project(&p.root)?;
+    let mut eng = Engine::new(p, store, opts.quiet);
+    eng.remote = remote.map(remote::RemoteLink::new);
+    run_with(Arc::new(eng), opts)
 }
 
 pub(crate) fn run_with(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunError> {
@@ -259,6 +290,9 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
             }
             continue;
         };
+        if eng.fatal.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            stop_launching = true;
+        }
         let (i, res) = joined.map_err(|e| RunError::Failed(format!("stage task crashed: {e}")))?;
         let s = eng.p.stages[i].clone();
         let (t0, ids) = started.remove(&s.name).unwrap_or((Instant::now(), vec![]));
@@ -281,7 +315,8 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
                 done.insert(s.name.clone(), d);
             }
             Err(msg) => {
-                if !eng.cancel.load(Ordering::SeqCst) {
+                let fatal = eng.fatal.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+                if !eng.cancel.load(Ordering::SeqCst) && !fatal {
                     eng.note(&format!("stage `{}` failed: {msg}", s.name));
                 }
                 ended.insert(s.name.clone(), Outcome::Failed(msg));
@@ -294,7 +329,14 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
     if eng.cancel.load(Ordering::SeqCst) {
         return Err(RunError::Cancelled);
     }
-    finish(&eng, opts, &ended, &walls, &notes)
+    if let Some(msg) = eng.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        return Err(RunError::BadInput(msg));
+    }
+    let summary = finish(&eng, opts, &ended, &walls, &notes)?;
+    if let Some(link) = &eng.remote {
+        remote::push_lock_root(&eng, link).await;
+    }
+    Ok(summary)
 }
 
 /// The end of a run that was not cancelled: a complete run drops the lock

@@ -2,8 +2,9 @@
 //! scheduler [`exec`], which runs each stage in two halves — [`launch`] (the
 //! supervised child process, [`supervise`], and its events and log) and
 //! [`commit`] (outputs → store → run record → lock, and reuse of a record) —
-//! [`status`] / explain against the lock, [`verify`] into a scratch store,
-//! [`gc`].
+//! [`remote`] (read-through, leases and write-through of the remote store),
+//! [`sync`] (`recflow push` / `pull`), [`status`] / explain against the lock,
+//! [`verify`] into a scratch store, [`gc`].
 //!
 //! Shared here: how a stage's key inputs are computed from the resolved
 //! stage, the outputs of its upstream stages and the stat cache.
@@ -23,8 +24,10 @@ pub mod gc;
 pub mod launch;
 pub mod plan;
 pub mod preflight;
+pub mod remote;
 pub mod status;
 pub mod supervise;
+pub mod sync;
 pub mod verify;
 
 /// Errors of running and checking; [`RunError::exit_code`] is the CLI's code.
@@ -46,6 +49,8 @@ pub enum RunError {
     Key(#[from] crate::cache::key::KeyError),
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -59,6 +64,7 @@ impl RunError {
     pub fn exit_code(&self) -> i32 {
         match self {
             RunError::Pipeline(_) | RunError::BadInput(_) | RunError::Lock(LockError::Parse { .. }) => 2,
+            RunError::Remote(e) if e.is_bad_input() => 2,
             RunError::Cancelled => 130,
             _ => 1,
         }
