@@ -3,7 +3,8 @@
 //! supervised child process, [`supervise`], and its events and log) and
 //! [`commit`] (outputs → store → run record → lock, and reuse of a record) —
 //! [`status`] / explain against the lock, [`verify`] into a scratch store,
-//! [`gc`].
+//! [`gc`]; [`budget`] checks completion budgets against the teacher's
+//! traces before SFT starts.
 //!
 //! Shared here: how a stage's key inputs are computed from the resolved
 //! stage, the outputs of its upstream stages and the stat cache.
@@ -16,6 +17,7 @@ use crate::lock::{LockError, LockStage};
 use crate::pipeline::resolved::{Action, InputRef, ResolvedStage};
 use crate::pipeline::PipelineError;
 
+pub mod budget;
 pub mod commit;
 pub mod engine;
 pub mod exec;
