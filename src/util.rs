@@ -61,6 +61,25 @@ pub fn set_cancel_on_signals(cancel: Arc<AtomicBool>) {
     }
 }
 
+/// A Hugging Face `tokenizer.json`, given as the file or as a model
+/// directory holding it (`${base.model}` in a pipeline).
+pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, String> {
+    let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+    tokenizers::Tokenizer::from_file(&file).map_err(|e| format!("tokenizer {}: {e}", file.display()))
+}
+
+/// MovieLens-100K in RecBole's atomic files (`ml-100k.inter`, `.item`,
+/// `.user`), which `scripts/setup.sh` extracts from PyPI's `recbole==1.2.1`
+/// into `datasets/ml-100k/` (git-ignored): `RECFLOW_ML100K_DIR`, else that
+/// folder of the project. Unlike the shared samples, the set-up provides
+/// it, so callers treat its absence as an error, not a skip.
+pub fn ml100k_dir() -> std::path::PathBuf {
+    match std::env::var_os("RECFLOW_ML100K_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/ml-100k"),
+    }
+}
+
 /// Folder of the shared real-data samples: `RECFLOW_DATA_DIR`, else
 /// `../shared/data` relative to the project root. `None` (with a notice on
 /// stderr) when it does not exist.

@@ -172,6 +172,116 @@ fn real_samples_match_the_published_figures() {
     }
 }
 
+/// MovieLens-100K as RecBole ships it (`format: recbole`), fetched by
+/// scripts/setup.sh into datasets/ml-100k: its published figures, the item
+/// table from `ml-100k.item`, the dataset folder read like the two files,
+/// and a leave-last split with real second-level timestamps.
+#[test]
+fn ml100k_recbole_atomic_files_match_the_published_figures() {
+    let dir = recflow::util::ml100k_dir();
+    assert!(
+        dir.join("ml-100k.inter").is_file() && dir.join("ml-100k.item").is_file(),
+        "MovieLens-100K not at {}: run scripts/setup.sh (it extracts it from PyPI's recbole==1.2.1)",
+        dir.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let files = json!({"format": "recbole", "reviews": dir.join("ml-100k.inter"), "meta": dir.join("ml-100k.item")});
+    let (m, out) = run::<Ingest>(&tmp.path().join("files"), files, &[]).unwrap();
+    let r = report(&out);
+    assert_eq!(
+        (r["raw_records"].clone(), r["bad_records"].clone(), r["kept"].clone()),
+        (json!(100_000), json!(0), json!(100_000)),
+        "100,000 ratings, none bad, no repeated pair (the header is not a record)"
+    );
+    assert_eq!((r["users"].clone(), r["items"].clone()), (json!(943), json!(1682)), "943 users, 1,682 movies");
+    let hist: Vec<u64> = ["1", "2", "3", "4", "5"].iter().map(|k| r["rating_histogram"][k].as_u64().unwrap_or(0)).collect();
+    assert_eq!(hist, [6110, 11370, 27145, 34174, 21201], "rating histogram 1..5");
+    assert_eq!(r["items_with_metadata"], 1682, "every movie has its .item row");
+    assert_eq!(r["files"][1]["role"], "meta");
+    assert_eq!(r["files"][1]["raw_records"], 1682, "the .item header is not a record");
+    assert_eq!(m["kept"], 100_000);
+    let items = io::read_items(&out.join("items.parquet")).unwrap();
+    let toy = items.iter().find(|i| i.item_id == "1").unwrap();
+    assert_eq!(toy.title.as_deref(), Some("Toy Story (1995)"), "title + release year, as MovieLens spells it");
+    assert_eq!(
+        toy.categories.as_deref(),
+        Some(&["Animation".to_string(), "Children's".into(), "Comedy".into()][..]),
+        "RecBole's token_seq genres"
+    );
+    let rows = io::read_interactions(&out.join("interactions.parquet")).unwrap();
+    let first = rows.iter().find(|x| x.user_id == "196" && x.item_id == "242").unwrap();
+    assert_eq!((first.rating, first.timestamp), (3.0, 881_250_949), "the first .inter line, seconds kept");
+
+    // A RecBole dataset folder: NAME.inter and NAME.item found; same bytes.
+    let (_, out_dir) = run::<Ingest>(&tmp.path().join("dir"), json!({"format": "recbole", "reviews": dir}), &[]).unwrap();
+    for f in ["interactions.parquet", "items.parquet", "report.json"] {
+        assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(out_dir.join(f)).unwrap(), "{f}: folder = files");
+    }
+
+    // Leave-last on real second-level times: few ties at the end of a history.
+    let inter = out.join("interactions.parquet");
+    let (m, _) = run::<Split>(&tmp.path().join("s"), json!({}), &[("interactions", &inter)]).unwrap();
+    assert_eq!(m["test_users"], 943, "every user has ≥ 20 ratings, so each holds one out");
+    assert!(m["tie_users"].as_u64().unwrap() < 943 / 2, "ties are a minority: {}", m["tie_users"]);
+}
+
+/// Bad `.inter` / `.item` records follow the rules of every format: counted
+/// under a reason with `file:line`, `on_error: fail` stops at the first, a
+/// header without types or roles fails naming the file and the fix.
+#[test]
+fn recbole_bad_records_and_headers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let mut text = String::from("user_id:token\titem_id:token\trating:float\ttimestamp:float\n");
+    for k in 0..200 {
+        text.push_str(&format!("u{}\ti{k}\t4\t{}\n", k % 7, 1000 + k));
+    }
+    for b in ["u1\ti1\t4", "u1\ti2\tfour\t5", "u1\ti3\t9\t5", "u1\ti4\t4\tmonday", "\ti5\t4\t5"] {
+        text.push_str(b);
+        text.push('\n');
+    }
+    std::fs::write(d.join("x.inter"), &text).unwrap();
+    std::fs::write(d.join("x.item"), "item_id:token\ttitle:token_seq\ni0\n").unwrap();
+    std::fs::write(d.join("y.item"), "item_id:token\ttitle:token_seq\nnope\ni0\tA film\n").unwrap();
+    let cfg = json!({"format": "recbole", "reviews": d.join("x.inter"), "meta": d.join("y.item"), "max_bad_fraction": 0.5});
+    let (_, out) = run::<Ingest>(&d.join("skip"), cfg.clone(), &[]).unwrap();
+    let r = report(&out);
+    assert_eq!((r["raw_records"].clone(), r["bad_records"].clone(), r["kept"].clone()), (json!(205), json!(5), json!(200)));
+    let drops = &r["files"][0]["drops"];
+    for (reason, line) in [
+        ("malformed", 202),
+        ("mistyped_rating", 203),
+        ("rating_out_of_range", 204),
+        ("bad_timestamp", 205),
+        ("missing_user_id", 206),
+    ] {
+        assert_eq!(drops[reason]["count"], 1, "reason {reason} counted: {drops}");
+        let ex = drops[reason]["examples"][0].as_str().unwrap();
+        assert!(ex.starts_with(&format!("x.inter:{line}:")), "first example names file:line (header = line 1): {ex}");
+    }
+    assert_eq!(r["files"][1]["drops"]["malformed"]["examples"][0].as_str().unwrap().split(':').take(2).collect::<Vec<_>>(), ["y.item", "2"]);
+    assert_eq!(r["items_with_metadata"], 1);
+
+    let mut fail = cfg.clone();
+    fail["on_error"] = json!("fail");
+    let err = format!("{:#}", run::<Ingest>(&d.join("fail"), fail, &[]).unwrap_err());
+    assert!(err.contains("x.inter:202") && err.contains("malformed"), "on_error: fail names the first bad line: {err}");
+
+    std::fs::write(d.join("z.inter"), "user_id\titem_id\trating\ttimestamp\nu\ti\t4\t5\n").unwrap();
+    let err = format!("{:#}", run::<Ingest>(&d.join("h"), json!({"format": "recbole", "reviews": d.join("z.inter")}), &[]).unwrap_err());
+    assert!(err.contains("z.inter:1") && err.contains("typed header"), "an untyped header says what RecBole expects: {err}");
+    std::fs::write(d.join("w.inter"), "user_id:token\tbook:token\trating:float\ttimestamp:float\nu\ti\t4\t5\n").unwrap();
+    let err = format!("{:#}", run::<Ingest>(&d.join("w"), json!({"format": "recbole", "reviews": d.join("w.inter")}), &[]).unwrap_err());
+    assert!(err.contains("no item column") && err.contains("recbole: {item: COLUMN}"), "a missing role names the field to set: {err}");
+    let ok = json!({"format": "recbole", "reviews": d.join("w.inter"), "recbole": {"item": "book"}});
+    let (m, _) = run::<Ingest>(&d.join("w2"), ok, &[]).unwrap();
+    assert_eq!(m["kept"], 1, "the role named in with.recbole is used");
+    let err = format!("{:#}", run::<Ingest>(&d.join("x"), json!({"format": "recbole", "reviews": d.join("x.inter"), "meta": d.join("x.item"), "max_bad_fraction": 0.5}), &[]).unwrap_err());
+    assert!(err.contains("x.item") && err.contains("max_bad_fraction"), "a broken .item counts against its own file: {err}");
+    let err = format!("{:#}", run::<Ingest>(&d.join("v"), json!({"format": "yelp", "reviews": d.join("x.inter"), "recbole": {"item": "b"}}), &[]).unwrap_err());
+    assert!(err.contains("format `recbole` only"), "{err}");
+}
+
 #[test]
 fn fashion_leave_last_with_ties() {
     let Some(data) = recflow::util::shared_data_dir() else {

@@ -478,3 +478,35 @@ stages:
     std::thread::sleep(Duration::from_millis(200));
     assert!(!work_file(&p, "saved"), "the second Ctrl-C killed the stage before its save finished");
 }
+
+/// Issue 18: every stage's run record holds its process's CPU seconds (user
+/// + system, its waited-for children included) and peak RSS, from the
+/// supervisor's `wait4`; `recflow show` prints both per stage. Nothing of
+/// it enters the lock (they are timing keys).
+#[test]
+fn issue18_run_records_hold_cpu_seconds_and_peak_rss() {
+    let p = Proj::new();
+    // A busy loop of the shell: some CPU time and the shell's resident memory.
+    p.write(
+        "p.yaml",
+        r#"
+stages:
+  burn:
+    cmd: "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; echo $i > n.txt"
+    outs: [n.txt]
+"#,
+    );
+    p.ok(&["run", "p.yaml"]);
+    let rec = std::fs::read_dir(p.path("cache/records")).unwrap().next().unwrap().unwrap().path();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    let cpu = v["metrics"]["cpu_s"].as_f64().expect("cpu_s in the run record");
+    let rss = v["metrics"]["peak_rss_bytes"].as_u64().expect("peak_rss_bytes in the run record");
+    assert!(cpu > 0.05 && cpu < v["wall_s"].as_f64().unwrap() * 2.5 + 1.0, "a busy loop's CPU seconds: {cpu}");
+    assert!(rss > 100_000, "the shell's resident memory: {rss}");
+    let lock = p.read("p.lock");
+    assert!(!lock.contains("cpu_s") && !lock.contains("peak_rss"), "machine measures stay out of the lock: {lock}");
+    let shown = p.ok(&["show", "p.yaml", "--json"]);
+    let s: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(s["stages"][0]["cpu_s"].as_f64(), Some(cpu), "show reads them from the run record");
+    assert_eq!(s["stages"][0]["peak_rss_bytes"].as_u64(), Some(rss));
+}

@@ -606,3 +606,92 @@ fn through_the_runner_the_key_reaches_no_lock_store_log_or_output_and_stats_keys
     assert_eq!(stats["n_samples"], 12);
     assert_eq!(stats["attempts_hist"], json!({"1": 8, "2": 4}), "4 samples needed the hint");
 }
+
+/// A whitespace/punctuation word-level tokenizer.json: every word or run of
+/// punctuation is one token, so trace lengths are easy to count.
+const WORD_TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+"model":{"type":"WordLevel","vocab":{"[UNK]":0},"unk_token":"[UNK]"}}"#;
+
+/// Issue 18: the teacher records its traces' token lengths in the student's
+/// tokenizer, and the runner refuses, before SFT starts, a pipeline whose
+/// SFT validation, GRPO or eval completion budget is below the longest
+/// trace plus the margin — naming both numbers and the field; the dry run
+/// says the same once the teacher is in the store; `allow_truncation: true`
+/// turns the refusal into a warning.
+#[test]
+fn issue18_completion_budgets_below_the_traces_are_refused_before_sft() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_recflow"));
+    let worker = bin.parent().unwrap().join("examples/torch_free_worker");
+    assert!(worker.is_file(), "the torch_free_worker example must be built first (`cargo build --example torch_free_worker`)");
+    let proj = tempfile::tempdir().unwrap();
+    std::fs::write(proj.path().join("recflow.toml"), "").unwrap();
+    let samples: Vec<Sample> = (0..12).map(|i| sample(i, "right")).collect();
+    let dir = proj.path().join("in");
+    write_inputs(&dir, &samples);
+    // A model dir the dry run accepts (config + a one-tensor safetensors), holding the tokenizer.
+    std::fs::create_dir_all(dir.join("model")).unwrap();
+    std::fs::write(dir.join("model/config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let mut st = (header.len() as u64).to_le_bytes().to_vec();
+    st.extend_from_slice(header);
+    st.extend_from_slice(&[0, 0, 128, 63]);
+    std::fs::write(dir.join("model/model.safetensors"), st).unwrap();
+    std::fs::write(dir.join("model/tokenizer.json"), WORD_TOKENIZER).unwrap();
+    let yaml = |allow: bool| {
+        let a = if allow { "\n      allow_truncation: true" } else { "" };
+        format!(
+            "worker: {}\nstages:\n  teacher:\n    uses: teacher\n    inputs: {{samples: in/samples.parquet, train: in/train.parquet, items: in/items.parquet, tokenizer: in/model}}\n    with:\n      backend: cf\n      cf_style: concise\n  sft:\n    uses: sft\n    inputs: {{model: in/model, data: \"${{teacher.coldstart}}\", valid: in/samples.parquet}}\n    with:\n      device: cpu\n      eval_max_new_tokens: 8{a}\n  ev:\n    uses: eval\n    inputs: {{model: \"${{sft.model}}\", samples: in/samples.parquet, train: in/train.parquet}}\n    with:\n      device: cpu\n      max_new_tokens: 4096\n  ev_short:\n    uses: eval\n    inputs: {{model: \"${{sft.model}}\", samples: in/samples.parquet, train: in/train.parquet}}\n    with:\n      device: cpu\n      max_new_tokens: 20{a}\n",
+            worker.display()
+        )
+    };
+    std::fs::write(proj.path().join("p.yaml"), yaml(false)).unwrap();
+    let recflow = |args: &[&str]| {
+        std::process::Command::new(bin).args(args).current_dir(proj.path()).env_remove("RECFLOW_CACHE").env_remove("RECFLOW_WORKER").output().unwrap()
+    };
+    let o = recflow(&["run", "p.yaml", "--dry-run"]);
+    assert_eq!(o.status.code(), Some(0), "before the teacher ran, nothing is known: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("checked against the traces' token lengths when the teacher has run"));
+
+    let o = recflow(&["run", "p.yaml"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "a budget below the traces is bad input: {err}");
+    // The longest accepted trace in this tokenizer, counted here.
+    let cold = recflow::data::io::read_coldstart(&proj.path().join("runs/p/teacher/coldstart.parquet")).unwrap();
+    let tok = recflow::util::load_tokenizer(&dir.join("model")).unwrap();
+    let max = cold.iter().filter(|r| r.accepted).map(|r| tok.encode(r.completion.as_deref().unwrap(), false).unwrap().len() as u64).max().unwrap();
+    let need = recflow::run::budget::required(max);
+    assert!(max > 8 && need > 20 && need < 4096, "the fixture's traces ({max} tokens) sit between the budgets");
+    for (stage, field) in [("sft", "eval_max_new_tokens: 8"), ("ev_short", "max_new_tokens: 20")] {
+        assert!(
+            err.contains(&format!("stage `{stage}`: `{field}`")) && err.contains(&format!("traces up to {max} tokens")) && err.contains(&format!("at least {need}")),
+            "names stage `{stage}`, its field, the traces' longest and the least budget: {err}"
+        );
+    }
+    assert!(!err.contains("stage `ev`:"), "a budget that holds the traces passes: {err}");
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(proj.path().join("p.lock")).unwrap()).unwrap();
+    assert!(lock["stages"].get("teacher").is_some() && lock["stages"].get("sft").is_none(), "the teacher is recorded, SFT never started");
+    assert_eq!(lock["stages"]["teacher"]["metrics"]["trace_tokens_max"], max, "the lock carries the traces' token lengths");
+
+    let o = recflow(&["run", "p.yaml", "--dry-run"]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+    assert_eq!(o.status.code(), Some(2), "the dry run refuses it too, from the recorded teacher: {err}");
+    assert!(out.contains(&format!("{max} max; completion budgets need ≥ {need}")) && err.contains("eval_max_new_tokens"), "{out}\n{err}");
+
+    std::fs::write(proj.path().join("p.yaml"), yaml(true)).unwrap();
+    let o = recflow(&["run", "p.yaml", "--dry-run"]);
+    assert_eq!(o.status.code(), Some(0), "allow_truncation accepts it: {}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("allowed by `allow_truncation: true`"), "and still warns: {out}");
+    // The dry run's plan of each training and eval stage, from the teacher's
+    // rows and the model's tokenizer.
+    let acc: Vec<&ColdRow> = cold.iter().filter(|r| r.accepted).collect();
+    let held = acc.iter().filter(|r| recflow::stages::sft::is_held_out(&r.sample.sample_id, 0.05)).count();
+    let steps = (acc.len() - held).div_ceil(4);
+    assert!(
+        out.contains(&format!("plan: {steps} steps × 4 examples = {} examples", steps * 4)) && out.contains(&format!("{held} held out")),
+        "sft: steps of the default batch over the accepted rows: {out}"
+    );
+    assert!(out.contains("tokens per example (prompt + trace, cut at max_length 1024): p50 "), "sft token lengths: {out}");
+    assert!(out.contains("plan: 12 samples × 1 completion(s) of ≤ 20 new tokens (greedy)") && out.contains("prompt tokens over 12 samples: p50 "), "eval: {out}");
+}

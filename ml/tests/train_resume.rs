@@ -76,6 +76,26 @@ fn sft_resume_is_bit_identical_and_deterministic() {
     check::<Sft>(dir.path(), &[("model", &base), ("data", &data), ("valid", &valid)], cfg, recflow_ml::train::sft::run, false, 4);
 }
 
+/// Wall-time checkpoints (issue 18): with `save_steps` beyond the run,
+/// `save_minutes` alone puts a checkpoint at every step (the clock is past
+/// a nanosecond-scale interval each time); a rerun resumes from the last
+/// one and ends bit-identical. Without it (default 10 minutes) this short
+/// run leaves none.
+#[test]
+fn issue18_wall_time_checkpoints_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = small_toy_model(dir.path(), 3);
+    let (data, valid) = sft_data(dir.path(), 16, 4);
+    let inputs: [(&str, &Path); 3] = [("model", &base), ("data", &data), ("valid", &valid)];
+    let mut cfg = serde_json::json!({"learning_rate": 1e-3, "max_steps": 4, "per_device_train_batch_size": 2,
+        "eval_steps": 0, "eval_max_samples": 2, "eval_max_new_tokens": 8, "save_steps": 1000, "save_minutes": 1e-9});
+    check::<Sft>(&dir.path().join("timed"), &inputs, cfg.clone(), recflow_ml::train::sft::run, false, 3);
+    cfg.as_object_mut().unwrap().remove("save_minutes");
+    let plain = dir.path().join("plain");
+    run_stage::<Sft>(&plain, &inputs, cfg, recflow_ml::train::sft::run);
+    assert!(!plain.join("work/checkpoint").exists(), "no step or time interval was reached: no checkpoint");
+}
+
 #[test]
 fn grpo_resume_is_bit_identical_and_deterministic() {
     let dir = tempfile::tempdir().unwrap();

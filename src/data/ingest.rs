@@ -14,6 +14,8 @@
 //! * `movielens` — 100K (`u.data` tab-separated, `u.item` `|`-separated,
 //!   Latin-1) or 1M (`ratings.dat`, `movies.dat`, `::`-separated), detected
 //!   from the content.
+//! * `recbole` — RecBole's atomic files (`NAME.inter`, `NAME.item`: typed
+//!   tab-separated headers, any RecBole dataset), see [`super::recbole`].
 //! * `synthetic` — see [`super::synthetic`].
 //!
 //! Streaming: reviews are parsed record by record into Arrow builders and
@@ -44,6 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use super::io::{self, IoError};
 use super::raw::{self, Next, RecordReader, ReviewFields, Val};
+use super::recbole;
 use super::synthetic::{self, SyntheticConfig};
 use super::{format_rating, parse_datetime, schema, Interaction, Item};
 
@@ -56,6 +59,7 @@ pub enum Format {
     Amazon2023,
     Yelp,
     Movielens,
+    Recbole,
     Synthetic,
 }
 
@@ -67,6 +71,7 @@ impl Format {
             Format::Amazon2023 => "amazon2023",
             Format::Yelp => "yelp",
             Format::Movielens => "movielens",
+            Format::Recbole => "recbole",
             Format::Synthetic => "synthetic",
         }
     }
@@ -94,6 +99,8 @@ pub struct Options {
     pub max_bad_fraction: f64,
     pub rating_min: f32,
     pub rating_max: f32,
+    /// `format: recbole`: column names per role (empty: RecBole's usual names).
+    pub recbole: recbole::Fields,
     pub synthetic: SyntheticConfig,
     /// Parser threads and Parquet encoder threads (each). Operational: the
     /// outputs are byte-identical for any value (tested).
@@ -334,7 +341,7 @@ fn req_num(v: Option<Val<'_>>, name: &str) -> Result<f64, Bad> {
 
 /// Reason codes are a small closed set per format; interning them as
 /// `&'static str` keeps the hot loop free of allocations.
-fn leak_reason(kind: &str, field: &str) -> &'static str {
+pub(crate) fn leak_reason(kind: &str, field: &str) -> &'static str {
     use std::sync::{Mutex, OnceLock};
     static CODES: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
     let key = format!("{kind}_{field}");
@@ -449,7 +456,7 @@ pub fn parse_review(format: Format, bytes: &[u8], rmin: f32, rmax: f32) -> Resul
                 ts,
             )
         }
-        Format::Movielens | Format::Synthetic => return Err(("malformed", "not a JSON format".into())),
+        Format::Movielens | Format::Recbole | Format::Synthetic => return Err(("malformed", "not a JSON format".into())),
     };
     let (user, item, rating, timestamp) = (user?, item?, rating?, ts?);
     if !rating.is_finite() || (rating as f32) < rmin || (rating as f32) > rmax {
@@ -640,10 +647,14 @@ fn hist_key(r: f32) -> i64 {
 /// vanish, small enough that the chunks in flight stay a few MiB.
 const CHUNK_BYTES: usize = 1 << 20;
 
-/// One review record of `opts.format` (JSON or a MovieLens rating line).
-fn parse_record<'a>(opts: &Options, bytes: &'a [u8]) -> Result<Parsed<'a>, Bad> {
-    if opts.format == Format::Movielens {
-        let p = parse_movielens_rating(bytes)?;
+/// One review record of `opts.format` (JSON, a MovieLens rating line, or a
+/// RecBole `.inter` line laid out by `layout`).
+fn parse_record<'a>(opts: &Options, layout: Option<&recbole::InterLayout>, bytes: &'a [u8]) -> Result<Parsed<'a>, Bad> {
+    if matches!(opts.format, Format::Movielens | Format::Recbole) {
+        let p = match layout {
+            Some(l) => l.parse(bytes)?,
+            None => parse_movielens_rating(bytes)?,
+        };
         if !p.rating.is_finite() || p.rating < opts.rating_min || p.rating > opts.rating_max {
             return Err((
                 "rating_out_of_range",
@@ -674,12 +685,12 @@ struct ParsedChunk {
     hist: BTreeMap<i64, u64>,
 }
 
-fn parse_chunk(opts: &Options, seq: u64, chunk: raw::Chunk) -> ParsedChunk {
+fn parse_chunk(opts: &Options, layout: Option<&recbole::InterLayout>, seq: u64, chunk: raw::Chunk) -> ParsedChunk {
     let mut b = Builders::with_capacity(chunk.ends.len(), chunk.bytes.len());
     let mut keys = Vec::with_capacity(chunk.ends.len());
     let (mut bad, mut missing_text, mut missing_title, mut hist) = (Vec::new(), 0, 0, BTreeMap::new());
     for (line, bytes) in chunk.records() {
-        match parse_record(opts, bytes) {
+        match parse_record(opts, layout, bytes) {
             Ok(p) => {
                 missing_text += p.text.is_none() as u64;
                 missing_title += p.title.is_none() as u64;
@@ -749,13 +760,18 @@ pub fn ingest(
             opts.format.name()
         ))
     })?;
+    let (reviews, meta_path) = match opts.format {
+        Format::Recbole => recbole::dataset_files(reviews, opts.meta.as_deref())?,
+        _ => (reviews.to_path_buf(), opts.meta.clone()),
+    };
+    let reviews = reviews.as_path();
     let mut report = Report {
         format: opts.format.name().into(),
         ..Default::default()
     };
 
     // ---- pass 1: parse, stage, count
-    let reader = if opts.format == Format::Movielens {
+    let mut reader = if matches!(opts.format, Format::Movielens | Format::Recbole) {
         RecordReader::lines(reviews)
     } else {
         RecordReader::open(reviews, false)
@@ -764,6 +780,14 @@ pub fn ingest(
         path: reviews.to_path_buf(),
         source,
     })?;
+    // RecBole: the typed header decides where each field is.
+    let layout = match opts.format {
+        Format::Recbole => {
+            let cols = recbole_header(&mut reader)?;
+            Some(recbole::InterLayout::resolve(reviews, cols, &opts.recbole)?)
+        }
+        _ => None,
+    };
     let mut drops = Drops::new(reviews, "reviews", opts.on_error);
     let mut st = Pass1 {
         pairs: HashMap::default(),
@@ -775,7 +799,7 @@ pub fn ingest(
     let threads = opts.threads.max(1);
     keep_freed_memory();
     let writer = io::ParallelTableWriter::create(staging, schema::interactions(), threads)?;
-    let pass1 = pass1(opts, reader, writer, threads, &mut drops, &mut report, &mut st, progress);
+    let pass1 = pass1(opts, layout.as_ref(), reader, writer, threads, &mut drops, &mut report, &mut st, progress);
     let reader = match pass1 {
         Ok(r) => r,
         Err(e) => {
@@ -871,8 +895,9 @@ pub fn ingest(
 
     // ---- items: every item with an interaction, metadata joined when given
     let mut meta: HashMap<String, Item> = HashMap::new();
-    if let Some(mp) = opts.meta.as_deref() {
-        let (file, unused) = read_meta(opts, mp, &items, &mut meta)?;
+    if let Some(mp) = meta_path.as_deref() {
+        let item_column = layout.as_ref().map(|l| l.item_column());
+        let (file, unused) = read_meta(opts, item_column, mp, &items, &mut meta)?;
         report.meta_unused = unused;
         report.files.push(file);
     }
@@ -903,6 +928,7 @@ pub fn ingest(
 #[allow(clippy::too_many_arguments)]
 fn pass1(
     opts: &Options,
+    layout: Option<&recbole::InterLayout>,
     mut reader: RecordReader,
     mut writer: io::ParallelTableWriter,
     threads: usize,
@@ -946,7 +972,7 @@ fn pass1(
             s.spawn(move || loop {
                 let next = work_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                 let Ok((seq, chunk)) = next else { return };
-                if done_tx.send(parse_chunk(opts, seq, chunk)).is_err() {
+                if done_tx.send(parse_chunk(opts, layout, seq, chunk)).is_err() {
                     return;
                 }
             });
@@ -1032,11 +1058,12 @@ fn apply_chunk(
 /// records for items without interactions.
 fn read_meta(
     opts: &Options,
+    item_column: Option<&str>,
     path: &Path,
     wanted: &ItemIds,
     out: &mut HashMap<String, Item>,
 ) -> Result<(FileReport, u64), IngestError> {
-    let ml = opts.format == Format::Movielens;
+    let ml = matches!(opts.format, Format::Movielens | Format::Recbole);
     let mut reader = if ml {
         RecordReader::lines(path)
     } else {
@@ -1046,6 +1073,13 @@ fn read_meta(
         path: path.to_path_buf(),
         source,
     })?;
+    let layout = match (opts.format, item_column) {
+        (Format::Recbole, Some(id)) => {
+            let cols = recbole_header(&mut reader)?;
+            Some(recbole::ItemLayout::resolve(path, cols, id, &opts.recbole)?)
+        }
+        _ => None,
+    };
     let mut drops = Drops::new(path, "meta", opts.on_error);
     let mut unused = 0u64;
     let mut buf = Vec::new();
@@ -1056,7 +1090,9 @@ fn read_meta(
             Next::End => break,
         };
         drops.report.raw_records += 1;
-        let item = if ml {
+        let item = if let Some(l) = &layout {
+            l.parse(&buf)
+        } else if ml {
             parse_movielens_item(&buf)
         } else {
             parse_meta(opts.format, &buf)
@@ -1078,6 +1114,18 @@ fn read_meta(
     }
     drops.check_fraction(opts.max_bad_fraction)?;
     Ok((drops.report, unused))
+}
+
+/// Reads a RecBole file's typed header: its first non-blank line.
+fn recbole_header(reader: &mut RecordReader) -> Result<Vec<recbole::Column>, IngestError> {
+    let mut buf = Vec::new();
+    match reader.next_record(&mut buf) {
+        Next::Record { line, .. } => recbole::parse_header(&reader.path, line, &buf),
+        Next::End => Err(IngestError::Bad(format!(
+            "{}: empty file; a RecBole atomic file starts with a typed header line (`user_id:token\\titem_id:token…`)",
+            reader.path.display()
+        ))),
+    }
 }
 
 /// Latin-1 → UTF-8 (MovieLens files are ISO-8859-1); UTF-8 input passes through.

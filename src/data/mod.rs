@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod io;
 pub mod prompts;
 pub mod raw;
+pub mod recbole;
 pub mod schema;
 pub mod split;
 pub mod synthetic;

@@ -63,6 +63,8 @@ pub struct ReportInputs {
     pub stats: Vec<Value>,
     /// DAG edges (from a DAG file or the config's list).
     pub dag: Vec<(String, String)>,
+    /// Paired RMSE differences on the same samples ([`super::paired`]).
+    pub paired: Vec<super::paired::Paired>,
 }
 
 const CSS: &str = "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}\
@@ -109,6 +111,33 @@ fn methods_section(metrics: &[Value]) -> String {
         s.push_str(&row_cells(r, best));
     }
     s.push_str("</table><p class=\"note\">Every method is scored on the same rows. Invalid answers are scored by the eval stage's declared fallback (never as zero error) and counted in the invalid rate. Intervals: bootstrap 95% over rows for single runs; t-interval over runs for matrix-expanded stages (runs &gt; 1). Δ: improvement over the best baseline (positive = lower error). Baselines use only the training ratings (no text).</p>");
+    s
+}
+
+/// Paired RMSE differences (empty when the report got no predictions).
+fn paired_section(paired: &[super::paired::Paired]) -> String {
+    if paired.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("<h2>Paired differences on the same samples</h2><table><tr><th class=\"l\">method</th><th class=\"l\">against</th><th>n</th><th>RMSE difference</th><th>95% CI</th><th class=\"l\">verdict</th></tr>");
+    for p in paired {
+        let [lo, hi] = p.rmse_diff_ci95;
+        let (class, verdict) = if hi < 0.0 {
+            ("good", "lower RMSE")
+        } else if lo > 0.0 {
+            ("bad", "higher RMSE")
+        } else {
+            ("", "not separated")
+        };
+        s.push_str(&format!(
+            "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{}</td><td>{:+.4}</td><td>[{lo:+.4}, {hi:+.4}]</td><td class=\"l {class}\">{verdict}</td></tr>",
+            esc(&p.method),
+            esc(&p.against),
+            p.n,
+            p.rmse_diff
+        ));
+    }
+    s.push_str("</table><p class=\"note\">RMSE(method) − RMSE(against) on the same samples; paired percentile bootstrap (1,000 resamples of the rows, both methods scored on each). An interval that excludes 0 separates the two.</p>");
     s
 }
 
@@ -249,6 +278,7 @@ pub fn render(inp: &ReportInputs) -> String {
         esc(&inp.title)
     );
     h.push_str(&methods_section(&inp.metrics));
+    h.push_str(&paired_section(&inp.paired));
     h.push_str(&curves_section(&inp.logs));
     h.push_str(&confusion_section(&inp.metrics));
     h.push_str(&stats_section(&inp.stats));

@@ -7,6 +7,7 @@ pub mod evaluate;
 pub mod html;
 pub mod io;
 pub mod metrics;
+pub mod paired;
 pub mod readme;
 pub mod show;
 pub mod svg;

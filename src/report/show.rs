@@ -19,7 +19,11 @@
 //!   outputs are still in the store (a rerun is then a cache hit).
 //! * `--json` prints the pinned shape `{"pipeline", "methods": [{method,
 //!   stage, n, rmse, mae, invalid_rate, rmse_ci95}]}` (plus `runs`, and
-//!   `stages` / `diff` objects).
+//!   `stages` / `paired` / `diff` objects).
+//! * Paired RMSE differences on the same samples (a report stage's
+//!   `paired` metrics, [`super::paired`]) follow the methods in every
+//!   format; the stages table adds each stage's peak RSS and CPU seconds
+//!   from its run record.
 //! * `--diff X` compares with another lock: a file path, or a git revision
 //!   whose copy of this pipeline's lock is read with `git show REV:PATH`
 //!   (like `dvc metrics diff`).
@@ -51,6 +55,10 @@ pub struct StageFacts {
     pub kind: String,
     pub key: String,
     pub wall_s: Option<f64>,
+    /// The stage process's peak resident memory and its user + system CPU
+    /// seconds (run record; None for records without them).
+    pub peak_rss_bytes: Option<u64>,
+    pub cpu_s: Option<f64>,
     /// All outputs present in the store (a rerun of this key is a cache hit).
     pub in_store: bool,
     /// Teacher stages: the dataset's cost (every answer used × the
@@ -78,6 +86,29 @@ fn teacher_cost(m: &Value) -> Option<TeacherCost> {
         accepted: m.get("accepted").and_then(Value::as_u64).unwrap_or(0),
         n_samples: m.get("n_samples").and_then(Value::as_u64).unwrap_or(0),
     })
+}
+
+/// The paired RMSE differences a report stage of the lock recorded.
+pub fn paired_rows(lock: &LockFile) -> Vec<super::paired::Paired> {
+    lock.stages
+        .values()
+        .filter_map(|st| st.metrics.get("paired"))
+        .filter_map(|v| serde_json::from_value::<Vec<super::paired::Paired>>(v.clone()).ok())
+        .flatten()
+        .collect()
+}
+
+/// `−0.052 [−0.080, −0.021]`, with the verdict when the interval excludes 0.
+fn paired_text(p: &super::paired::Paired) -> String {
+    let [lo, hi] = p.rmse_diff_ci95;
+    let verdict = if hi < 0.0 {
+        " (lower)"
+    } else if lo > 0.0 {
+        " (higher)"
+    } else {
+        ""
+    };
+    format!("{:+.3} [{lo:+.3}, {hi:+.3}]{verdict}", p.rmse_diff)
 }
 
 /// Method rows of a lock (metrics outputs read from the store when one is
@@ -125,6 +156,8 @@ pub fn stage_facts(lock: &LockFile, store: &Store) -> Vec<StageFacts> {
                 kind: st.key_inputs.kind.clone(),
                 key: st.key.clone(),
                 wall_s: rec.as_ref().map(|r| r.wall_s),
+                peak_rss_bytes: rec.as_ref().and_then(|r| r.metrics.get("peak_rss_bytes")).and_then(Value::as_u64),
+                cpu_s: rec.as_ref().and_then(|r| r.metrics.get("cpu_s")).and_then(Value::as_f64),
                 in_store,
                 teacher,
                 collapse,
@@ -166,7 +199,7 @@ pub fn diff_rows(old: &[MethodRow], new: &[MethodRow]) -> Vec<DiffRow> {
 }
 
 /// The pinned `--json` object.
-pub fn to_json(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: Option<&[DiffRow]>) -> Value {
+pub fn to_json(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], paired: &[super::paired::Paired], diff: Option<&[DiffRow]>) -> Value {
     let methods: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -179,7 +212,8 @@ pub fn to_json(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: O
     let stages: Vec<Value> = facts
         .iter()
         .map(|f| {
-            let mut v = json!({"stage": f.stage, "kind": f.kind, "key": f.key, "wall_s": f.wall_s, "in_store": f.in_store, "collapse": f.collapse});
+            let mut v = json!({"stage": f.stage, "kind": f.kind, "key": f.key, "wall_s": f.wall_s, "cpu_s": f.cpu_s,
+                "peak_rss_bytes": f.peak_rss_bytes, "in_store": f.in_store, "collapse": f.collapse});
             if let Some(t) = &f.teacher {
                 v["cost_usd"] = json!(t.cost_usd);
                 v["tokens_in"] = json!(t.tokens_in);
@@ -189,6 +223,9 @@ pub fn to_json(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: O
         })
         .collect();
     let mut v = json!({"pipeline": pipeline, "methods": methods, "stages": stages});
+    if !paired.is_empty() {
+        v["paired"] = serde_json::to_value(paired).unwrap_or_default();
+    }
     if let Some(d) = diff {
         v["diff"] = Value::Array(
             d.iter()
@@ -201,7 +238,7 @@ pub fn to_json(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: O
 }
 
 /// The terminal table.
-pub fn to_text(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: Option<&[DiffRow]>) -> String {
+pub fn to_text(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], paired: &[super::paired::Paired], diff: Option<&[DiffRow]>) -> String {
     let mut s = format!("pipeline {pipeline}\n\n");
     for f in facts {
         if let Some(c) = &f.collapse {
@@ -227,13 +264,23 @@ pub fn to_text(pipeline: &str, rows: &[MethodRow], facts: &[StageFacts], diff: O
     } else {
         s.push_str(&columns(&table));
     }
-    s.push_str("\nstages (timings from run records):\n");
-    let mut t2: Vec<Vec<String>> = vec![vec!["stage".into(), "kind".into(), "wall".into(), "cache".into(), "note".into()]];
+    if !paired.is_empty() {
+        s.push_str("\npaired RMSE differences on the same samples (method − against, bootstrap 95% CI):\n");
+        let mut t: Vec<Vec<String>> = vec![vec!["method".into(), "against".into(), "n".into(), "RMSE difference [95% CI]".into()]];
+        for p in paired {
+            t.push(vec![p.method.clone(), p.against.clone(), p.n.to_string(), paired_text(p)]);
+        }
+        s.push_str(&columns(&t));
+    }
+    s.push_str("\nstages (timings and memory from run records):\n");
+    let mut t2: Vec<Vec<String>> = vec![vec!["stage".into(), "kind".into(), "wall".into(), "cpu".into(), "peak RSS".into(), "cache".into(), "note".into()]];
     for f in facts {
         t2.push(vec![
             f.stage.clone(),
             f.kind.clone(),
             f.wall_s.map_or("–".into(), |w| format!("{w:.1}s")),
+            f.cpu_s.map_or("–".into(), |w| format!("{w:.1}s")),
+            f.peak_rss_bytes.map_or("–".into(), |b| format!("{:.2} GB", b as f64 / 1e9)),
             if f.in_store { "hit on rerun".into() } else { "missing (reruns)".into() },
             if f.collapse.is_some() { "COLLAPSED".into() } else { String::new() },
         ]);
@@ -362,6 +409,17 @@ pub fn to_markdown(lock: &LockFile) -> String {
     if let Some(b) = best {
         s.push_str(&format!("| best achievable (Bayes predictor of the synthetic model) | all | {b:.3} | | | |\n"));
     }
+    let paired = paired_rows(lock);
+    if !paired.is_empty() {
+        let label = |m: &str| {
+            let r = rows.iter().find(|r| r.method == m);
+            r.map(method_label).unwrap_or_else(|| m.to_string()).replace('|', "\\|")
+        };
+        s.push_str("\n| paired on the same samples | n | RMSE difference [95% CI] |\n|---|---|---|\n");
+        for p in &paired {
+            s.push_str(&format!("| {} − {} | {} | {} |\n", label(&p.method), label(&p.against), p.n, paired_text(p)));
+        }
+    }
     let mut notes = Vec::new();
     for (name, st) in &lock.stages {
         if st.key_inputs.kind == "baselines" && rows_from_metrics(name, &st.metrics).is_empty() {
@@ -432,11 +490,11 @@ pub fn render(pipeline_path: &Path, format: Format, diff: Option<&str>) -> anyho
         None => None,
     };
     Ok(if format == Format::Json {
-        let mut s = serde_json::to_string_pretty(&to_json(&name, &rows, &facts, d.as_deref()))?;
+        let mut s = serde_json::to_string_pretty(&to_json(&name, &rows, &facts, &paired_rows(&lock), d.as_deref()))?;
         s.push('\n');
         s
     } else {
-        to_text(&name, &rows, &facts, d.as_deref())
+        to_text(&name, &rows, &facts, &paired_rows(&lock), d.as_deref())
     })
 }
 
@@ -514,5 +572,34 @@ mod tests {
         let text = render(&pipe, Format::Text, None).unwrap();
         assert!(text.contains("eval@*") && text.contains("bias"), "terminal table lists the methods");
         assert!(render(&dir.path().join("nope.yaml"), Format::Text, None).unwrap_err().to_string().contains("run the pipeline first"));
+    }
+
+    /// Issue 18: a report's paired differences travel in the lock, and
+    /// every format prints them (the markdown table from the lock alone).
+    #[test]
+    fn paired_differences_are_shown_from_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(".git")).unwrap();
+        let store = Store::open(&dir.path().join("cache"));
+        let mut lock = LockFile { schema: 1, pipeline: "ml".into(), ..Default::default() };
+        let base = r#"{"stage":"baselines","methods":[{"method":"global_mean","n":4,"rmse":1.2,"mae":1.0,"invalid_rate":0.0}]}"#;
+        let mut b = stage(&store, "baselines", base);
+        b.metrics = crate::lock::metrics_summary(&serde_json::from_str(base).unwrap());
+        lock.stages.insert("baselines".into(), b);
+        let mut rep = stage(&store, "report", "{}");
+        rep.metrics = crate::lock::metrics_summary(&json!({"methods": 2, "paired": [
+            {"method": "grpo", "against": "global_mean", "n": 4, "rmse_diff": -0.1, "rmse_diff_ci95": [-0.2, -0.05]},
+            {"method": "grpo", "against": "sft", "n": 4, "rmse_diff": -0.01, "rmse_diff_ci95": [-0.03, 0.02]}]}));
+        lock.stages.insert("report".into(), rep);
+        let pipe = dir.path().join("ml.yaml");
+        std::fs::write(&pipe, "name: ml\n").unwrap();
+        lock.write(&lock_path(&pipe)).unwrap();
+        let md = render(&pipe, Format::Markdown, None).unwrap();
+        assert!(md.contains("| paired on the same samples | n | RMSE difference [95% CI] |"), "{md}");
+        assert!(md.contains("| grpo − global mean | 4 | -0.100 [-0.200, -0.050] (lower) |"), "baseline ids spelled out, verdict when 0 is excluded: {md}");
+        assert!(md.contains("| grpo − sft | 4 | -0.010 [-0.030, +0.020] |"), "no verdict when the interval holds 0: {md}");
+        let v: Value = serde_json::from_str(&render(&pipe, Format::Json, None).unwrap()).unwrap();
+        assert_eq!(v["paired"][0]["rmse_diff_ci95"], json!([-0.2, -0.05]), "--json carries them");
+        assert!(render(&pipe, Format::Text, None).unwrap().contains("paired RMSE differences"), "and the terminal table");
     }
 }

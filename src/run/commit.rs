@@ -153,6 +153,13 @@ pub(crate) fn ingest(eng: &Engine, stage: &ResolvedStage, key: &str, launched: L
             }
         }
     }
+    // The process's CPU time and peak memory (run record only: both are
+    // timing keys, kept out of the lock); a stage's own peak measure wins.
+    if let (Some(m), Some(Value::Object(ru))) = (metrics.as_object_mut(), launched.rusage) {
+        for (k, v) in ru {
+            m.entry(k).or_insert(v);
+        }
+    }
     Ok((outs, metrics, launched.numerics))
 }
 

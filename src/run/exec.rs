@@ -236,6 +236,9 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
     let mut started: BTreeMap<String, (Instant, Vec<u32>)> = BTreeMap::new();
     let mut set: tokio::task::JoinSet<(usize, Result<Done, String>)> = tokio::task::JoinSet::new();
     let mut stop_launching = false;
+    // Completion budgets shorter than the teacher's traces (run::budget):
+    // nothing downstream of that teacher starts; the run ends as bad input.
+    let mut refused: Vec<String> = Vec::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let n = eng.p.stages.len();
     loop {
@@ -308,8 +311,18 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
                 if d.ran {
                     eng.note(&format!("ran {} ({:.2}s)", s.name, walls[&s.name]));
                 }
-                if let Some(n) = crate::stages::grpo::collapse_note(&d.metrics) {
-                    notes.insert(s.name.clone(), n);
+                let n: Vec<String> =
+                    [crate::stages::grpo::collapse_note(&d.metrics), crate::stages::grpo::truncation_note(&d.metrics)].into_iter().flatten().collect();
+                if !n.is_empty() {
+                    notes.insert(s.name.clone(), n.join("; "));
+                }
+                let budgets = super::budget::check_metrics(&eng.p, &s, &d.metrics);
+                for w in &budgets.warnings {
+                    eng.note(&format!("warning: {w}"));
+                }
+                if !budgets.errors.is_empty() {
+                    refused.extend(budgets.errors);
+                    stop_launching = true;
                 }
                 ended.insert(s.name.clone(), if d.ran { Outcome::Ran } else { Outcome::Cached });
                 done.insert(s.name.clone(), d);
@@ -331,6 +344,12 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
     }
     if let Some(msg) = eng.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
         return Err(RunError::BadInput(msg));
+    }
+    if !refused.is_empty() {
+        return Err(RunError::BadInput(format!(
+            "refused before SFT: {}\n(the stages that completed are recorded; a rerun reuses them)",
+            refused.join("\n")
+        )));
     }
     let summary = finish(&eng, opts, &ended, &walls, &notes)?;
     if let Some(link) = &eng.remote {
@@ -407,6 +426,7 @@ pub fn dry_run(p: &Pipeline, sel: &Selection, allow_missing: bool) -> Result<(St
     }
     for (s, (_, mode)) in p.stages.iter().zip(plan.stages.iter()) {
         let mut will_run = true;
+        let mut recorded: Option<serde_json::Value> = None;
         let line = match key_inputs(s, &avail, &mut sc, None) {
             Err(e) => {
                 if !allow_missing {
@@ -422,6 +442,7 @@ pub fn dry_run(p: &Pipeline, sel: &Selection, allow_missing: bool) -> Result<(St
                     (_, Mode::Force) => format!("{}: will run (forced)", s.name),
                     (Some(r), _) => {
                         will_run = false;
+                        recorded = Some(r.metrics.clone());
                         let a = r
                             .outputs
                             .iter()
@@ -460,7 +481,9 @@ pub fn dry_run(p: &Pipeline, sel: &Selection, allow_missing: bool) -> Result<(St
         };
         out.push_str(&line);
         out.push('\n');
-        let f = super::preflight::check_stage(p, s, &avail, will_run, allow_missing);
+        let mut f = super::preflight::check_stage(p, s, &avail, will_run, allow_missing);
+        super::preflight::budgets(p, s, recorded.as_ref(), &mut f);
+        f.notes.extend(super::preflight::plan_lines(p, s, &avail));
         for n in &f.notes {
             out.push_str(n);
             out.push('\n');

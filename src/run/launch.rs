@@ -70,6 +70,9 @@ pub(crate) struct Launched {
     pub scratch_out: PathBuf,
     /// None for shell stages.
     pub numerics: Option<crate::numerics::Profile>,
+    /// The stage process's user + system CPU seconds and peak RSS, from the
+    /// supervisor's `wait4` (`{"cpu_s", "peak_rss_bytes"}`; None if unknown).
+    pub rusage: Option<serde_json::Value>,
 }
 
 /// What the supervisor is asked to run.
@@ -104,6 +107,10 @@ pub(crate) async fn launch(
     let prog = program(eng, stage, key, paths, &work, &scratch_out)?;
     let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(|e| format!("{}: {e}", log.display()))?;
     let mut cmd = supervised(eng, stage, &prog, &work, logf, lock, gpu_ids)?;
+    let rusage_file = store.tmp_dir().join(format!("rusage-{}-{}.json", &key[..16], std::process::id()));
+    let _ = std::fs::create_dir_all(store.tmp_dir());
+    let _ = std::fs::remove_file(&rusage_file);
+    cmd.env("RECFLOW_RUSAGE_OUT", &rusage_file);
     let t0 = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("cannot start stage process: {e}"))?;
     if let Some(pid) = child.id() {
@@ -118,6 +125,8 @@ pub(crate) async fn launch(
     if let Some(p) = &prog.spec_tmp {
         let _ = std::fs::remove_file(p);
     }
+    let rusage = std::fs::read(&rusage_file).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let _ = std::fs::remove_file(&rusage_file);
     let wall = t0.elapsed().as_secs_f64();
     log_line(&log, &format!("== recflow: exit {:?} after {wall:.2}s", status.as_ref().ok().and_then(|s| s.code())));
     if eng.cancel.load(Ordering::SeqCst) {
@@ -127,7 +136,7 @@ pub(crate) async fn launch(
     if !status.success() {
         return Err(failure(&status, &log));
     }
-    Ok(Launched { scratch_out, numerics })
+    Ok(Launched { scratch_out, numerics, rusage })
 }
 
 /// The program and arguments of a stage: for a built-in kind the worker

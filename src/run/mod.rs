@@ -4,7 +4,8 @@
 //! [`commit`] (outputs → store → run record → lock, and reuse of a record) —
 //! [`remote`] (read-through, leases and write-through of the remote store),
 //! [`sync`] (`recflow push` / `pull`), [`status`] / explain against the lock,
-//! [`verify`] into a scratch store, [`gc`].
+//! [`verify`] into a scratch store, [`gc`]; [`budget`] checks completion
+//! budgets against the teacher's traces before SFT starts.
 //!
 //! Shared here: how a stage's key inputs are computed from the resolved
 //! stage, the outputs of its upstream stages and the stat cache.
@@ -17,6 +18,7 @@ use crate::lock::{LockError, LockStage};
 use crate::pipeline::resolved::{Action, InputRef, ResolvedStage};
 use crate::pipeline::PipelineError;
 
+pub mod budget;
 pub mod commit;
 pub mod engine;
 pub mod exec;

@@ -6,6 +6,12 @@
 //! own process group, and on that signal — or Ctrl-C, or the stage's exit —
 //! kills the whole group. It also holds the stage key's lock descriptor, so
 //! the lock is free only once no process of the stage is alive.
+//!
+//! Resources: it reaps the stage with `wait4`, whose `rusage` covers the
+//! stage process and the descendants it waited for, and writes the user +
+//! system CPU seconds and the peak resident memory to the file named by
+//! `RECFLOW_RUSAGE_OUT` (`{"cpu_s": …, "peak_rss_bytes": …}`); the runner
+//! puts them into the run record (never into outputs).
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -35,6 +41,30 @@ fn sigset(sigs: &[libc::c_int]) -> libc::sigset_t {
         }
         s
     }
+}
+
+/// Reaps `pid` if it has exited (`wait4`, no hang): its exit status and
+/// resource usage.
+fn reap(pid: i32) -> Option<(std::process::ExitStatus, libc::rusage)> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain data; wait4 fills it and the status for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits (without blocking) for our own child `pid`.
+    let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+    (r == pid).then(|| (std::process::ExitStatus::from_raw(status), ru))
+}
+
+/// Writes the stage's CPU seconds and peak RSS where the runner asked.
+fn write_rusage(ru: &libc::rusage) {
+    let Some(path) = std::env::var_os("RECFLOW_RUSAGE_OUT") else { return };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let v = serde_json::json!({
+        "cpu_s": secs(ru.ru_utime) + secs(ru.ru_stime),
+        // Linux reports ru_maxrss in KiB.
+        "peak_rss_bytes": ru.ru_maxrss as u64 * 1024,
+    });
+    let _ = std::fs::write(path, v.to_string());
 }
 
 fn exit_code(st: std::process::ExitStatus) -> i32 {
@@ -96,9 +126,10 @@ pub fn main(args: &[String]) -> i32 {
             continue;
         }
         if sig == libc::SIGCHLD {
-            if let Ok(Some(st)) = child.try_wait() {
+            if let Some((st, ru)) = reap(pgid) {
                 // Stragglers the stage left in the background die with it.
                 kill_group(libc::SIGKILL);
+                write_rusage(&ru);
                 return exit_code(st);
             }
             continue;
@@ -107,8 +138,10 @@ pub fn main(args: &[String]) -> i32 {
         // a second stop signal, whichever comes first.
         kill_group(libc::SIGTERM);
         let deadline = Instant::now() + grace();
+        let mut reaped = false;
         loop {
-            if let Ok(Some(_)) = child.try_wait() {
+            if reap(pgid).is_some() {
+                reaped = true;
                 break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -124,7 +157,9 @@ pub fn main(args: &[String]) -> i32 {
             }
         }
         kill_group(libc::SIGKILL);
-        let _ = child.wait();
+        if !reaped {
+            let _ = child.wait();
+        }
         return 130;
     }
 }

@@ -52,6 +52,11 @@ pub struct Config {
     pub device: String,
     /// float32 | bfloat16 | float16.
     pub dtype: String,
+    /// Accept a completion budget below the teacher's longest trace plus
+    /// a margin (the runner refuses it otherwise, before SFT starts:
+    /// `recflow::run::budget`). Operational; out of the key.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_truncation: bool,
 }
 
 impl Default for Config {
@@ -73,6 +78,7 @@ impl Default for Config {
             progress_every: 16,
             device: "auto".into(),
             dtype: "float32".into(),
+            allow_truncation: false,
         }
     }
 }
@@ -89,7 +95,7 @@ impl StageDef for Eval {
     type Config = Config;
     const KIND: &'static str = "eval";
     const VERSION: u32 = 2;
-    const OPERATIONAL: &'static [&'static str] = &["batch_size", "progress_every"];
+    const OPERATIONAL: &'static [&'static str] = &["batch_size", "progress_every", "allow_truncation"];
     const USES_DEVICE: bool = true;
     const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] = &[("model", super::model_files::ModelForm::HfDir)];
     fn inputs() -> Vec<InputSpec> {

@@ -159,6 +159,15 @@ pub struct Config {
     pub kl_warn_threshold: f64,
     /// Checkpoint into the work dir every N steps (operational).
     pub save_steps: usize,
+    /// Also checkpoint once this many minutes passed since the last one (at
+    /// the next rollout boundary; operational; default 10).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_minutes: Option<f64>,
+    /// Accept a completion budget below the teacher's longest trace plus
+    /// a margin (the runner refuses it otherwise, before SFT starts:
+    /// `recflow::run::budget`). Operational; out of the key.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_truncation: bool,
 }
 
 /// The defaults, one table: a field the `with:` (or `stages/grpo.yaml`)
@@ -213,6 +222,8 @@ impl Default for Config {
             load_best_model_at_end: true,
             kl_warn_threshold: DEFAULT_KL_WARN_THRESHOLD,
             save_steps: sft.save_steps,
+            save_minutes: sft.save_minutes,
+            allow_truncation: false,
         }
     }
 }
@@ -234,7 +245,7 @@ impl StageDef for Grpo {
     // lm_head backward (float summation order).
     const VERSION: u32 = 3;
     const OPERATIONAL: &'static [&'static str] =
-        &["save_steps", "max_tokens_per_microbatch", "logprob_chunk_tokens", "kl_warn_threshold"];
+        &["save_steps", "save_minutes", "max_tokens_per_microbatch", "logprob_chunk_tokens", "kl_warn_threshold", "allow_truncation"];
     const USES_DEVICE: bool = true;
 
     const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] = &[("model", super::model_files::ModelForm::HfDir)];
@@ -264,6 +275,7 @@ impl StageDef for Grpo {
         positive("max_tokens_per_microbatch", c.max_tokens_per_microbatch)?;
         positive("logprob_chunk_tokens", c.logprob_chunk_tokens)?;
         positive("save_steps", c.save_steps)?;
+        super::sft::check_save_minutes(c.save_minutes)?;
         if !(c.temperature > 0.0 && c.temperature.is_finite()) {
             return Err(format!("temperature must be > 0, got {}", c.temperature));
         }
@@ -411,9 +423,34 @@ pub fn collapse_note(metrics: &serde_json::Value) -> Option<String> {
     Some(format!("COLLAPSED{step}: {why}"))
 }
 
+/// The end-of-run line for a GRPO run most of whose sampled completions hit
+/// `max_completion_length` (metrics `truncated_majority`,
+/// `truncated_fraction_mean`): such answers lose `<rate>`, so their reward
+/// is the invalid one and the groups carry little signal.
+pub fn truncation_note(metrics: &serde_json::Value) -> Option<String> {
+    if metrics.get("truncated_majority").and_then(serde_json::Value::as_bool) != Some(true) {
+        return None;
+    }
+    let frac = metrics.get("truncated_fraction_mean").and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+    let max = metrics.get("max_completion_length").and_then(serde_json::Value::as_u64).map(|m| format!(" = {m}")).unwrap_or_default();
+    Some(format!(
+        "MOST COMPLETIONS TRUNCATED: {:.0}% of sampled completions hit max_completion_length{max} (cut before <rate>: invalid reward); raise it",
+        frac * 100.0
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncation_note_only_for_a_majority() {
+        let m = serde_json::json!({"truncated_majority": true, "truncated_fraction_mean": 0.8, "max_completion_length": 128});
+        let n = truncation_note(&m).unwrap();
+        assert!(n.contains("80%") && n.contains("max_completion_length = 128"), "{n}");
+        assert!(truncation_note(&serde_json::json!({"truncated_majority": false, "truncated_fraction_mean": 0.3})).is_none());
+        assert!(truncation_note(&serde_json::json!({})).is_none(), "older runs without the metric say nothing");
+    }
 
     #[test]
     fn trl_defaults_and_names() {

@@ -16,12 +16,14 @@ use crate::data::synthetic::SyntheticConfig;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// amazon2014 | amazon2018 | amazon2023 | yelp | movielens | synthetic
+    /// amazon2014 | amazon2018 | amazon2023 | yelp | movielens | recbole | synthetic
     pub format: Format,
-    /// Review file (plain or .gz). Required except for `synthetic`.
+    /// Review file (plain or .gz). Required except for `synthetic`. For
+    /// `recbole`: the `NAME.inter` file, or a RecBole dataset folder holding
+    /// one (its `NAME.item` is then the metadata unless `meta` names one).
     #[serde(default)]
     pub reviews: Option<PathBuf>,
-    /// Item metadata (Amazon meta, MovieLens u.item / movies.dat). Optional.
+    /// Item metadata (Amazon meta, MovieLens u.item / movies.dat, RecBole `.item`). Optional.
     #[serde(default)]
     pub meta: Option<PathBuf>,
     /// Yelp business.json (optional; same role as `meta`).
@@ -38,6 +40,12 @@ pub struct Config {
     pub rating_min: f32,
     #[serde(default = "default_rmax")]
     pub rating_max: f32,
+    /// `format: recbole`: column names of the roles RecBole's usual names do
+    /// not find (`user`, `item`, `rating`, `timestamp`, `review_title`,
+    /// `review_text`; `.item`: `title`, `year`, `categories`, `brand`,
+    /// `price`, `description`). Out of the key while empty.
+    #[serde(default, skip_serializing_if = "crate::data::recbole::Fields::is_empty")]
+    pub recbole: crate::data::recbole::Fields,
     /// Generator settings for `format: synthetic`.
     #[serde(default)]
     pub synthetic: SyntheticConfig,
@@ -94,6 +102,9 @@ impl StageDef for Ingest {
         if cfg.business.is_some() && cfg.format != Format::Yelp {
             return Err("`business` is for format `yelp`; use `meta` for item metadata".into());
         }
+        if cfg.format != Format::Recbole && !cfg.recbole.is_empty() {
+            return Err("`recbole` (column names) applies to format `recbole` only".into());
+        }
         if !(0.0..=1.0).contains(&cfg.max_bad_fraction) {
             return Err(format!(
                 "`max_bad_fraction` must be in [0, 1], got {}",
@@ -120,6 +131,7 @@ impl Stage for Ingest {
             max_bad_fraction: cfg.max_bad_fraction,
             rating_min: cfg.rating_min,
             rating_max: cfg.rating_max,
+            recbole: cfg.recbole.clone(),
             synthetic: cfg.synthetic.clone(),
             threads: cfg.threads.unwrap_or_else(ingest::default_threads),
         };

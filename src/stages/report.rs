@@ -1,7 +1,13 @@
 //! `report` stage: one self-contained HTML report of a pipeline's results.
 //!
 //! Inputs (all lists, `many`): `metrics` (eval / baselines metrics.json),
-//! `logs` (sft / grpo log Parquet), `stats` (teacher stats JSON).
+//! `logs` (sft / grpo log Parquet), `stats` (teacher stats JSON), and
+//! optionally `predictions` (eval / baselines predictions, parallel to
+//! `metrics`: entry i belongs to metrics i), from which the paired RMSE
+//! differences on the same samples are computed ([`crate::report::paired`]:
+//! every method against the best baseline, and the `pairs` the config names);
+//! they enter the report and the stage's metrics (`paired`), so the lock,
+//! `recflow show` and the README tables carry them.
 //! Output: `report` (dir with `index.html`).
 //! Config: `title`; the DAG either from `dag` (a mermaid or `a -> b` text
 //! file; path-valued, so its content enters the key) or from `dag_edges`
@@ -27,11 +33,19 @@ pub struct Config {
     pub dag: Option<PathBuf>,
     /// DAG edges written inline, `"from -> to"`.
     pub dag_edges: Vec<String>,
+    /// Method pairs `[A, B]` (method names as in the tables) whose paired
+    /// RMSE difference A − B to report besides every method against the
+    /// best baseline; needs `predictions`. Out of the key while empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pairs: Vec<[String; 2]>,
 }
+
+/// Resamples of the paired bootstrap (as the eval's default `bootstrap`).
+pub const PAIRED_RESAMPLES: u32 = 1000;
 
 impl Default for Config {
     fn default() -> Self {
-        Config { title: "recflow report".into(), dag: None, dag_edges: Vec::new() }
+        Config { title: "recflow report".into(), dag: None, dag_edges: Vec::new(), pairs: Vec::new() }
     }
 }
 
@@ -46,7 +60,7 @@ impl StageDef for Report {
     const VERSION: u32 = 1;
     const PATH_FIELDS: &'static [&'static str] = &["dag"];
     fn inputs() -> Vec<InputSpec> {
-        vec![InputSpec::many("metrics"), InputSpec::many("logs"), InputSpec::many("stats")]
+        vec![InputSpec::many("metrics"), InputSpec::many("logs"), InputSpec::many("stats"), InputSpec::many("predictions")]
     }
     fn outputs(_cfg: &Config) -> Vec<OutputSpec> {
         vec![OutputSpec::dir("report")]
@@ -85,6 +99,25 @@ pub fn gather(cfg: &Config, ctx: &StageCtx) -> anyhow::Result<ReportInputs> {
     for e in &cfg.dag_edges {
         inp.dag.extend(parse_edges(e));
     }
+    let preds = ctx.input_list("predictions");
+    if !preds.is_empty() && preds.len() != inp.metrics.len() {
+        anyhow::bail!(
+            "stage `{}`: `predictions` lists {} files and `metrics` {}: give one predictions output per metrics output, in the same order",
+            ctx.stage,
+            preds.len(),
+            inp.metrics.len()
+        );
+    }
+    if preds.is_empty() && !cfg.pairs.is_empty() {
+        anyhow::bail!("stage `{}`: `pairs` needs the `predictions` input (one per `metrics` entry, same order)", ctx.stage);
+    }
+    let mut methods = Vec::new();
+    for (p, m) in preds.iter().zip(&inp.metrics) {
+        methods.extend(crate::report::paired::read(p, m)?);
+    }
+    if !methods.is_empty() {
+        inp.paired = crate::report::paired::compare(&methods, &cfg.pairs, PAIRED_RESAMPLES, ctx.seed)?;
+    }
     Ok(inp)
 }
 
@@ -99,6 +132,9 @@ impl Stage for Report {
         let mut m = Metrics::new();
         m.insert("methods".into(), serde_json::json!(inp.metrics.len()));
         m.insert("logs".into(), serde_json::json!(inp.logs.len()));
+        if !inp.paired.is_empty() {
+            m.insert("paired".into(), serde_json::to_value(&inp.paired)?);
+        }
         Ok(m)
     }
 }
@@ -154,6 +190,51 @@ mod tests {
         assert!(html.contains(">report</text>"), "DAG nodes drawn");
         assert!(!html.contains(&dir.path().display().to_string()), "no input paths leak into the report");
         assert!(!html.contains("<script"), "self-contained, no scripts");
+    }
+
+    /// Issue 18: with `predictions` parallel to `metrics`, the report pairs
+    /// every method with the best baseline and the named pairs, on the same
+    /// samples, into its HTML and metrics; a list of another length is an error.
+    #[test]
+    fn paired_differences_from_predictions() {
+        use arrow::array::StringArray;
+        let dir = tempfile::tempdir().unwrap();
+        let mut inputs = fixture(dir.path());
+        let ids = || arc(StringArray::from(vec!["a", "b", "c", "d"]));
+        let y = || arc(Float64Array::from(vec![1.0, 2.0, 4.0, 5.0]));
+        let long = dir.path().join("bp.parquet");
+        let schema = std::sync::Arc::new(Schema::new(vec![
+            Field::new("sample_id", DataType::Utf8, false),
+            Field::new("target", DataType::Float64, false),
+            Field::new("method", DataType::Utf8, false),
+            Field::new("prediction", DataType::Float64, false),
+        ]));
+        let ids8 = arc(StringArray::from(vec!["a", "b", "c", "d", "a", "b", "c", "d"]));
+        let y8 = arc(Float64Array::from(vec![1.0, 2.0, 4.0, 5.0, 1.0, 2.0, 4.0, 5.0]));
+        let m8 = arc(StringArray::from(vec!["bias", "bias", "bias", "bias", "global_mean", "global_mean", "global_mean", "global_mean"]));
+        let p8 = arc(Float64Array::from(vec![1.5, 2.5, 3.5, 4.5, 3.0, 3.0, 3.0, 3.0]));
+        write_batch_atomic(&long, schema, vec![ids8, y8, m8, p8], eval_writer_properties()).unwrap();
+        let ev = dir.path().join("ep.parquet");
+        let schema = std::sync::Arc::new(Schema::new(vec![
+            Field::new("sample_id", DataType::Utf8, false),
+            Field::new("target", DataType::Float64, false),
+            Field::new("prediction", DataType::Float64, false),
+        ]));
+        write_batch_atomic(&ev, schema, vec![ids(), y(), arc(Float64Array::from(vec![1.0, 2.0, 4.0, 4.0]))], eval_writer_properties()).unwrap();
+        inputs.insert("predictions".into(), vec![long, ev]);
+        let cfg = Config { pairs: vec![["grpo".into(), "global_mean".into()]], ..Config::default() };
+        let mut ctx = StageCtx::for_test("report", &dir.path().join("r"), inputs.clone(), Report::outputs(&cfg));
+        let m = Report::run(&cfg, &mut ctx).unwrap();
+        let p = m["paired"].as_array().unwrap();
+        let pairs: Vec<(&str, &str)> = p.iter().map(|x| (x["method"].as_str().unwrap(), x["against"].as_str().unwrap())).collect();
+        assert_eq!(pairs, [("global_mean", "bias"), ("grpo", "bias"), ("grpo", "global_mean")], "best baseline (bias, RMSE 0.5), then the named pair");
+        assert!((p[1]["rmse_diff"].as_f64().unwrap() - (0.5 - 0.5)).abs() < 1e-12, "grpo RMSE sqrt(1/4) = 0.5 = bias's");
+        let html = std::fs::read_to_string(ctx.output("report").unwrap().join("index.html")).unwrap();
+        assert!(html.contains("Paired differences on the same samples"), "the report shows them");
+        inputs.get_mut("predictions").unwrap().pop();
+        let mut ctx = StageCtx::for_test("report", &dir.path().join("r2"), inputs, Report::outputs(&cfg));
+        let err = Report::run(&cfg, &mut ctx).unwrap_err().to_string();
+        assert!(err.contains("`predictions` lists 1 files and `metrics` 2"), "{err}");
     }
 
     #[test]

@@ -134,6 +134,15 @@ pub struct Config {
     pub load_best_model_at_end: bool,
     /// Checkpoint into the work dir every N optimizer steps (operational).
     pub save_steps: usize,
+    /// Also checkpoint once this many minutes passed since the last one (at
+    /// the next step), so a slow CPU step never loses more (operational).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_minutes: Option<f64>,
+    /// Accept a completion budget below the teacher's longest trace plus
+    /// a margin (the runner refuses it otherwise, before SFT starts:
+    /// `recflow::run::budget`). Operational; out of the key.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_truncation: bool,
 }
 
 /// The defaults, one table: a field the `with:` (or `stages/sft.yaml`)
@@ -172,8 +181,35 @@ impl Default for Config {
             eval_max_new_tokens: 256,
             load_best_model_at_end: true,
             save_steps: 50,
+            save_minutes: None,
+            allow_truncation: false,
         }
     }
+}
+
+impl Config {
+    /// Examples per optimizer step.
+    pub fn examples_per_step(&self) -> usize {
+        self.per_device_train_batch_size * self.gradient_accumulation_steps
+    }
+
+    /// Optimizer steps over `train_rows` trained rows: `max_steps`, else
+    /// `num_train_epochs` passes (at least one step).
+    pub fn planned_steps(&self, train_rows: usize) -> usize {
+        self.max_steps
+            .unwrap_or_else(|| ((self.num_train_epochs * train_rows as f64) / self.examples_per_step() as f64).ceil().max(1.0) as usize)
+    }
+}
+
+/// Whether an accepted coldstart row is held out for the validation loss:
+/// the first 8 bytes of sha256(`sample_id`) as a fraction of 2⁶⁴ below
+/// `frac`, so the split is stable across runs (the sft stage and
+/// `run --dry-run`'s plan use this one function).
+pub fn is_held_out(sample_id: &str, frac: f64) -> bool {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(sample_id.as_bytes());
+    let x = u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
+    (x as f64 / u64::MAX as f64) < frac
 }
 
 /// Stage metadata of `sft` (run function: `recflow_ml::train::sft::run`).
@@ -184,7 +220,7 @@ impl StageDef for Sft {
     const KIND: &'static str = "sft";
     // 3: hand-written lm_head backward and logsumexp log-probs (float order).
     const VERSION: u32 = 3;
-    const OPERATIONAL: &'static [&'static str] = &["save_steps"];
+    const OPERATIONAL: &'static [&'static str] = &["save_steps", "save_minutes", "allow_truncation"];
     const USES_DEVICE: bool = true;
 
     const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] = &[("model", super::model_files::ModelForm::HfDir)];
@@ -212,6 +248,7 @@ impl StageDef for Sft {
         check_optim(c.learning_rate, c.warmup_ratio, c.weight_decay, c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.max_grad_norm)?;
         check_lora(c.use_peft, c.lora_r, c.lora_alpha, c.lora_dropout, &c.lora_target_modules)?;
         positive("save_steps", c.save_steps)?;
+        check_save_minutes(c.save_minutes)?;
         if let Some(b) = c.max_tokens_per_microbatch {
             positive("max_tokens_per_microbatch", b)?;
         }
@@ -219,6 +256,17 @@ impl StageDef for Sft {
             return Err(format!("val_fraction must be within [0, 0.5), got {}", c.val_fraction));
         }
         Ok(())
+    }
+}
+
+/// Minutes between wall-time checkpoints when unset.
+pub const DEFAULT_SAVE_MINUTES: f64 = 10.0;
+
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN must fail too
+pub(crate) fn check_save_minutes(m: Option<f64>) -> Result<(), String> {
+    match m {
+        Some(x) if !(x > 0.0 && x.is_finite()) => Err(format!("save_minutes must be > 0, got {x}")),
+        _ => Ok(()),
     }
 }
 

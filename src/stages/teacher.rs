@@ -2,7 +2,10 @@
 //!
 //! Inputs: `samples` (samples schema: the prompts to answer), `train`
 //! (interactions; the `cf` teacher's evidence), `items` (attributes for the
-//! `cf` teacher's reasoning).
+//! `cf` teacher's reasoning), optional `tokenizer` (the student's
+//! tokenizer.json or model dir: the accepted traces' token lengths enter
+//! the metrics as `trace_tokens_p50/p95/max`, which the runner checks the
+//! completion budgets downstream against before SFT starts).
 //! Outputs: `coldstart` (Parquet, coldstart schema: one row per selected
 //! sample, accepted or rejected with a reason; `messages` are the original
 //! prompt, never the hint) and `stats` (JSON: n_samples, accepted, rejected,
@@ -279,7 +282,9 @@ impl StageDef for Teacher {
         &[("with.model_dir", super::model_files::ModelForm::HfDir)];
 
     fn inputs() -> Vec<InputSpec> {
-        vec![InputSpec::one("samples"), InputSpec::one("train"), InputSpec::one("items")]
+        // `tokenizer`: the student's tokenizer (tokenizer.json or a model dir,
+        // e.g. `${base.model}`), in which the traces' lengths are recorded.
+        vec![InputSpec::one("samples"), InputSpec::one("train"), InputSpec::one("items"), InputSpec::optional("tokenizer")]
     }
 
     fn outputs(_cfg: &Config) -> Vec<OutputSpec> {
@@ -498,7 +503,35 @@ pub fn run_stage(cfg: &Config, ctx: &mut StageCtx, factory: &BackendFactory) -> 
             ms(t_drove, Instant::now())
         ),
     );
-    Ok(metrics_of(&stats, &cfg.money()))
+    let mut m = metrics_of(&stats, &cfg.money());
+    trace_length_metrics(ctx, &outcomes, &mut m)?;
+    Ok(m)
+}
+
+/// Lengths of the accepted traces (issue 18): characters always, tokens in
+/// the `tokenizer` input's vocabulary when the stage has one. The runner
+/// checks the completion budgets downstream against `trace_tokens_max`
+/// before SFT starts (`recflow::run::budget`).
+fn trace_length_metrics(ctx: &mut StageCtx, outcomes: &[(usize, Outcome)], m: &mut Metrics) -> anyhow::Result<()> {
+    use crate::teacher::stats::TraceLengths;
+    let traces: Vec<&str> = outcomes.iter().filter(|(_, o)| o.accepted).filter_map(|(_, o)| o.completion.as_deref()).collect();
+    let mut put = |unit: &str, l: Option<TraceLengths>| {
+        if let Some(l) = l {
+            for (q, v) in [("p50", l.p50), ("p95", l.p95), ("max", l.max)] {
+                m.insert(format!("trace_{unit}_{q}"), v.into());
+            }
+        }
+    };
+    put("chars", TraceLengths::from_counts(traces.iter().map(|t| t.chars().count() as u64).collect()));
+    if let Some(tp) = ctx.input_opt("tokenizer") {
+        let tok = crate::util::load_tokenizer(tp).map_err(anyhow::Error::msg)?;
+        let l = TraceLengths::of(traces.iter().copied(), &tok).map_err(anyhow::Error::msg)?;
+        if let Some(l) = l {
+            ctx.log("info", format!("accepted traces: {} tokens p50, {} p95, {} max", l.p50, l.p95, l.max));
+        }
+        put("tokens", l);
+    }
+    Ok(())
 }
 
 /// The `samples` input: not empty, every `sample_id` once.

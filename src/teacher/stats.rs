@@ -58,6 +58,37 @@ pub fn stats_of(rows: &[(usize, Outcome)], teacher: &str) -> Stats {
     st
 }
 
+/// Token lengths of the accepted traces, what SFT teaches the student to
+/// write (issue 18): the completion budgets of GRPO and eval must hold
+/// them. Nearest-rank percentiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceLengths {
+    pub p50: u64,
+    pub p95: u64,
+    pub max: u64,
+}
+
+impl TraceLengths {
+    /// The lengths in `tok` (no special tokens) of `traces`; None when empty.
+    pub fn of<'a>(traces: impl Iterator<Item = &'a str>, tok: &tokenizers::Tokenizer) -> Result<Option<Self>, String> {
+        let mut n: Vec<u64> = Vec::new();
+        for t in traces {
+            n.push(tok.encode(t, false).map_err(|e| e.to_string())?.len() as u64);
+        }
+        Ok(Self::from_counts(n))
+    }
+
+    /// From per-trace counts (any unit); None when empty.
+    pub fn from_counts(mut n: Vec<u64>) -> Option<Self> {
+        if n.is_empty() {
+            return None;
+        }
+        n.sort_unstable();
+        let rank = |q: f64| n[((q * n.len() as f64).ceil() as usize).clamp(1, n.len()) - 1];
+        Some(TraceLengths { p50: rank(0.5), p95: rank(0.95), max: n[n.len() - 1] })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +106,14 @@ mod tests {
             tokens_in: 10,
             tokens_out: 4,
         }
+    }
+
+    #[test]
+    fn trace_lengths_are_nearest_rank() {
+        let l = TraceLengths::from_counts((1..=20).rev().collect()).unwrap();
+        assert_eq!((l.p50, l.p95, l.max), (10, 19, 20), "nearest rank over 20 values");
+        assert_eq!(TraceLengths::from_counts(vec![7]).unwrap(), TraceLengths { p50: 7, p95: 7, max: 7 });
+        assert!(TraceLengths::from_counts(vec![]).is_none());
     }
 
     #[test]

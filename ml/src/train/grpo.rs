@@ -210,6 +210,9 @@ impl TrainConfig for Config {
     fn save_steps(&self) -> usize {
         self.save_steps
     }
+    fn save_minutes(&self) -> Option<f64> {
+        self.save_minutes
+    }
     /// Rollouts are not checkpointed: only the first of the μ steps that
     /// share a rollout batch is a boundary.
     fn boundary(&self) -> usize {
@@ -373,6 +376,9 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
 
     drop(ro);
     let m = g.metrics(&t, &watch);
+    if let Some(n) = recflow::stages::grpo::truncation_note(&serde_json::Value::Object(m.clone().into_iter().collect())) {
+        ctx.warn(format!("grpo: {n}"));
+    }
     Ok(t.finish(ctx, "best_val_rmse", m)?)
 }
 
@@ -591,6 +597,12 @@ impl<'a> Grpo<'a> {
         let valid = log.column("valid_fraction");
         let after = &valid[k.min(valid.len())..];
         m.insert("valid_fraction_min_after_first_decile".into(), serde_json::json!(after.iter().copied().reduce(f64::min)));
+        // Most completions cut at max_completion_length (issue 18): the
+        // end-of-run table says so (recflow::stages::grpo::truncation_note).
+        let trunc = mean(&log.column("truncated_fraction"));
+        m.insert("truncated_fraction_mean".into(), serde_json::json!(trunc));
+        m.insert("truncated_majority".into(), serde_json::json!(trunc.is_some_and(|x| x > 0.5)));
+        m.insert("max_completion_length".into(), serde_json::json!(self.cfg.max_completion_length));
         for (name, v) in watch.metrics() {
             m.insert(name.into(), v);
         }

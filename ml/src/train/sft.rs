@@ -45,12 +45,7 @@ fn tokenize(tok: &crate::llm::Tokenizer, ex: &Example, max_len: usize) -> Result
 }
 
 /// Held out for validation loss: a stable hash of the sample id below `frac`.
-fn is_val(sample_id: &str, frac: f64) -> bool {
-    use sha2::Digest;
-    let h = sha2::Sha256::digest(sample_id.as_bytes());
-    let x = u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
-    (x as f64 / u64::MAX as f64) < frac
-}
+use recflow::stages::sft::is_held_out as is_val;
 
 impl TrainConfig for Config {
     type Stage = recflow::stages::sft::Sft;
@@ -78,6 +73,9 @@ impl TrainConfig for Config {
     }
     fn save_steps(&self) -> usize {
         self.save_steps
+    }
+    fn save_minutes(&self) -> Option<f64> {
+        self.save_minutes
     }
     fn load_best_model_at_end(&self) -> bool {
         self.load_best_model_at_end
@@ -133,10 +131,7 @@ struct StepStats {
 pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
     let setup = Setup::load(cfg, ctx)?;
     let data = Data::read(cfg, ctx, &setup.trainee.tok)?;
-    let per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
-    let total = cfg
-        .max_steps
-        .unwrap_or_else(|| ((cfg.num_train_epochs * data.train.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
+    let (per_step, total) = (cfg.examples_per_step(), cfg.planned_steps(data.train.len()));
     ctx.log(
         "info",
         format!(

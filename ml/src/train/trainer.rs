@@ -57,6 +57,10 @@ pub trait TrainConfig: Serialize {
     fn eval_steps(&self) -> usize;
     /// Checkpoint once N more steps are done (at the next boundary).
     fn save_steps(&self) -> usize;
+    /// Also checkpoint once this many minutes passed since the last
+    /// checkpoint (or the start), at the next boundary; None = the default
+    /// ([`recflow::stages::sft::DEFAULT_SAVE_MINUTES`]).
+    fn save_minutes(&self) -> Option<f64>;
     /// Steps between boundaries, where nothing in flight is lost by a
     /// checkpoint (grpo: `num_iterations`, the steps sharing one rollout batch).
     fn boundary(&self) -> usize {
@@ -70,11 +74,21 @@ pub trait TrainConfig: Serialize {
 ///
 /// An operational field is set to the zero of its JSON type rather than
 /// removed: that is what the stages wrote by hand before this function
-/// existed, so a checkpoint of an interrupted run stays usable.
-pub fn fingerprint<C: TrainConfig>(cfg: &C, seed: u64, device: &str) -> anyhow::Result<String> {
+/// existed, so a checkpoint of an interrupted run stays usable. One the
+/// default config does not serialize (an option added later, skipped while
+/// unset) is removed instead, so setting it does not move the fingerprint
+/// either.
+pub fn fingerprint<C: TrainConfig + Default>(cfg: &C, seed: u64, device: &str) -> anyhow::Result<String> {
     use serde_json::Value;
     let mut v = serde_json::to_value(cfg)?;
+    let defaults = serde_json::to_value(C::default())?;
     for path in C::Stage::OPERATIONAL {
+        if !path.contains('.') && defaults.get(path).is_none() {
+            if let Some(m) = v.as_object_mut() {
+                m.remove(*path);
+            }
+            continue;
+        }
         let mut at = Some(&mut v);
         for part in path.split('.') {
             at = at.and_then(|x| x.get_mut(part));
@@ -141,6 +155,9 @@ pub struct Trainer {
     max_grad_norm: f64,
     eval_steps: usize,
     save_steps: usize,
+    save_every: std::time::Duration,
+    /// When the newest checkpoint was written (or training started).
+    saved_at: Instant,
     boundary: usize,
     load_best: bool,
     best: Option<Vec<(String, Tensor)>>,
@@ -158,7 +175,7 @@ impl Trainer {
     /// AdamW and the schedule over `total` steps, a log with `columns`,
     /// resumed from the work dir's checkpoint when one of this
     /// configuration exists.
-    pub fn start<C: TrainConfig>(s: Setup, cfg: &C, ctx: &mut StageCtx, total: usize, columns: &[&str]) -> anyhow::Result<Trainer> {
+    pub fn start<C: TrainConfig + Default>(s: Setup, cfg: &C, ctx: &mut StageCtx, total: usize, columns: &[&str]) -> anyhow::Result<Trainer> {
         let kind = C::Stage::KIND;
         let fp = fingerprint(cfg, s.seed, &ctx.device)?;
         let pad = s.pad();
@@ -174,6 +191,8 @@ impl Trainer {
             max_grad_norm: cfg.max_grad_norm(),
             eval_steps: cfg.eval_steps(),
             save_steps: cfg.save_steps(),
+            save_every: std::time::Duration::from_secs_f64(60.0 * cfg.save_minutes().unwrap_or(recflow::stages::sft::DEFAULT_SAVE_MINUTES)),
+            saved_at: Instant::now(),
             boundary: cfg.boundary(),
             load_best: cfg.load_best_model_at_end(),
             best: None,
@@ -240,11 +259,18 @@ impl Trainer {
     }
 
     /// Checkpoints the state after `done` updates when it is a boundary and
-    /// `save_steps` more steps are done since the previous boundary (never
-    /// after the last step: the outputs follow).
+    /// either `save_steps` more steps are done since the previous boundary
+    /// or `save_minutes` passed since the last checkpoint (a slow CPU step
+    /// never loses more than that), never after the last step: the outputs
+    /// follow. Which boundaries get a checkpoint thus depends on the clock,
+    /// but what a checkpoint holds does not (resume is exact), so the
+    /// outputs do not.
     pub fn checkpoint_if_due(&mut self, ctx: &StageCtx, done: usize) -> anyhow::Result<()> {
         let (b, every) = (self.boundary, self.save_steps);
-        if done as u64 > self.resumed_from && done < self.total && done.is_multiple_of(b) && done / every != (done - b) / every {
+        let at_boundary = done as u64 > self.resumed_from && done < self.total && done.is_multiple_of(b);
+        let by_steps = done / every != done.saturating_sub(b) / every;
+        let by_time = self.saved_at.elapsed() >= self.save_every;
+        if at_boundary && (by_steps || by_time) {
             self.save(ctx)?;
         }
         Ok(())
@@ -253,6 +279,7 @@ impl Trainer {
     fn save(&mut self, ctx: &StageCtx) -> anyhow::Result<()> {
         checkpoint::save(&ctx.work_dir, &self.state, &self.trainee.trainable, &self.opt, self.best.as_deref(), &self.log)?;
         self.last_saved = self.state.step;
+        self.saved_at = Instant::now();
         Ok(())
     }
 
@@ -372,12 +399,17 @@ mod tests {
         let base: grpo::Config = serde_json::from_str("{}").unwrap();
         let fp = fingerprint(&base, 1, "cpu").unwrap();
         for f in grpo::Grpo::OPERATIONAL {
-            let mut v = serde_json::to_value(&base).unwrap();
-            v[*f] = match &v[*f] {
-                serde_json::Value::Number(n) if n.is_f64() => serde_json::json!(123.5),
-                _ => serde_json::json!(123),
-            };
-            let c: grpo::Config = serde_json::from_value(v).unwrap();
+            // A value of the field's type, unset ones (skipped while at
+            // their default) included.
+            let c: grpo::Config = [serde_json::json!(123), serde_json::json!(123.5), serde_json::json!(true)]
+                .into_iter()
+                .find_map(|x| {
+                    let mut v = serde_json::to_value(&base).unwrap();
+                    v[*f] = x;
+                    serde_json::from_value(v).ok()
+                })
+                .unwrap_or_else(|| panic!("no test value for `{f}`"));
+            assert_ne!(c, base, "`{f}` was changed");
             assert_eq!(fingerprint(&c, 1, "cpu").unwrap(), fp, "operational `{f}` must not move the fingerprint");
         }
         let mut c = base.clone();
