@@ -16,11 +16,14 @@
 //! * **Exec-stage protocol** — how the runner starts a worker: [`worker`].
 //! * **Numerics profile** — the CPU code paths pinned in every worker and
 //!   recorded per stage: [`numerics`].
+//! * **Data parallelism** — ranks of an `sft` / `grpo` stage, their settings
+//!   and launch conventions: [`dist`] (collectives: `recflow-ml`).
 //! * **Answer grammar and reward** — shared by teacher, GRPO and eval: [`answer`].
 pub mod answer;
 pub mod cache;
 pub mod cf;
 pub mod data;
+pub mod dist;
 pub mod lock;
 pub mod numerics;
 pub mod pipeline;
