@@ -42,14 +42,16 @@ fi
 if [ ! -f /usr/include/gloo/algorithm.h ] && [ -z "${RECFLOW_GLOO_INCLUDE:-}" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     log "installing libgloo-dev (Gloo headers for data-parallel training on CPU)"
-    (apt-get install -y -q libgloo-dev >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libgloo-dev >/dev/null; }) \
+    (export DEBIAN_FRONTEND=noninteractive
+     apt-get install -y -q libgloo-dev >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libgloo-dev >/dev/null; }) \
       || log "warning: libgloo-dev could not be installed: data-parallel training on CPU will be unavailable"
   else
     log "warning: Gloo headers missing (install libgloo-dev as root, or set RECFLOW_GLOO_INCLUDE): data-parallel training on CPU will be unavailable"
   fi
 fi
 CUDA_HDR_DEPS=(nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85)
-if .venv/bin/python3 -c "import torch,sys; sys.exit(not (torch.version.cuda or '').startswith('13.0'))" 2>/dev/null \
+# (torch's version.py read as text: importing torch costs seconds on every sourcing)
+if grep -qs "^cuda: Optional\[str\] = '13\.0'" .venv/lib/python3*/site-packages/torch/version.py \
    && ! { ls .venv/lib/python3*/site-packages/nvidia/cu13/include/crt/host_config.h \
           && ls .venv/lib/python3*/site-packages/nvidia/cu13/include/cccl/nv/target; } >/dev/null 2>&1; then
   log "installing CUDA 13.0 headers for NCCL data parallelism: ${CUDA_HDR_DEPS[*]}"
