@@ -70,7 +70,10 @@ run() {
 {"kind": "$kind", "stage": "$name", "seed": 0, "device": "$dev", "config": $cfg,
  "inputs": {$inputs}, "out_dir": "$d/out", "work_dir": "$d/work"}
 JSON
-  RECFLOW_NUMERICS="aten=avx2,mkl=compatible,threads=$threads" "$WORKER" exec-stage "$d/spec.json" > "$d/events.jsonl" 2> "$d/stderr.txt" \
+  # The numerics profile as the runner applies it (src/numerics.rs `Resolved::env`).
+  RECFLOW_NUMERICS="aten=avx2,mkl=compatible,threads=$threads" ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE \
+    OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads ONEDNN_MAX_CPU_ISA=AVX2 DNNL_MAX_CPU_ISA=AVX2 \
+    "$WORKER" exec-stage "$d/spec.json" > "$d/events.jsonl" 2> "$d/stderr.txt" \
     || { echo "run $name failed:"; tail -20 "$d/stderr.txt"; exit 1; }
 }
 
