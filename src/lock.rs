@@ -216,6 +216,7 @@ mod tests {
                     env: Default::default(),
                     device: None,
                     seed: 0,
+                    rank_threads: None,
                 },
                 sources: Default::default(),
                 outputs: Default::default(),

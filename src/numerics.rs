@@ -324,6 +324,7 @@ impl Resolved {
             threads: self.threads,
             torch: String::new(),
             onednn_max_isa: self.aten.onednn().map(String::from),
+            world_size: None,
         }
     }
 }
@@ -393,6 +394,11 @@ pub struct Profile {
     /// bf16 matmuls, which recflow's f32 CPU path does not use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onednn_max_isa: Option<String>,
+    /// Ranks of a data-parallel stage (`world_size` > 1), each running
+    /// `threads` intra-op threads (the requested threads ÷ ranks; see
+    /// [`crate::dist`]). Absent for single-process stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<u32>,
 }
 
 impl Profile {
@@ -412,6 +418,7 @@ impl Profile {
         cmp("aten", &self.aten, &other.aten);
         cmp("mkl", &self.mkl, &other.mkl);
         cmp("threads", &self.threads.to_string(), &other.threads.to_string());
+        cmp("ranks", &self.world_size.unwrap_or(1).to_string(), &other.world_size.unwrap_or(1).to_string());
         if !self.torch.is_empty() && !other.torch.is_empty() {
             cmp("torch", &self.torch, &other.torch);
         }
@@ -425,13 +432,15 @@ impl Profile {
         d
     }
 
-    /// One line: `aten=avx2 mkl=compatible threads=2 torch=2.11.0 on AuthenticAMD "AMD EPYC"`.
+    /// One line: `aten=avx2 mkl=compatible threads=2 torch=2.11.0 on AuthenticAMD "AMD EPYC"`
+    /// (`threads=1×2 ranks` for a data-parallel stage).
     pub fn summary(&self) -> String {
         format!(
-            "aten={} mkl={} threads={}{} on {} \"{}\"",
+            "aten={} mkl={} threads={}{}{} on {} \"{}\"",
             self.aten,
             self.mkl,
             self.threads,
+            self.world_size.map(|w| format!("×{w} ranks")).unwrap_or_default(),
             if self.torch.is_empty() { String::new() } else { format!(" torch={}", self.torch) },
             self.cpu_vendor,
             self.cpu_model
@@ -486,6 +495,7 @@ mod tests {
             threads,
             torch: "2.11.0".into(),
             onednn_max_isa: None,
+            world_size: None,
         }
     }
 
@@ -510,6 +520,9 @@ mod tests {
         let d = amd.differences(&prof("default", "compatible", 2, "AuthenticAMD"));
         assert_eq!(d, vec!["aten avx2 → default".to_string()]);
         assert!(!amd.differences(&prof("avx2", "compatible", 4, "AuthenticAMD")).is_empty(), "thread count matters");
+        let ranks = Profile { world_size: Some(2), ..amd.clone() };
+        assert_eq!(amd.differences(&ranks), vec!["ranks 1 → 2".to_string()], "the rank count matters");
+        assert!(ranks.summary().contains("threads=2×2 ranks"), "{}", ranks.summary());
         let unknown_torch = Profile { torch: String::new(), ..amd.clone() };
         assert!(amd.differences(&unknown_torch).is_empty(), "an unknown torch version is not a difference");
     }

@@ -63,6 +63,11 @@ pub fn exec(registry: &Registry, spec: &ExecSpec, cancel: Arc<AtomicBool>) -> an
         cancel,
     };
     let metrics = run(&spec.config, &mut ctx)?;
+    // A data-parallel stage's rank other than 0 computes what rank 0 does
+    // and writes nothing (`recflow::dist`).
+    if crate::dist::is_secondary_rank(&spec.config) {
+        return Ok(());
+    }
     for o in &outputs {
         let p = spec.out_dir.join(o.file_name());
         if !p.exists() {

@@ -1,11 +1,12 @@
 //! # recflow-ml
 //!
 //! The libtorch half of recflow: the LLM engine ([`llm`]), RL math ([`rl`]),
-//! training stages ([`train`]), the numerics-profile read-back
+//! training stages ([`train`]) and their data parallelism ([`dist`]), the numerics-profile read-back
 //! ([`numerics`]) and the worker's full stage registry ([`builtin_registry`]).
 //! Only the `recflow-worker` binary links this crate.
 
 pub mod cuda;
+pub mod dist;
 pub mod eval;
 pub mod llm;
 pub mod numerics;

@@ -80,6 +80,7 @@ pub fn observe(requested: Option<&Resolved>) -> Profile {
         threads: tch::get_num_threads().max(0) as u32,
         torch: libtorch_info().map(|(_, v)| v).unwrap_or_default(),
         onednn_max_isa: std::env::var("ONEDNN_MAX_CPU_ISA").ok(),
+        world_size: None,
     }
 }
 

@@ -28,6 +28,13 @@ pub struct StageKeyInputs {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     pub seed: u64,
+    /// Intra-op threads of each rank of a data-parallel stage
+    /// (`world_size` > 1; [`crate::dist::rank_threads`]): the ranks' results
+    /// are not bit-identical across world sizes and thread counts, so both
+    /// enter the key (`world_size` through the config). Absent otherwise,
+    /// so the keys of every other stage stay as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_threads: Option<u32>,
 }
 
 /// Key inputs that cannot be encoded. Never hashed as something else: a key
@@ -152,6 +159,7 @@ pub fn describe_field(field: &str) -> String {
         "env" => format!("value of env var `{rest}` (hash)"),
         "device" => "device".to_string(),
         "seed" => "seed".to_string(),
+        "rank_threads" => "intra-op threads per rank (numerics threads ÷ world_size)".to_string(),
         _ => field.to_string(),
     }
 }
@@ -170,6 +178,7 @@ mod tests {
             env: BTreeMap::new(),
             device: None,
             seed: 0,
+            rank_threads: None,
         }
     }
 

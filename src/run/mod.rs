@@ -163,8 +163,17 @@ pub fn key_inputs(
         env: stage.env_hashes.clone(),
         device: if uses_device { stage.device.clone() } else { None },
         seed: stage.seed,
+        rank_threads: rank_threads(&stage.config_key),
     };
     Ok(KeyState::Known { ki, paths, trusted })
+}
+
+/// The per-rank thread count of a data-parallel stage (`world_size` > 1 in
+/// its config), from the numerics profile this runner sets; None otherwise.
+fn rank_threads(config: &serde_json::Value) -> Option<u32> {
+    let w = config.get("world_size").and_then(serde_json::Value::as_u64).filter(|&w| w > 1)?;
+    let threads = crate::numerics::Request::from_env().unwrap_or(crate::numerics::Request::DEFAULT).resolve().threads;
+    Some(crate::dist::rank_threads(threads, w as usize))
 }
 
 /// Where a stage's input came from, for the lock (`path` or `STAGE.OUTPUT`).

@@ -67,6 +67,18 @@ pub struct Config {
     /// Overrides the pipeline seed for this stage (e.g. `${matrix.seed}`).
     pub seed: Option<u64>,
 
+    // --- data parallelism (`recflow::dist`; as in `sft`) -------------------------
+    /// Ranks training data-parallel. Each takes `prompts_per_step ÷
+    /// world_size` whole prompt groups of every rollout batch (so group
+    /// advantages are unchanged); `world_size` must divide `prompts_per_step`.
+    #[serde(skip_serializing_if = "crate::dist::is_one")]
+    pub world_size: usize,
+    #[serde(skip_serializing_if = "crate::dist::Distributed::is_default")]
+    pub distributed: crate::dist::Distributed,
+    /// Operational.
+    #[serde(skip_serializing_if = "crate::dist::is_default_ddp_timeout")]
+    pub ddp_timeout: u64,
+
     // --- rollouts ------------------------------------------------------------
     /// B: prompts per step.
     pub prompts_per_step: usize,
@@ -181,6 +193,9 @@ impl Default for Config {
             device: sft.device,
             dtype: sft.dtype,
             seed: None,
+            world_size: sft.world_size,
+            distributed: sft.distributed,
+            ddp_timeout: sft.ddp_timeout,
             prompts_per_step: 4,
             num_generations: 8,
             max_prompt_length: 1024,
@@ -245,7 +260,7 @@ impl StageDef for Grpo {
     // lm_head backward (float summation order).
     const VERSION: u32 = 3;
     const OPERATIONAL: &'static [&'static str] =
-        &["save_steps", "save_minutes", "max_tokens_per_microbatch", "logprob_chunk_tokens", "kl_warn_threshold", "allow_truncation"];
+        &["save_steps", "save_minutes", "max_tokens_per_microbatch", "logprob_chunk_tokens", "kl_warn_threshold", "allow_truncation", "ddp_timeout"];
     const USES_DEVICE: bool = true;
 
     const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] = &[("model", super::model_files::ModelForm::HfDir)];
@@ -262,6 +277,7 @@ impl StageDef for Grpo {
     fn validate(c: &Config) -> Result<(), String> {
         check_device(&c.device)?;
         positive("prompts_per_step", c.prompts_per_step)?;
+        crate::dist::check(c.world_size, c.prompts_per_step, "prompts_per_step", &c.distributed, &c.device, c.ddp_timeout)?;
         if c.num_generations < 2 {
             return Err(format!(
                 "num_generations must be ≥ 2 (group advantages need at least two completions), got {}",
@@ -478,6 +494,14 @@ mod tests {
         c.reward.error_scale = 2.0;
         c.lora_target_modules = vec!["qkv".into()];
         assert!(Grpo::validate(&c).unwrap_err().contains("lora_target_modules"), "grpo validates LoRA targets too");
+    }
+
+    #[test]
+    fn world_size_must_divide_prompts_per_step() {
+        let check = |v: serde_json::Value| crate::stages::check_config::<Grpo>(&v);
+        assert!(check(serde_json::json!({"world_size": 2, "prompts_per_step": 4})).is_ok());
+        let e = check(serde_json::json!({"world_size": 3, "prompts_per_step": 4})).unwrap_err();
+        assert!(e.contains("world_size 3") && e.contains("prompts_per_step = 4"), "{e}");
     }
 
     #[test]

@@ -65,6 +65,23 @@ pub struct Config {
     /// Overrides the pipeline seed for this stage (e.g. `${matrix.seed}`).
     pub seed: Option<u64>,
 
+    // --- data parallelism (`recflow::dist`) ------------------------------------
+    /// Ranks training data-parallel, one process each (one per GPU, or CPU
+    /// processes with Gloo). The global batch stays
+    /// `per_device_train_batch_size × gradient_accumulation_steps` and is
+    /// split across the ranks, so `world_size` must divide it; the update
+    /// equals one process's on that batch. 1 (default) = this process
+    /// alone. Keyed when > 1, with the per-rank thread count.
+    #[serde(skip_serializing_if = "crate::dist::is_one")]
+    pub world_size: usize,
+    /// `{backend: auto | gloo | nccl | serial}`: the collectives (keyed when set).
+    #[serde(skip_serializing_if = "crate::dist::Distributed::is_default")]
+    pub distributed: crate::dist::Distributed,
+    /// Seconds a collective waits for the other ranks before the stage fails
+    /// (transformers' `ddp_timeout`). Operational.
+    #[serde(skip_serializing_if = "crate::dist::is_default_ddp_timeout")]
+    pub ddp_timeout: u64,
+
     // --- data --------------------------------------------------------------
     /// Prompt + completion tokens kept per example (longer ones are cut from the end).
     pub max_length: usize,
@@ -153,6 +170,9 @@ impl Default for Config {
             device: "auto".into(),
             dtype: DType::Auto,
             seed: None,
+            world_size: 1,
+            distributed: crate::dist::Distributed::default(),
+            ddp_timeout: crate::dist::DEFAULT_DDP_TIMEOUT_S,
             max_length: 1024,
             per_device_train_batch_size: 4,
             gradient_accumulation_steps: 1,
@@ -220,7 +240,7 @@ impl StageDef for Sft {
     const KIND: &'static str = "sft";
     // 3: hand-written lm_head backward and logsumexp log-probs (float order).
     const VERSION: u32 = 3;
-    const OPERATIONAL: &'static [&'static str] = &["save_steps", "save_minutes", "allow_truncation"];
+    const OPERATIONAL: &'static [&'static str] = &["save_steps", "save_minutes", "allow_truncation", "ddp_timeout"];
     const USES_DEVICE: bool = true;
 
     const MODEL_INPUTS: &'static [(&'static str, super::model_files::ModelForm)] = &[("model", super::model_files::ModelForm::HfDir)];
@@ -239,6 +259,14 @@ impl StageDef for Sft {
         positive("max_length", c.max_length)?;
         positive("per_device_train_batch_size", c.per_device_train_batch_size)?;
         positive("gradient_accumulation_steps", c.gradient_accumulation_steps)?;
+        crate::dist::check(
+            c.world_size,
+            c.per_device_train_batch_size * c.gradient_accumulation_steps,
+            "the batch per_device_train_batch_size × gradient_accumulation_steps",
+            &c.distributed,
+            &c.device,
+            c.ddp_timeout,
+        )?;
         if let Some(0) = c.max_steps {
             return Err("max_steps must be ≥ 1 (or left out to use num_train_epochs)".into());
         }
@@ -394,6 +422,27 @@ mod tests {
         assert!(e.contains("twice"), "{e}");
         let e = check(serde_json::json!({"lora_target_modules": ["all-linear", "q_proj"]})).unwrap_err();
         assert!(e.contains("alone"), "{e}");
+    }
+
+    /// Data parallelism left at its defaults must not move the canonical
+    /// (key) form of existing stages; set, it enters it (ddp_timeout is
+    /// operational, removed from the key by the runner).
+    #[test]
+    fn data_parallel_fields_enter_the_key_form_only_when_set() {
+        let check = |v: serde_json::Value| crate::stages::check_config::<Sft>(&v);
+        let dflt = check(serde_json::json!({})).unwrap();
+        let explicit = check(serde_json::json!({"world_size": 1, "distributed": {"backend": "auto"}, "ddp_timeout": 600})).unwrap();
+        assert_eq!(explicit, dflt, "defaults written out serialize like an empty with:");
+        let two = check(serde_json::json!({"world_size": 2, "distributed": {"backend": "gloo"}})).unwrap();
+        assert_eq!((&two["world_size"], &two["distributed"]["backend"]), (&serde_json::json!(2), &serde_json::json!("gloo")));
+        let t = check(serde_json::json!({"ddp_timeout": 30})).unwrap();
+        assert_eq!(t["ddp_timeout"], 30, "a set timeout reaches the worker");
+        assert!(Sft::OPERATIONAL.contains(&"ddp_timeout"), "and stays out of the key");
+        let e = check(serde_json::json!({"world_size": 3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})).unwrap_err();
+        assert!(e.contains("world_size 3") && e.contains("= 4"), "{e}");
+        let e = check(serde_json::json!({"world_size": 2, "device": "cpu", "distributed": {"backend": "nccl"}})).unwrap_err();
+        assert!(e.contains("nccl"), "{e}");
+        assert!(check(serde_json::json!({"distributed": {"backend": "mpi"}})).is_err(), "unknown backends are refused");
     }
 
     /// Keys hash the serialized config: an empty `with:` and a typical one

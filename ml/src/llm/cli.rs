@@ -261,12 +261,15 @@ pub fn doctor_main(args: &[String]) -> i32 {
         Ok((_, p)) => (p, None),
         Err(e) => (crate::numerics::observe(None), Some(e)),
     };
+    // Data parallelism (c10d process groups) this worker was built with.
+    let (gloo, nccl) = crate::dist::built_backends();
     if json {
         println!(
             "{}",
             serde_json::json!({"libtorch_version": ver, "libtorch_path": path, "cuda_available": cuda,
                 "cuda_device_count": n, "cudnn_available": cudnn, "torch_cuda_linked": torch_cuda_linked,
-                "devices": devices, "threads": threads, "numerics": numerics, "numerics_error": numerics_error})
+                "devices": devices, "threads": threads, "numerics": numerics, "numerics_error": numerics_error,
+                "collectives": {"gloo": gloo, "nccl": nccl}})
         );
     } else {
         println!("libtorch: {ver} ({path})");
@@ -278,6 +281,7 @@ pub fn doctor_main(args: &[String]) -> i32 {
             numerics.summary(),
             if numerics.requested.is_empty() { "nothing; RECFLOW_NUMERICS unset" } else { numerics.requested.as_str() }
         );
+        println!("data-parallel collectives (c10d): gloo {gloo}, nccl {nccl}");
     }
     if let Some(e) = &numerics_error {
         eprintln!("error: {e}");

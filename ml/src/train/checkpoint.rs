@@ -35,6 +35,9 @@ pub struct State {
     /// `f64::to_bits` of the best evaluation metric so far.
     pub best_metric_bits: Option<u64>,
     pub best_step: Option<u64>,
+    /// Ranks of the data-parallel run that wrote it (absent: one process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<u64>,
 }
 
 impl State {
@@ -127,8 +130,10 @@ fn read_tensors(path: &Path, device: Device) -> Result<Vec<(String, Tensor)>, Tr
 }
 
 /// Loads the newest complete checkpoint whose fingerprint matches, if any.
-/// Returns the reason as `Err` when one exists but cannot be used.
-pub fn load(work_dir: &Path, fingerprint: &str, device: Device) -> Result<Option<Loaded>, TrainError> {
+/// Returns the reason as `Err` when one exists but cannot be used — among
+/// them a checkpoint of another `world_size`: a resumed run equals an
+/// uninterrupted one only with the ranks it started with.
+pub fn load(work_dir: &Path, fingerprint: &str, device: Device, world_size: usize) -> Result<Option<Loaded>, TrainError> {
     for name in ["checkpoint", "checkpoint.old"] {
         let dir = work_dir.join(name);
         let sp = dir.join("state.json");
@@ -138,6 +143,13 @@ pub fn load(work_dir: &Path, fingerprint: &str, device: Device) -> Result<Option
         let text = std::fs::read_to_string(&sp).map_err(TrainError::io(&sp))?;
         let state: State = serde_json::from_str(&text)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", sp.display())))?;
+        let was = state.world_size.unwrap_or(1);
+        if was != world_size as u64 {
+            return Err(TrainError::Checkpoint(format!(
+                "{} was written by a run with world_size {was}, this run has world_size {world_size}: resume needs the same world size (set world_size: {was} to continue that run, or remove the work dir to start over)",
+                dir.display()
+            )));
+        }
         if state.fingerprint != fingerprint {
             return Err(TrainError::Checkpoint(format!(
                 "{} was written for another configuration (fingerprint {} ≠ {}); remove it to start over",
@@ -193,19 +205,29 @@ mod tests {
         let opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 });
         let mut log = Log::new(&["loss"]);
         log.push(1, &[("loss", Some(0.25))]).unwrap();
-        let st = State { step: 1, seed: 7, fingerprint: "f".into(), best_metric_bits: Some(0.1f64.to_bits()), best_step: Some(1) };
+        let st = State { step: 1, seed: 7, fingerprint: "f".into(), best_metric_bits: Some(0.1f64.to_bits()), best_step: Some(1), world_size: None };
         save(dir.path(), &st, &w, &opt, Some(&w), &log).unwrap();
         // A second save replaces the first atomically and leaves no temp dirs.
         save(dir.path(), &st, &w, &opt, Some(&w), &log).unwrap();
         assert!(!dir.path().join("checkpoint.tmp").exists() && !dir.path().join("checkpoint.old").exists());
-        let l = load(dir.path(), "f", Device::Cpu).unwrap().expect("checkpoint must be found");
+        let l = load(dir.path(), "f", Device::Cpu, 1).unwrap().expect("checkpoint must be found");
         assert_eq!(l.state, st);
         assert_eq!(l.state.best_metric(), Some(0.1), "best metric survives exactly");
         assert!(l.trainable[0].1.equal(&w[0].1));
         assert_eq!(l.log, log);
-        assert!(load(dir.path(), "other", Device::Cpu).is_err(), "a foreign config's checkpoint is refused loudly");
+        assert!(load(dir.path(), "other", Device::Cpu, 1).is_err(), "a foreign config's checkpoint is refused loudly");
         // Interrupted swap: only checkpoint.old left → still loadable.
         std::fs::rename(dir.path().join("checkpoint"), dir.path().join("checkpoint.old")).unwrap();
-        assert!(load(dir.path(), "f", Device::Cpu).unwrap().is_some(), "falls back to checkpoint.old");
+        assert!(load(dir.path(), "f", Device::Cpu, 1).unwrap().is_some(), "falls back to checkpoint.old");
+        assert!(
+            !std::fs::read_to_string(dir.path().join("checkpoint.old/state.json")).unwrap().contains("world_size"),
+            "a one-process checkpoint is written as before data parallelism existed"
+        );
+        // A checkpoint of two ranks: refused by one process, naming both sizes.
+        let two = State { world_size: Some(2), ..st.clone() };
+        save(dir.path(), &two, &w, &opt, None, &log).unwrap();
+        let e = load(dir.path(), "f", Device::Cpu, 1).err().expect("another world size is refused").to_string();
+        assert!(e.contains("world_size 2") && e.contains("world_size 1"), "{e}");
+        assert!(load(dir.path(), "f", Device::Cpu, 2).unwrap().is_some(), "the same world size resumes");
     }
 }

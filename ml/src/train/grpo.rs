@@ -11,6 +11,15 @@
 //! token budget, chunked log-probs at τ, clipped surrogate + β·KL with TRL
 //! 0.24's normalisation, see [`crate::rl::loss`]) → clip → AdamW → log.
 //!
+//! With `world_size` W > 1 ([`crate::dist`]) each rollout batch's B prompts
+//! are cut into W blocks of B/W whole groups: rank r generates its block's
+//! G completions per prompt, the rollouts are all-gathered, and every rank
+//! scores the whole batch as one process would (rewards, group advantages,
+//! `loss_type` weights over the global token count, batch statistics); then
+//! each trains on its own groups' rows only, and the summed gradient is the
+//! one-process gradient of the batch. Greedy evaluation is shared out in
+//! blocks of prompts, combined in prompt order.
+//!
 //! Checkpoints are written only at rollout boundaries, so a resumed run
 //! regenerates nothing it had consumed and loses at most the rollouts in
 //! flight; every draw derives from `(seed, step)` so the regenerated ones
@@ -24,7 +33,7 @@ use super::data::{read_examples, Example, Log};
 use super::logprobs::{self, RunOpts, SeqBatch};
 use super::optim::{zero_grad, AdamWConfig, LrSchedule};
 use super::rollout::{encode_prompt, lora_config, sample, Sampled};
-use super::trainer::{Setup, TrainConfig, Trainer};
+use super::trainer::{share_micro_index, Begin, MidStep, Setup, TrainConfig, Trainer};
 use super::{derive_seed, TrainError};
 use crate::llm::Model;
 use crate::rl::advantage::group_advantages;
@@ -65,9 +74,10 @@ struct Rollouts {
     in_loss: Vec<bool>,
     old_lp: Option<Vec<Vec<f32>>>,
     ref_lp: Option<Vec<Vec<f32>>>,
-    /// Micro-batches of the rows trained on (all, unless `skip_zero_advantage`
+    /// Per share of this process (share, its micro-batches): micro-batches
+    /// of the share's rows trained on (all, unless `skip_zero_advantage`
     /// leaves out rows that carry no gradient).
-    micro: Vec<Vec<usize>>,
+    micro: Vec<(usize, Vec<Vec<usize>>)>,
     /// Loss-mask tokens of the rows left out of `micro`: they still count in
     /// the per-token means (`clip_*`, `kl`), as in TRL's.
     skipped_tokens: f64,
@@ -107,7 +117,7 @@ impl Rollouts {
     /// Per-row no-grad log-probs of the rollouts under `model` (split back by row).
     fn logprobs(&self, model: &Model, pad: i64, opts: &RunOpts) -> Result<Vec<Vec<f32>>, TrainError> {
         let mut out = vec![Vec::new(); self.rows.len()];
-        for mb in &self.micro {
+        for mb in self.micro.iter().flat_map(|(_, m)| m) {
             let batch = self.batch(mb, pad, model.device())?;
             let (lp, _) = logprobs::logprobs(model, &batch, opts)?;
             let lp: Vec<f32> = Vec::<f32>::try_from(lp.to_device(Device::Cpu).to_kind(Kind::Float))?;
@@ -221,6 +231,13 @@ impl TrainConfig for Config {
     fn load_best_model_at_end(&self) -> bool {
         self.load_best_model_at_end
     }
+    fn dist(&self) -> crate::dist::Settings {
+        crate::dist::Settings {
+            world_size: self.world_size,
+            backend: self.distributed.backend,
+            timeout: std::time::Duration::from_secs(self.ddp_timeout),
+        }
+    }
 }
 
 /// Wall-clock and volume totals of a run, for the run record.
@@ -256,6 +273,25 @@ struct StepStats {
 }
 
 impl StepStats {
+    /// The sums as a vector (reduced over shares by [`crate::dist::Dist::sum_f64`]).
+    fn to_vec(&self) -> Vec<f64> {
+        vec![self.loss, self.kl, self.entropy, self.clip_low, self.clip_high, self.n_mask, self.gap, self.gap_n as f64]
+    }
+
+    fn from_vec(v: &[f64]) -> StepStats {
+        let at = |i: usize| v.get(i).copied().unwrap_or(0.0);
+        StepStats {
+            loss: at(0),
+            kl: at(1),
+            entropy: at(2),
+            clip_low: at(3),
+            clip_high: at(4),
+            n_mask: at(5),
+            gap: at(6),
+            gap_n: at(7) as usize,
+        }
+    }
+
     /// Mean KL to the reference per loss-mask token.
     fn kl_mean(&self) -> f64 {
         self.kl / self.n_mask.max(1.0)
@@ -312,7 +348,10 @@ struct Grpo<'a> {
 }
 
 pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
-    let setup = Setup::load(cfg, ctx)?;
+    let setup = match Setup::begin(cfg, ctx)? {
+        Begin::Train(s) => s,
+        Begin::Launched(m) => return Ok(m),
+    };
     let mut g = Grpo::new(cfg, ctx, &setup)?;
     let mut columns: Vec<&str> = LOG_COLUMNS.to_vec();
     columns.extend(g.term_cols.iter().map(String::as_str));
@@ -444,21 +483,36 @@ impl<'a> Grpo<'a> {
         let idx = super::step_indices(self.samples.len(), cfg.prompts_per_step, step / cfg.num_iterations, t.seed);
         let batch_prompts: Vec<Vec<i64>> = idx.iter().map(|&i| self.prompts[i].clone()).collect();
         let req_ids: Vec<u64> = (0..idx.len() as u64).map(|b| r_idx * cfg.prompts_per_step as u64 + b).collect();
-        let out = sample(
-            model,
-            &t.trainee.tok,
-            &batch_prompts,
-            &req_ids,
-            cfg.num_generations,
-            cfg.max_completion_length,
-            cfg.temperature,
-            cfg.top_p,
-            cfg.top_k,
-            derive_seed(t.seed, 0x5a3, r_idx),
-            t.prec.autocast,
-        )?;
+        let generate = |rows: std::ops::Range<usize>| {
+            sample(
+                model,
+                &t.trainee.tok,
+                &batch_prompts[rows.clone()],
+                &req_ids[rows],
+                cfg.num_generations,
+                cfg.max_completion_length,
+                cfg.temperature,
+                cfg.top_p,
+                cfg.top_k,
+                derive_seed(t.seed, 0x5a3, r_idx),
+                t.prec.autocast,
+            )
+        };
+        let w = t.dist.world_size;
+        let out = if w == 1 {
+            generate(0..idx.len())?
+        } else {
+            // This process's blocks of B/W prompts, then everyone's.
+            let per = idx.len() / w;
+            let mine: Vec<Vec<u8>> = t.dist.shares().map(|s| generate(s * per..(s + 1) * per).map(|o| encode_groups(&o))).collect::<Result<_, _>>()?;
+            let mut all = Vec::with_capacity(idx.len());
+            for b in t.dist.gather_bytes(mine)? {
+                all.extend(decode_groups(b)?);
+            }
+            all
+        };
         self.totals.generation_s += tg.elapsed().as_secs_f64();
-        let mut r = score(cfg, &self.reward_fn, &self.samples, &idx, &batch_prompts, out, ctx)?;
+        let mut r = score(cfg, &self.reward_fn, &self.samples, &idx, &batch_prompts, out, &t.dist, ctx)?;
         self.totals.tokens_generated += r.rows.iter().map(|x| x.1.len()).sum::<usize>();
         self.totals.rows += r.rows.len();
         self.totals.rows_skipped += r.skipped_rows;
@@ -492,78 +546,108 @@ impl<'a> Grpo<'a> {
         let device = t.device;
         t.trainee.model.set_training(true);
         zero_grad(&t.trainee.trainable);
-        let mut s = StepStats { n_mask: r.skipped_tokens, ..StepStats::default() };
-        if r.micro.is_empty() {
+        if !t.dist.is_ranks() && r.micro.iter().all(|(_, m)| m.is_empty()) {
             // Nothing to back-propagate: the gradient is exactly 0, and the
             // update still runs on it (AdamW's moments move, as in TRL).
+            // (Ranks give every gradient a value before the all-reduce.)
             super::optim::ensure_grads(&t.trainee.trainable)?;
         }
-        for (mb_i, mb) in r.micro.iter().enumerate() {
-            // Cancelled on the first step of a rollout batch, before the
-            // update: weights and optimizer still hold the boundary's state.
-            t.stop_if_cancelled(ctx, step, true)?;
-            let batch = r.batch(mb, t.pad, device)?; // b rows of mb, M = Σ completion tokens scored
-            // Per-token inputs in the batch's token order.
-            let cat = |f: &dyn Fn(usize) -> Vec<f32>| -> Tensor {
-                let v: Vec<f32> = mb.iter().flat_map(|&i| f(i)).collect();
-                Tensor::from_slice(&v).to_device(device)
-            };
-            let n_of = |i: usize| r.rows[i].1.len();
-            let adv = cat(&|i| vec![r.adv[i]; n_of(i)]); // [M] A_i
-            let w = cat(&|i| vec![r.weight[i] as f32; n_of(i)]); // [M] w_i
-            let m = cat(&|i| vec![if r.in_loss[i] { 1.0 } else { 0.0 }; n_of(i)]); // [M] m_it
-            let old = r.old_lp.as_ref().map(|o| cat(&|i| o[i].clone())); // [M] log π_old
-            let refl = r.ref_lp.as_ref().map(|o| cat(&|i| o[i].clone())); // [M] log π_ref
-            let opts = RunOpts {
-                temperature: cfg.temperature,
-                chunk: cfg.logprob_chunk_tokens,
-                checkpointing: cfg.gradient_checkpointing,
-                autocast: t.prec.autocast,
-                dropout_seed: Some(derive_seed(t.seed, step as u64, mb_i as u64)),
-            };
-            let out = logprobs::backward(&t.trainee.model, &batch, &opts, |lp, range| {
-                // lp: [L] log π_θ of the chunk's tokens `range` of the M.
-                let (st, len) = (range.start as i64, range.len() as i64);
-                let old_c = match &old {
-                    Some(o) => o.narrow(0, st, len), // [L]
-                    None => lp.detach(),             // μ = 1: π_old = π_θ (ratio 1, gradient = policy gradient)
+        let tr = &*t;
+        let per_share = tr.dist.backward_shares(&tr.trainee.trainable, |share| {
+            let micro = r.micro.iter().find(|m| m.0 == share).map(|m| m.1.as_slice()).unwrap_or_default();
+            let mut s = StepStats::default();
+            for (mb_i, mb) in micro.iter().enumerate() {
+                // Cancelled on the first step of a rollout batch, before the
+                // update: weights and optimizer still hold the boundary's state.
+                if tr.cancel_due(ctx, step) {
+                    return Err(MidStep.into());
+                }
+                let batch = r.batch(mb, tr.pad, device)?; // b rows of mb, M = Σ completion tokens scored
+                // Per-token inputs in the batch's token order.
+                let cat = |f: &dyn Fn(usize) -> Vec<f32>| -> Tensor {
+                    let v: Vec<f32> = mb.iter().flat_map(|&i| f(i)).collect();
+                    Tensor::from_slice(&v).to_device(device)
                 };
-                let ref_c = refl.as_ref().map(|x| x.narrow(0, st, len)); // [L]
-                let terms = self.surrogate.per_token(lp, &old_c, ref_c.as_ref(), &adv.narrow(0, st, len))?; // each [L]
-                let mc = m.narrow(0, st, len); // [L]
-                s.kl += (&terms.kl * &mc).sum(Kind::Double).double_value(&[]);
-                s.clip_low += (terms.low_clipped.to_kind(Kind::Float) * &mc).sum(Kind::Double).double_value(&[]);
-                s.clip_high += (terms.high_clipped.to_kind(Kind::Float) * &mc).sum(Kind::Double).double_value(&[]);
-                s.n_mask += mc.sum(Kind::Double).double_value(&[]);
-                // Σ w_i m_it ℓ_it (weights already 0 for masked rows): [] scalar.
-                Ok((terms.loss * w.narrow(0, st, len)).sum(Kind::Float))
-            })?;
-            s.loss += out.loss;
-            s.entropy += (&out.entropy * &m).sum(Kind::Double).double_value(&[]); // out.entropy: [M]
-            if step % cfg.num_iterations == 0 {
-                // Sampling-vs-training gap of the sampled tokens' log-probs.
-                let sl = cat(&|i| r.sampled_lp[i].clone()); // [M]
-                s.gap += (&out.logp - sl).abs().sum(Kind::Double).double_value(&[]); // out.logp: [M]
-                s.gap_n += batch.num_scored();
+                let n_of = |i: usize| r.rows[i].1.len();
+                let adv = cat(&|i| vec![r.adv[i]; n_of(i)]); // [M] A_i
+                let w = cat(&|i| vec![r.weight[i] as f32; n_of(i)]); // [M] w_i
+                let m = cat(&|i| vec![if r.in_loss[i] { 1.0 } else { 0.0 }; n_of(i)]); // [M] m_it
+                let old = r.old_lp.as_ref().map(|o| cat(&|i| o[i].clone())); // [M] log π_old
+                let refl = r.ref_lp.as_ref().map(|o| cat(&|i| o[i].clone())); // [M] log π_ref
+                let opts = RunOpts {
+                    temperature: cfg.temperature,
+                    chunk: cfg.logprob_chunk_tokens,
+                    checkpointing: cfg.gradient_checkpointing,
+                    autocast: tr.prec.autocast,
+                    dropout_seed: Some(derive_seed(tr.seed, step as u64, share_micro_index(share, mb_i))),
+                };
+                let out = logprobs::backward(&tr.trainee.model, &batch, &opts, |lp, range| {
+                    // lp: [L] log π_θ of the chunk's tokens `range` of the M.
+                    let (st, len) = (range.start as i64, range.len() as i64);
+                    let old_c = match &old {
+                        Some(o) => o.narrow(0, st, len), // [L]
+                        None => lp.detach(),             // μ = 1: π_old = π_θ (ratio 1, gradient = policy gradient)
+                    };
+                    let ref_c = refl.as_ref().map(|x| x.narrow(0, st, len)); // [L]
+                    let terms = self.surrogate.per_token(lp, &old_c, ref_c.as_ref(), &adv.narrow(0, st, len))?; // each [L]
+                    let mc = m.narrow(0, st, len); // [L]
+                    s.kl += (&terms.kl * &mc).sum(Kind::Double).double_value(&[]);
+                    s.clip_low += (terms.low_clipped.to_kind(Kind::Float) * &mc).sum(Kind::Double).double_value(&[]);
+                    s.clip_high += (terms.high_clipped.to_kind(Kind::Float) * &mc).sum(Kind::Double).double_value(&[]);
+                    s.n_mask += mc.sum(Kind::Double).double_value(&[]);
+                    // Σ w_i m_it ℓ_it (weights already 0 for masked rows): [] scalar.
+                    Ok((terms.loss * w.narrow(0, st, len)).sum(Kind::Float))
+                })?;
+                s.loss += out.loss;
+                s.entropy += (&out.entropy * &m).sum(Kind::Double).double_value(&[]); // out.entropy: [M]
+                if step % cfg.num_iterations == 0 {
+                    // Sampling-vs-training gap of the sampled tokens' log-probs.
+                    let sl = cat(&|i| r.sampled_lp[i].clone()); // [M]
+                    s.gap += (&out.logp - sl).abs().sum(Kind::Double).double_value(&[]); // out.logp: [M]
+                    s.gap_n += batch.num_scored();
+                }
             }
-        }
+            Ok(s)
+        });
+        let per_share = t.shares_done(ctx, step, per_share)?;
+        // Σ over shares in share order, then the skipped rows' tokens (which
+        // count in the per-token means: exact integers, so order-free).
+        let v = t.dist.sum_f64(per_share.iter().map(StepStats::to_vec).collect())?;
+        let mut s = StepStats::from_vec(&v);
+        s.n_mask += r.skipped_tokens;
         Ok(s)
     }
 
-    /// Greedy answers on the validation prompts, scored by the reward.
+    /// Greedy answers on the validation prompts, scored by the reward. With
+    /// ranks each answers a block of the prompts; the per-prompt results are
+    /// then summed in prompt order, as one process sums them.
     fn evaluate(&self, t: &Trainer) -> Result<Eval, TrainError> {
         let prompts = &self.valid_prompts;
         if prompts.is_empty() {
             return Ok(Eval { rmse: None, mae: None, reward: None, invalid: None });
         }
-        let ids: Vec<u64> = (0..prompts.len() as u64).collect();
-        let (model, tok) = (&t.trainee.model, &t.trainee.tok);
-        let out = sample(model, tok, prompts, &ids, 1, self.cfg.max_completion_length, 0.0, 1.0, 0, t.seed, t.prec.autocast)?;
+        let (model, tok, w) = (&t.trainee.model, &t.trainee.tok, t.dist.world_size);
+        // Per prompt of this process: (total reward, 1 if a rating parsed, the rating).
+        let mut mine = Vec::new();
+        for share in t.dist.shares() {
+            let ids: Vec<u64> = crate::dist::block(prompts.len(), w, share).map(|i| i as u64).collect();
+            let mut v = Vec::with_capacity(3 * ids.len());
+            if !ids.is_empty() {
+                let block: Vec<Vec<i64>> = ids.iter().map(|&i| prompts[i as usize].clone()).collect();
+                let out = sample(model, tok, &block, &ids, 1, self.cfg.max_completion_length, 0.0, 1.0, 0, t.seed, t.prec.autocast)?;
+                for (&i, g) in ids.iter().zip(&out) {
+                    let s = self.reward_fn.score(&g[0].text, self.valid[i as usize].target, g[0].truncated);
+                    v.extend([s.total as f64, s.rating.is_some() as u8 as f64, s.rating.unwrap_or(0.0) as f64]);
+                }
+            }
+            mine.push(v);
+        }
+        let per_prompt: Vec<f64> = t.dist.gather_f64(mine)?.concat();
         let (mut n, mut se, mut ae, mut rew) = (0usize, 0f64, 0f64, 0f64);
-        for (e, g) in self.valid.iter().zip(&out) {
-            let s = self.reward_fn.score(&g[0].text, e.target, g[0].truncated);
-            rew += s.total as f64;
-            if let Some(y) = s.rating {
+        for (e, r) in self.valid.iter().zip(per_prompt.chunks_exact(3)) {
+            rew += r[0];
+            if r[1] != 0.0 {
+                let y = r[2] as f32;
                 n += 1;
                 se += ((y - e.target) as f64).powi(2);
                 ae += (y - e.target).abs() as f64;
@@ -624,6 +708,7 @@ fn score(
     idx: &[usize],
     prompts: &[Vec<i64>],
     out: Vec<Vec<Sampled>>,
+    dist: &crate::dist::Dist,
     ctx: &mut StageCtx,
 ) -> Result<Rollouts, TrainError> {
     let g = cfg.num_generations;
@@ -673,7 +758,16 @@ fn score(
     let trains: Vec<bool> = (0..n).map(|i| !skip || (a.adv[i] != 0.0 && weight[i] != 0.0)).collect();
     let skipped_tokens: usize = (0..n).filter(|&i| !trains[i]).map(|i| masked_len[i]).sum();
     let lens: Vec<(usize, usize)> = rows.iter().map(|r| (r.0.len(), r.1.len())).collect();
-    let micro = pack(&lens, &trains, g, cfg.max_tokens_per_microbatch, cfg.share_prompt_prefix);
+    // Each share of this process packs its own groups' rows: prompts
+    // `share·B/W ..` of the batch (all of them with one process).
+    let per_share = idx.len() / dist.world_size;
+    let micro = dist
+        .shares()
+        .map(|sh| {
+            let keep: Vec<bool> = (0..n).map(|i| trains[i] && (i / g) / per_share == sh).collect();
+            (sh, pack(&lens, &keep, g, cfg.max_tokens_per_microbatch, cfg.share_prompt_prefix))
+        })
+        .collect();
     let trunc_frac = truncated.iter().filter(|&&t| t).count() as f64 / n as f64;
     if a.frac_zero_std >= 1.0 {
         ctx.warn(format!(
@@ -717,6 +811,37 @@ fn score(
         stats,
         term_means: term_sums.iter().map(|s| s / n as f64).collect(),
     })
+}
+
+/// A share's rollouts for the other ranks: per prompt, its G samples.
+fn encode_groups(out: &[Vec<Sampled>]) -> Vec<u8> {
+    let mut w = crate::dist::Wire::default();
+    w.put_u64(out.len() as u64);
+    for grp in out {
+        w.put_u64(grp.len() as u64);
+        for s in grp {
+            w.put_i64s(&s.ids);
+            w.put_f32s(&s.logprobs);
+            w.put_str(&s.text);
+            w.put_u64(s.truncated as u64);
+        }
+    }
+    w.buf
+}
+
+fn decode_groups(b: Vec<u8>) -> Result<Vec<Vec<Sampled>>, TrainError> {
+    let mut r = crate::dist::Wire::reader(b);
+    let n = r.u64()? as usize;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let k = r.u64()? as usize;
+        let mut grp = Vec::with_capacity(k);
+        for _ in 0..k {
+            grp.push(Sampled { ids: r.i64s()?, logprobs: r.f32s()?, text: r.str()?, truncated: r.u64()? != 0 });
+        }
+        out.push(grp);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -7,6 +7,14 @@
 //! `max_tokens_per_microbatch`; forward + backward, loss on completion
 //! tokens only, normalised by the step's completion-token count so
 //! accumulation equals one big batch) → clip → AdamW → log.
+//!
+//! With `world_size` W > 1 ([`crate::dist`]) each step's examples (after
+//! length bucketing) are dealt to W shares round-robin, so every share gets
+//! a like mix of lengths; share r is rank r's, in micro-batches as above;
+//! the loss keeps the step's global token count as its denominator, so the
+//! ranks' summed gradients are the one-process gradient of the same batch.
+//! Evaluation is shared out too: held-out chunks round-robin, validation
+//! prompts in blocks, the results combined in one-process order.
 use recflow::stages::sft::Config;
 use recflow::stages::{Metrics, StageCtx};
 
@@ -14,7 +22,7 @@ use super::data::{read_examples, Example};
 use super::logprobs::{self, RunOpts, SeqBatch};
 use super::optim::{zero_grad, AdamWConfig, LrSchedule};
 use super::rollout::{encode_prompt, lora_config, sample};
-use super::trainer::{Setup, TrainConfig, Trainer};
+use super::trainer::{share_micro_index, Begin, MidStep, Setup, TrainConfig, Trainer};
 use super::{derive_seed, step_indices, TrainError};
 
 /// Pinned log columns (ARCHITECTURE "Logs").
@@ -80,6 +88,13 @@ impl TrainConfig for Config {
     fn load_best_model_at_end(&self) -> bool {
         self.load_best_model_at_end
     }
+    fn dist(&self) -> crate::dist::Settings {
+        crate::dist::Settings {
+            world_size: self.world_size,
+            backend: self.distributed.backend,
+            timeout: std::time::Duration::from_secs(self.ddp_timeout),
+        }
+    }
 }
 
 /// The training rows (split into trained and held out) and the greedy
@@ -129,7 +144,10 @@ struct StepStats {
 }
 
 pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
-    let setup = Setup::load(cfg, ctx)?;
+    let setup = match Setup::begin(cfg, ctx)? {
+        Begin::Train(s) => s,
+        Begin::Launched(m) => return Ok(m),
+    };
     let data = Data::read(cfg, ctx, &setup.trainee.tok)?;
     let (per_step, total) = (cfg.examples_per_step(), cfg.planned_steps(data.train.len()));
     ctx.log(
@@ -184,7 +202,8 @@ pub fn run(cfg: &Config, ctx: &mut StageCtx) -> anyhow::Result<Metrics> {
 /// The forward/backward passes of optimizer step `step` (0-based) over its
 /// micro-batches: the step's examples, bucketed by length when asked; loss
 /// on completion tokens only, normalised by the step's completion tokens so
-/// accumulation equals one big batch.
+/// accumulation equals one big batch. With ranks, this process's shares of
+/// the examples (module doc); the gradients come back summed over all.
 fn train_step(t: &mut Trainer, data: &Data, cfg: &Config, ctx: &mut StageCtx, step: usize, per_step: usize) -> anyhow::Result<StepStats> {
     let train = &data.train;
     let mut idx = step_indices(train.len(), per_step, step, t.seed);
@@ -192,62 +211,97 @@ fn train_step(t: &mut Trainer, data: &Data, cfg: &Config, ctx: &mut StageCtx, st
         idx.sort_by_key(|&i| (train[i].prompt.len() + train[i].completion.len(), i));
     }
     let n_tok: usize = idx.iter().map(|&i| train[i].completion.len()).sum();
+    let w = t.dist.world_size;
+    let shares: Vec<Vec<usize>> = (0..w).map(|r| idx.iter().skip(r).step_by(w).copied().collect()).collect();
     t.trainee.model.set_training(true);
     zero_grad(&t.trainee.trainable);
-    let micro: Vec<Vec<usize>> = match cfg.max_tokens_per_microbatch {
-        Some(budget) => {
-            let lens: Vec<usize> = idx.iter().map(|&i| train[i].prompt.len() + train[i].completion.len()).collect();
-            super::micro_batches(&lens, budget).into_iter().map(|mb| mb.into_iter().map(|k| idx[k]).collect()).collect()
-        }
-        None => idx.chunks(cfg.per_device_train_batch_size).map(<[usize]>::to_vec).collect(),
-    };
-    let mut s = StepStats { loss: 0.0, micro_batches: micro.len(), padded_tokens: 0 };
-    for (mb, chunk) in micro.iter().enumerate() {
-        // Cancelled mid-step: weights and optimizer still hold the state
-        // after the previous step (the update comes last).
-        t.stop_if_cancelled(ctx, step, true)?;
-        let rows: Vec<(&[i64], &[i64])> = chunk.iter().map(|&i| (train[i].prompt.as_slice(), train[i].completion.as_slice())).collect();
-        let batch = SeqBatch::new(&rows, t.pad, t.device)?; // [b, T] padded
-        let opts = RunOpts {
-            temperature: 1.0,
-            chunk: 1024,
-            checkpointing: cfg.gradient_checkpointing,
-            autocast: t.prec.autocast,
-            dropout_seed: Some(derive_seed(t.seed, step as u64, mb as u64)),
+    let tr = &*t;
+    let per_share = tr.dist.backward_shares(&tr.trainee.trainable, |share| {
+        let idx = &shares[share];
+        let micro: Vec<Vec<usize>> = match cfg.max_tokens_per_microbatch {
+            Some(budget) => {
+                let lens: Vec<usize> = idx.iter().map(|&i| train[i].prompt.len() + train[i].completion.len()).collect();
+                super::micro_batches(&lens, budget).into_iter().map(|mb| mb.into_iter().map(|k| idx[k]).collect()).collect()
+            }
+            None => idx.chunks(cfg.per_device_train_batch_size).map(<[usize]>::to_vec).collect(),
         };
-        // L = −Σ log p(completion token) / (completion tokens in the step).
-        let out = logprobs::backward(&t.trainee.model, &batch, &opts, |lp, _| Ok(-lp.sum(tch::Kind::Float) / n_tok as f64))?;
-        s.loss += out.loss;
-        s.padded_tokens += batch.padded_tokens();
-    }
-    Ok(s)
+        let mut s = StepStats { loss: 0.0, micro_batches: micro.len(), padded_tokens: 0 };
+        for (mb, chunk) in micro.iter().enumerate() {
+            // Cancelled mid-step: weights and optimizer still hold the state
+            // after the previous step (the update comes last).
+            if tr.cancel_due(ctx, step) {
+                return Err(MidStep.into());
+            }
+            let rows: Vec<(&[i64], &[i64])> = chunk.iter().map(|&i| (train[i].prompt.as_slice(), train[i].completion.as_slice())).collect();
+            let batch = SeqBatch::new(&rows, tr.pad, tr.device)?; // [b, T] padded
+            let opts = RunOpts {
+                temperature: 1.0,
+                chunk: 1024,
+                checkpointing: cfg.gradient_checkpointing,
+                autocast: tr.prec.autocast,
+                dropout_seed: Some(derive_seed(tr.seed, step as u64, share_micro_index(share, mb))),
+            };
+            // L = −Σ log p(completion token) / (completion tokens in the step).
+            let out = logprobs::backward(&tr.trainee.model, &batch, &opts, |lp, _| Ok(-lp.sum(tch::Kind::Float) / n_tok as f64))?;
+            s.loss += out.loss;
+            s.padded_tokens += batch.padded_tokens();
+        }
+        Ok(s)
+    });
+    let per_share = t.shares_done(ctx, step, per_share)?;
+    let sum = t.dist.sum_f64(per_share.iter().map(|s| vec![s.loss, s.micro_batches as f64, s.padded_tokens as f64]).collect())?;
+    Ok(StepStats { loss: sum[0], micro_batches: sum[1] as usize, padded_tokens: sum[2] as usize })
 }
 
 /// Validation loss (mean NLL per completion token of the held-out rows) and
-/// greedy format-valid rate on the validation prompts.
+/// greedy format-valid rate on the validation prompts. With ranks, each
+/// computes its shares (held-out chunks round-robin, prompts in blocks) and
+/// the per-chunk sums are added in chunk order, as one process adds them.
 fn evaluate(t: &Trainer, data: &Data, cfg: &Config) -> Result<(Option<f64>, Option<f64>), TrainError> {
-    let (model, tok, pad, autocast) = (&t.trainee.model, &t.trainee.tok, t.pad, t.prec.autocast);
+    let (model, tok, pad, autocast, dist) = (&t.trainee.model, &t.trainee.tok, t.pad, t.prec.autocast, &t.dist);
     let (held, prompts) = (&data.held, &data.eval_prompts);
+    let w = dist.world_size;
     let device = model.device();
+    let chunks: Vec<&[Tok]> = held.chunks(cfg.per_device_train_batch_size).collect();
+    let mut mine = Vec::new();
+    for share in dist.shares() {
+        // Per chunk: (index, Σ log p, tokens scored).
+        let mut v = Vec::new();
+        for (c, chunk) in chunks.iter().enumerate().filter(|(c, _)| c % w == share) {
+            let rows: Vec<(&[i64], &[i64])> = chunk.iter().map(|t| (t.prompt.as_slice(), t.completion.as_slice())).collect();
+            let batch = SeqBatch::new(&rows, pad, device)?;
+            let opts = RunOpts { temperature: 1.0, chunk: 1024, checkpointing: false, autocast, dropout_seed: None };
+            let (lp, _) = logprobs::logprobs(model, &batch, &opts)?;
+            v.extend([c as f64, lp.sum(tch::Kind::Double).double_value(&[]), batch.num_scored() as f64]);
+        }
+        let ids: Vec<u64> = crate::dist::block(prompts.len(), w, share).map(|i| i as u64).collect();
+        let ok = if ids.is_empty() {
+            0
+        } else {
+            let mine: Vec<Vec<i64>> = ids.iter().map(|&i| prompts[i as usize].clone()).collect();
+            let out = sample(model, tok, &mine, &ids, 1, cfg.eval_max_new_tokens, 0.0, 1.0, 0, t.seed, autocast)?;
+            out.iter().filter(|g| recflow::answer::parse(&g[0].text, Default::default()).is_ok()).count()
+        };
+        v.push(ok as f64);
+        mine.push(v);
+    }
+    let all = dist.gather_f64(mine)?;
+    let mut per_chunk: Vec<(usize, f64, usize)> = Vec::with_capacity(chunks.len());
+    let mut ok = 0usize;
+    for v in &all {
+        let (sums, tail) = v.split_at(v.len() - 1);
+        ok += tail[0] as usize;
+        per_chunk.extend(sums.chunks_exact(3).map(|x| (x[0] as usize, x[1], x[2] as usize)));
+    }
+    per_chunk.sort_by_key(|x| x.0);
     let mut nll = 0f64;
     let mut n = 0usize;
-    for chunk in held.chunks(cfg.per_device_train_batch_size) {
-        let rows: Vec<(&[i64], &[i64])> = chunk.iter().map(|t| (t.prompt.as_slice(), t.completion.as_slice())).collect();
-        let batch = SeqBatch::new(&rows, pad, device)?;
-        let opts = RunOpts { temperature: 1.0, chunk: 1024, checkpointing: false, autocast, dropout_seed: None };
-        let (lp, _) = logprobs::logprobs(model, &batch, &opts)?;
-        nll -= lp.sum(tch::Kind::Double).double_value(&[]);
-        n += batch.num_scored();
+    for (_, lp, k) in per_chunk {
+        nll -= lp;
+        n += k;
     }
     let val_loss = (n > 0).then(|| nll / n as f64);
-    let valid = if prompts.is_empty() {
-        None
-    } else {
-        let ids: Vec<u64> = (0..prompts.len() as u64).collect();
-        let out = sample(model, tok, prompts, &ids, 1, cfg.eval_max_new_tokens, 0.0, 1.0, 0, t.seed, autocast)?;
-        let ok = out.iter().filter(|g| recflow::answer::parse(&g[0].text, Default::default()).is_ok()).count();
-        Some(ok as f64 / prompts.len() as f64)
-    };
+    let valid = (!prompts.is_empty()).then(|| ok as f64 / prompts.len() as f64);
     Ok((val_loss, valid))
 }
 

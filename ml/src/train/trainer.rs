@@ -22,6 +22,13 @@
 //! Checkpoints (and cancellation) happen only at *boundaries*: every step
 //! for `sft`, the first step of each rollout batch for `grpo`
 //! ([`TrainConfig::boundary`]), since rollouts in flight are not saved.
+//!
+//! Data parallelism ([`crate::dist`]): [`Setup::begin`] decides whether this
+//! process trains alone, as one of `world_size` ranks, or launches the
+//! ranks; the stages compute their shares of each step through
+//! [`Trainer::dist`] (which sums the gradients), and the trainer makes rank
+//! 0 alone write checkpoints and outputs, all ranks resume from the same
+//! checkpoint, and a stop is decided by all ranks together.
 use std::time::Instant;
 
 use recflow::stages::sft::DType;
@@ -30,15 +37,16 @@ use serde::Serialize;
 use tch::{Device, Tensor};
 
 use super::checkpoint::{self, State};
+use crate::dist::{Dist, Settings, Start};
 use super::data::Log;
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use super::rollout::{load_trainee, write_outputs, Trainee};
-use super::{parse_device, Precision, StepMeter};
+use super::{Precision, StepMeter};
 use crate::llm::LoraConfig;
 
 /// The training settings `sft` and `grpo` share, over each config's own
 /// (flat, TRL-named) fields.
-pub trait TrainConfig: Serialize {
+pub trait TrainConfig: Serialize + Default {
     /// The stage metadata: `KIND` for messages, `OPERATIONAL` for the fingerprint.
     type Stage: StageDef<Config = Self>;
     /// Metric note on CUDA runs: what makes their bits vary.
@@ -67,6 +75,8 @@ pub trait TrainConfig: Serialize {
         1
     }
     fn load_best_model_at_end(&self) -> bool;
+    /// `world_size`, `distributed.backend`, `ddp_timeout`.
+    fn dist(&self) -> Settings;
 }
 
 /// sha256 of (config minus `C::Stage::OPERATIONAL`, seed, device): a
@@ -74,18 +84,19 @@ pub trait TrainConfig: Serialize {
 ///
 /// An operational field is set to the zero of its JSON type rather than
 /// removed: that is what the stages wrote by hand before this function
-/// existed, so a checkpoint of an interrupted run stays usable. One the
-/// default config does not serialize (an option added later, skipped while
-/// unset) is removed instead, so setting it does not move the fingerprint
-/// either.
+/// existed, so a checkpoint of an interrupted run stays usable. A field the
+/// default config leaves out of its serialized form (an option added later
+/// and skipped while unset, e.g. `ddp_timeout`, `save_minutes`) is removed
+/// instead, so setting it moves nothing either.
 pub fn fingerprint<C: TrainConfig + Default>(cfg: &C, seed: u64, device: &str) -> anyhow::Result<String> {
     use serde_json::Value;
     let mut v = serde_json::to_value(cfg)?;
-    let defaults = serde_json::to_value(C::default())?;
+    let dflt = serde_json::to_value(C::default())?;
     for path in C::Stage::OPERATIONAL {
-        if !path.contains('.') && defaults.get(path).is_none() {
-            if let Some(m) = v.as_object_mut() {
-                m.remove(*path);
+        if !path.contains('.') && dflt.get(path).is_none() {
+            if let Some(o) = v.as_object_mut() {
+                // Keeps the other keys in order (serde_json preserves order here).
+                o.shift_remove(*path);
             }
             continue;
         }
@@ -108,6 +119,18 @@ pub fn fingerprint<C: TrainConfig + Default>(cfg: &C, seed: u64, device: &str) -
     Ok(checkpoint::fingerprint(&(v, seed, device)))
 }
 
+/// A cancellation a stage's micro-batch loop noticed ([`Trainer::cancel_due`]):
+/// the stage then calls [`Trainer::stop_if_cancelled`] with `during`.
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled between micro-batches")]
+pub struct MidStep;
+
+/// The dropout-stream index of micro-batch `mb` of share `share` of a step
+/// ([`crate::dist`]): `mb` for share 0, so one process draws what it always drew.
+pub fn share_micro_index(share: usize, mb: usize) -> u64 {
+    ((share as u64) << 20) | mb as u64
+}
+
 /// The model loaded for training, before the data decides the step count.
 pub struct Setup {
     pub trainee: Trainee,
@@ -115,20 +138,38 @@ pub struct Setup {
     pub prec: Precision,
     /// The stage's seed (its `seed:`, else the pipeline's).
     pub seed: u64,
+    /// This process's part in data parallelism.
+    pub dist: Dist,
     t0: Instant,
 }
 
+/// What [`Setup::begin`] found to do.
+pub enum Begin {
+    /// Train in this process.
+    Train(Setup),
+    /// This process launched the ranks, which finished: rank 0's metrics.
+    Launched(Metrics),
+}
+
 impl Setup {
-    /// Loads the `model` input for training: precision from `dtype`, LoRA
-    /// adapters (drawn from the seed) or every weight trainable.
-    pub fn load<C: TrainConfig>(cfg: &C, ctx: &StageCtx) -> anyhow::Result<Setup> {
+    /// The start of a training stage: decides this process's part in data
+    /// parallelism ([`crate::dist::start`]: alone, one rank, the serial
+    /// emulation, or the launcher of the ranks) and, unless it launched the
+    /// ranks, loads the `model` input for training on its device:
+    /// precision from `dtype`, LoRA adapters (drawn from the seed) or every
+    /// weight trainable.
+    pub fn begin<C: TrainConfig>(cfg: &C, ctx: &mut StageCtx) -> anyhow::Result<Begin> {
         let t0 = Instant::now();
+        let dist = match crate::dist::start(C::Stage::KIND, serde_json::to_value(cfg)?, cfg.dist(), ctx)? {
+            Start::Launched(m) => return Ok(Begin::Launched(m)),
+            Start::Train(d) => d,
+        };
         let seed = cfg.seed().unwrap_or(ctx.seed);
-        let device = parse_device(&ctx.device)?;
+        let device = dist.device;
         let lora = cfg.lora();
         let prec = Precision::resolve(cfg.dtype(), device, lora.is_some());
         let trainee = load_trainee(ctx.input("model")?, device, prec, lora, seed)?;
-        Ok(Setup { trainee, device, prec, seed, t0 })
+        Ok(Begin::Train(Setup { trainee, device, prec, seed, dist, t0 }))
     }
 
     /// The tokenizer's padding id (0 when it has none).
@@ -147,6 +188,8 @@ pub struct Trainer {
     /// Steps done, best metric: what a checkpoint restores.
     pub state: State,
     pub log: Log,
+    /// This process's shares of each step and the reductions over them.
+    pub dist: Dist,
     kind: &'static str,
     cuda_note: &'static str,
     total: usize,
@@ -179,9 +222,17 @@ impl Trainer {
         let kind = C::Stage::KIND;
         let fp = fingerprint(cfg, s.seed, &ctx.device)?;
         let pad = s.pad();
+        let world = s.dist.world_size;
         let mut t = Trainer {
             pad,
-            state: State { step: 0, seed: s.seed, fingerprint: fp.clone(), best_metric_bits: None, best_step: None },
+            state: State {
+                step: 0,
+                seed: s.seed,
+                fingerprint: fp.clone(),
+                best_metric_bits: None,
+                best_step: None,
+                world_size: (world > 1).then_some(world as u64),
+            },
             log: Log::new(columns),
             kind,
             cuda_note: C::CUDA_NOTE,
@@ -207,8 +258,9 @@ impl Trainer {
             device: s.device,
             prec: s.prec,
             seed: s.seed,
+            dist: s.dist,
         };
-        if let Some(l) = checkpoint::load(&ctx.work_dir, &fp, t.device)? {
+        if let Some(l) = checkpoint::load(&ctx.work_dir, &fp, t.device, world)? {
             checkpoint::copy_into(&t.trainee.trainable, &l.trainable)?;
             l.restore_optimizer(&mut t.opt, t.device)?;
             t.log = l.log;
@@ -217,6 +269,15 @@ impl Trainer {
             t.resumed_from = t.state.step;
             t.last_saved = t.state.step;
             ctx.log("info", format!("{kind}: resumed from the checkpoint at step {}", t.state.step));
+        }
+        if t.dist.is_ranks() {
+            // Every rank read the checkpoint rank 0 wrote (a shared work
+            // dir); make sure they agree, then take rank 0's weights.
+            let steps = t.dist.gather_f64(vec![vec![t.state.step as f64]])?;
+            if steps.iter().any(|v| v != &steps[0]) {
+                anyhow::bail!("{kind}: the ranks resumed from different steps {steps:?}: the work dir {} must be the same directory on every node", ctx.work_dir.display());
+            }
+            t.dist.broadcast_from_rank0(&t.trainee.trainable)?;
         }
         Ok(t)
     }
@@ -276,8 +337,11 @@ impl Trainer {
         Ok(())
     }
 
+    /// Rank 0 writes the checkpoint; the other ranks hold the same state.
     fn save(&mut self, ctx: &StageCtx) -> anyhow::Result<()> {
-        checkpoint::save(&ctx.work_dir, &self.state, &self.trainee.trainable, &self.opt, self.best.as_deref(), &self.log)?;
+        if self.dist.writes() {
+            checkpoint::save(&ctx.work_dir, &self.state, &self.trainee.trainable, &self.opt, self.best.as_deref(), &self.log)?;
+        }
         self.last_saved = self.state.step;
         self.saved_at = Instant::now();
         Ok(())
@@ -288,8 +352,21 @@ impl Trainer {
     /// here. `during`: called between the micro-batches of step `step + 1`,
     /// whose update has not happened yet — its state is saved now rather
     /// than a step later, as the runner's grace before SIGKILL is short.
+    ///
+    /// Ranks decide together, at step boundaries only (`during` checks are
+    /// skipped: ranks run different numbers of micro-batches, so no
+    /// collective can happen there): a stop signal seen by any rank stops
+    /// all of them at the same step, and rank 0 saves.
     pub fn stop_if_cancelled(&mut self, ctx: &StageCtx, step: usize, during: bool) -> anyhow::Result<()> {
-        if !ctx.is_cancelled() || !step.is_multiple_of(self.boundary) {
+        if !step.is_multiple_of(self.boundary) {
+            return Ok(());
+        }
+        let cancelled = if self.dist.is_ranks() {
+            !during && self.dist.any(ctx.is_cancelled())?
+        } else {
+            ctx.is_cancelled()
+        };
+        if !cancelled {
             return Ok(());
         }
         if self.state.step != self.last_saved {
@@ -300,6 +377,26 @@ impl Trainer {
             anyhow::bail!("{kind} cancelled during step {}; checkpoint of step {step} kept in the work dir, a rerun continues from it", step + 1);
         }
         anyhow::bail!("{kind} cancelled after step {step}; checkpoint kept in the work dir, a rerun continues from it");
+    }
+
+    /// Whether a stage's micro-batch loop should stop for a cancellation
+    /// now (then [`Trainer::stop_if_cancelled`] with `during`): never for
+    /// ranks, which stop together at the next boundary.
+    pub fn cancel_due(&self, ctx: &StageCtx, step: usize) -> bool {
+        !self.dist.is_ranks() && ctx.is_cancelled() && step.is_multiple_of(self.boundary)
+    }
+
+    /// The result of a stage's [`Dist::backward_shares`] for step `step`:
+    /// a [`MidStep`] cancellation becomes [`Trainer::stop_if_cancelled`]'s
+    /// checkpoint and error.
+    pub fn shares_done<T>(&mut self, ctx: &StageCtx, step: usize, r: anyhow::Result<Vec<T>>) -> anyhow::Result<Vec<T>> {
+        match r {
+            Err(e) if e.is::<MidStep>() => {
+                self.stop_if_cancelled(ctx, step, true)?;
+                Err(e)
+            }
+            r => r,
+        }
     }
 
     /// Starts the wall-clock and memory figures of one optimizer step.
@@ -350,10 +447,17 @@ impl Trainer {
                 checkpoint::copy_into(&self.trainee.trainable, b)?;
             }
         }
-        self.log.write(&ctx.output("log")?)?;
-        let (mdir, adir) = (ctx.output("model")?, ctx.output("adapter")?);
-        write_outputs(self.trainee, &mdir, &adir)?;
         let m = &mut stage;
+        if self.dist.world_size > 1 || self.dist.is_ranks() {
+            m.insert("world_size".into(), serde_json::json!(self.dist.world_size));
+            m.insert("rank_threads".into(), serde_json::json!(tch::get_num_threads()));
+            m.insert("collective_s".into(), serde_json::json!(self.dist.collective_s()));
+        }
+        if self.dist.writes() {
+            self.log.write(&ctx.output("log")?)?;
+            let (mdir, adir) = (ctx.output("model")?, ctx.output("adapter")?);
+            write_outputs(self.trainee, &mdir, &adir)?;
+        }
         m.insert("steps".into(), serde_json::json!(self.total));
         m.insert("resumed_from_step".into(), serde_json::json!(self.resumed_from));
         m.insert("best_step".into(), serde_json::json!(self.state.best_step));
