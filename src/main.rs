@@ -52,9 +52,9 @@ enum Cmd {
     Run {
         #[command(flatten)]
         p: PipelineArgs,
-        /// Stages run at once.
-        #[arg(long, short = 'j', default_value_t = 2)]
-        jobs: usize,
+        /// Stages run at once (default: 2 on this machine).
+        #[arg(long, short = 'j')]
+        jobs: Option<usize>,
         /// Run only these stages (their upstream must be cached).
         #[arg(long)]
         only: Vec<String>,
@@ -79,6 +79,10 @@ enum Cmd {
         /// No progress bars or end-of-run table.
         #[arg(long, short = 'q')]
         quiet: bool,
+        /// Seconds between plain progress lines of each running stage
+        /// (printed without a terminal, always appended to the stage's log); 0: none.
+        #[arg(long, value_name = "SECONDS", default_value_t = recflow::run::progress::DEFAULT_INTERVAL_S)]
+        progress_interval: f64,
     },
     /// Print the stage graph.
     Dag {
@@ -236,7 +240,7 @@ fn init_logging(fmt: LogFormat) {
 
 fn real_main(cli: Cli) -> Result<i32, RunError> {
     match cli.cmd {
-        Cmd::Run { p, jobs, only, from, force, keep_going, dry_run, allow_missing, gpus, quiet } => {
+        Cmd::Run { p, jobs, only, from, force, keep_going, dry_run, allow_missing, gpus, quiet, progress_interval } => {
             let sel = Selection { only, from, force };
             if dry_run {
                 let pl = load(&p, allow_missing, false)?;
@@ -252,7 +256,9 @@ fn real_main(cli: Cli) -> Result<i32, RunError> {
                 eprintln!("warning: {w}");
             }
             let quiet = quiet || matches!(cli.log_format, LogFormat::Json);
-            let summary = exec::run(pl, &RunOptions { jobs, sel, keep_going, gpus, quiet })?;
+            let progress_interval = recflow::run::progress::interval(progress_interval).map_err(RunError::BadInput)?;
+            let opts = RunOptions { jobs, sel, keep_going, gpus, quiet, progress_interval, ..Default::default() };
+            let summary = exec::run(pl, &opts)?;
             if !quiet {
                 print!("{}", summary.table());
             }

@@ -353,7 +353,7 @@ impl<'a> Resolver<'a> {
             env_values: d.it.env_values,
             seed,
             device,
-            gpus: st.gpus,
+            resources: st.resources.clone(),
             deps,
             model_inputs: d.model_inputs,
             positions: d.positions,

@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 
-use super::commit::{self, commit_lock, try_reuse, Executed, Timing};
+use super::commit::{self, commit_lock, try_reuse, Executed};
 use super::engine::{Done, Engine};
-use super::launch::{self, now_unix};
+use super::executor::{Executor, Local, StageJob};
+use super::launch;
 use super::plan::{self, Mode, Selection};
 use super::{key_inputs, worker_path, Avail, Available, KeyState, RunError};
 use crate::cache::locks::FileLock;
@@ -30,13 +31,25 @@ use crate::pipeline::Pipeline;
 /// Flags of `recflow run`.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    pub jobs: usize,
+    /// Stages in flight at once (None: the executor's default).
+    pub jobs: Option<usize>,
     pub sel: Selection,
     pub keep_going: bool,
     /// Total GPUs to schedule (default: `/dev/nvidiaN` count).
     pub gpus: Option<u32>,
     /// No progress bars or table (tests, `--log-format json`).
     pub quiet: bool,
+    /// Seconds between plain progress lines ([`super::progress`]); None: none.
+    pub progress_interval: Option<std::time::Duration>,
+    /// Where stages run (`--executor`, `[executor] kind`).
+    pub executor: ExecutorChoice,
+}
+
+/// The executor a run uses, with its settings.
+#[derive(Debug, Clone, Default)]
+pub enum ExecutorChoice {
+    #[default]
+    Local,
 }
 
 /// How one stage ended.
@@ -55,6 +68,8 @@ pub struct Row {
     pub stage: String,
     pub outcome: Outcome,
     pub wall_s: f64,
+    /// The cluster job that ran (or was running) the stage.
+    pub job: Option<String>,
     /// A verdict the stage recorded in its metrics that the end of the run
     /// must repeat (GRPO collapse: [`crate::stages::grpo::collapse_note`]);
     /// also for cached stages, whose warnings were printed by an earlier run.
@@ -71,7 +86,10 @@ pub struct Summary {
 impl Summary {
     pub fn table(&self) -> String {
         let w = self.rows.iter().map(|r| r.stage.len()).max().unwrap_or(5).max(5);
-        let mut s = format!("{:<w$}  {:<7}  {:>8}\n", "stage", "status", "wall");
+        // A job column only when a cluster ran something.
+        let jw = self.rows.iter().filter_map(|r| r.job.as_ref().map(|j| j.len())).max().map(|n| n.max(3));
+        let job_cell = |j: Option<&str>| jw.map(|jw| format!("  {:<jw$}", j.unwrap_or("-"))).unwrap_or_default();
+        let mut s = format!("{:<w$}  {:<7}  {:>8}{}\n", "stage", "status", "wall", job_cell(Some("job")));
         for r in &self.rows {
             let (st, extra) = match &r.outcome {
                 Outcome::Cached => ("cached", String::new()),
@@ -81,7 +99,7 @@ impl Summary {
                 Outcome::NotSelected => ("-", "  not selected".to_string()),
             };
             let note = r.note.as_ref().map(|n| format!("  {n}")).unwrap_or_default();
-            s.push_str(&format!("{:<w$}  {:<7}  {:>7.2}s{extra}{note}\n", r.stage, st, r.wall_s));
+            s.push_str(&format!("{:<w$}  {:<7}  {:>7.2}s{}{extra}{note}\n", r.stage, st, r.wall_s, job_cell(r.job.as_deref())));
         }
         s
     }
@@ -110,6 +128,7 @@ pub(crate) async fn execute(
 /// Reuse or run one stage (the body of a scheduler task).
 async fn stage_task(
     eng: Arc<Engine>,
+    exe: Arc<dyn Executor>,
     idx: usize,
     mode: Mode,
     avail: Available,
@@ -163,26 +182,27 @@ async fn stage_task(
             return Ok(d);
         }
     }
-    let started = now_unix();
-    let t0 = Instant::now();
-    let executed = execute(&eng, &stage, &key, &paths, &lock, &gpu_ids).await?;
-    commit::record(&eng, &stage, key, ki, executed, Timing { started, wall_s: t0.elapsed().as_secs_f64() }, lock)
+    exe.run(&eng, StageJob { stage, key, ki, paths, lock, gpu_ids }).await
 }
 
 /// Runs (or reuses) the pipeline's stages as planned.
 pub fn run(p: Pipeline, opts: &RunOptions) -> Result<Summary, RunError> {
     let store = Store::open(&crate::cache::store_dir(&p.root));
-    let eng = Arc::new(Engine::new(p, store, opts.quiet));
-    run_with(eng, opts)
+    let mut eng = Engine::new(p, store, opts.quiet);
+    eng.progress_interval = opts.progress_interval;
+    let exe: Arc<dyn Executor> = match &opts.executor {
+        ExecutorChoice::Local => Arc::new(Local),
+    };
+    run_with(Arc::new(eng), exe, opts)
 }
 
-pub(crate) fn run_with(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunError> {
+pub(crate) fn run_with(eng: Arc<Engine>, exe: Arc<dyn Executor>, opts: &RunOptions) -> Result<Summary, RunError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| RunError::Failed(format!("cannot start the async runtime: {e}")))?;
-    let res = rt.block_on(schedule(eng.clone(), opts));
+    let res = rt.block_on(schedule(eng.clone(), exe, opts));
     eng.sc().save();
     res
 }
@@ -192,11 +212,13 @@ fn nodes(p: &Pipeline) -> Vec<plan::Node> {
     p.stages.iter().map(|s| plan::Node { name: s.name.clone(), base: s.base.clone(), deps: s.deps.clone() }).collect()
 }
 
-async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunError> {
+async fn schedule(eng: Arc<Engine>, exe: Arc<dyn Executor>, opts: &RunOptions) -> Result<Summary, RunError> {
     let plan = plan::plan(&nodes(&eng.p), &opts.sel).map_err(RunError::BadInput)?;
     let modes: BTreeMap<String, Mode> = plan.stages.into_iter().collect();
-    let jobs = opts.jobs.max(1);
-    let total_gpus = opts.gpus.unwrap_or_else(crate::pipeline::gpu_count);
+    let jobs = opts.jobs.unwrap_or_else(|| exe.default_jobs()).max(1);
+    // A cluster scheduler places GPUs itself; locally we count this machine's.
+    let local_gpus = exe.local_gpus();
+    let total_gpus = if local_gpus { opts.gpus.unwrap_or_else(crate::pipeline::gpu_count) } else { 0 };
     let mut free_gpus: BTreeSet<u32> = (0..total_gpus).collect();
     let mut done: BTreeMap<String, Done> = BTreeMap::new();
     let mut ended: BTreeMap<String, Outcome> = BTreeMap::new();
@@ -229,7 +251,7 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
                 if set.len() >= jobs {
                     break;
                 }
-                let want = s.gpus.min(total_gpus);
+                let want = if local_gpus { s.resources.gpus.min(total_gpus) } else { 0 };
                 if (free_gpus.len() as u32) < want {
                     continue;
                 }
@@ -241,8 +263,8 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
                     s.deps.iter().filter_map(|d| done.get(d).map(|x| (d.clone(), x.avail.clone()))).collect();
                 let mode = modes.get(&s.name).copied().unwrap_or(Mode::Consider);
                 started.insert(s.name.clone(), (Instant::now(), ids.clone()));
-                let e2 = eng.clone();
-                set.spawn(async move { (i, stage_task(e2, i, mode, avail, ids).await) });
+                let (e2, x2) = (eng.clone(), exe.clone());
+                set.spawn(async move { (i, stage_task(e2, x2, i, mode, avail, ids).await) });
             }
         }
         if set.is_empty() {
@@ -250,8 +272,8 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
         }
         let joined = tokio::select! {
             j = set.join_next() => j,
-            _ = tokio::signal::ctrl_c() => { cancel(&eng); None }
-            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending::<()>().await } } => { cancel(&eng); None }
+            _ = tokio::signal::ctrl_c() => { cancel(&eng, exe.as_ref()); None }
+            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending::<()>().await } } => { cancel(&eng, exe.as_ref()); None }
         };
         let Some(joined) = joined else {
             if eng.cancel.load(Ordering::SeqCst) {
@@ -320,6 +342,7 @@ fn finish(
             stage: s.name.clone(),
             outcome: ended.get(&s.name).cloned().unwrap_or(Outcome::Skipped("not started (an earlier stage failed)".into())),
             wall_s: walls.get(&s.name).copied().unwrap_or(0.0),
+            job: eng.job_of(&s.name),
             note: notes.get(&s.name).cloned(),
         })
         .collect();
@@ -327,16 +350,15 @@ fn finish(
     Ok(Summary { rows, hashed_bytes })
 }
 
-/// Ctrl-C / SIGTERM: stop every running stage; nothing of theirs is recorded.
-fn cancel(eng: &Engine) {
+/// Ctrl-C / SIGTERM: stop every running stage (the executor's way: signal
+/// the local supervisors, cancel the cluster jobs); nothing of theirs is recorded.
+fn cancel(eng: &Engine, exe: &dyn Executor) {
     eng.cancel.store(true, Ordering::SeqCst);
-    eng.note("interrupted: stopping running stages (their work dirs are kept; a second Ctrl-C kills them at once)");
-    for pid in eng.children.lock().unwrap_or_else(|e| e.into_inner()).values() {
-        // SAFETY: signals our own supervisor child; it stops its stage's group.
-        unsafe {
-            libc::kill(*pid as i32, libc::SIGTERM);
-        }
-    }
+    eng.note(&format!(
+        "interrupted: stopping running stages ({} executor; their work dirs are kept; a second Ctrl-C kills them at once)",
+        exe.name()
+    ));
+    exe.cancel(eng);
 }
 
 /// `run --dry-run`: what would run and why, touching nothing but the stat

@@ -242,7 +242,7 @@ impl Trainer {
     /// Checkpoints the state after `done` updates when it is a boundary and
     /// `save_steps` more steps are done since the previous boundary (never
     /// after the last step: the outputs follow).
-    pub fn checkpoint_if_due(&mut self, ctx: &StageCtx, done: usize) -> anyhow::Result<()> {
+    pub fn checkpoint_if_due(&mut self, ctx: &mut StageCtx, done: usize) -> anyhow::Result<()> {
         let (b, every) = (self.boundary, self.save_steps);
         if done as u64 > self.resumed_from && done < self.total && done.is_multiple_of(b) && done / every != (done - b) / every {
             self.save(ctx)?;
@@ -250,9 +250,10 @@ impl Trainer {
         Ok(())
     }
 
-    fn save(&mut self, ctx: &StageCtx) -> anyhow::Result<()> {
+    fn save(&mut self, ctx: &mut StageCtx) -> anyhow::Result<()> {
         checkpoint::save(&ctx.work_dir, &self.state, &self.trainee.trainable, &self.opt, self.best.as_deref(), &self.log)?;
         self.last_saved = self.state.step;
+        ctx.checkpoint_saved(self.state.step);
         Ok(())
     }
 
@@ -261,7 +262,7 @@ impl Trainer {
     /// here. `during`: called between the micro-batches of step `step + 1`,
     /// whose update has not happened yet — its state is saved now rather
     /// than a step later, as the runner's grace before SIGKILL is short.
-    pub fn stop_if_cancelled(&mut self, ctx: &StageCtx, step: usize, during: bool) -> anyhow::Result<()> {
+    pub fn stop_if_cancelled(&mut self, ctx: &mut StageCtx, step: usize, during: bool) -> anyhow::Result<()> {
         if !ctx.is_cancelled() || !step.is_multiple_of(self.boundary) {
             return Ok(());
         }
