@@ -17,13 +17,18 @@
 //! * **Numerics profile** — the CPU code paths pinned in every worker and
 //!   recorded per stage: [`numerics`].
 //! * **Answer grammar and reward** — shared by teacher, GRPO and eval: [`answer`].
+//! * **Remote store** — the store's layout on S3 or a shared directory, with
+//!   per-key leases and push/pull: [`remote`]; configured in `recflow.toml`
+//!   ([`config`]) or by `RECFLOW_REMOTE`.
 pub mod answer;
 pub mod cache;
 pub mod cf;
+pub mod config;
 pub mod data;
 pub mod lock;
 pub mod numerics;
 pub mod pipeline;
+pub mod remote;
 pub mod report;
 pub mod run;
 pub mod stages;

@@ -5,6 +5,7 @@
 //! * [`statcache`] — (path, size, mtime, inode) → hash, so unchanged files are not rehashed.
 //! * [`store`] — objects, run records, materialised outputs, work dirs, logs.
 //! * [`locks`] — per-key file locks (`flock`: a dead holder's lock is freed by the kernel).
+//! * [`roots`] — the registry of lock files of every project using the store (what `gc` keeps).
 //!
 //! Layout of `cache/` (the project root's, or `RECFLOW_CACHE`):
 //! ```text
@@ -16,6 +17,7 @@
 //! locks/KEY.lock     per-key lock files
 //! describe/HASH.json a custom worker's `describe --json`, by binary hash
 //! responses/         teacher response cache (gc keeps it unless --responses)
+//! roots/locks/ID.json a registered lock file of a project using this store
 //! statcache.json     stat cache
 //! ```
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use std::path::{Path, PathBuf};
 pub mod hash;
 pub mod key;
 pub mod locks;
+pub mod roots;
 pub mod statcache;
 pub mod store;
 

@@ -103,27 +103,42 @@ impl Store {
         self.tmp_dir().join(format!("{tag}.{}.{n}", std::process::id()))
     }
 
+    /// A fresh path in the store's tmp dir (created), for a file that will
+    /// become an object ([`Store::adopt_object`]) or be removed.
+    pub fn tmp_path(&self, tag: &str) -> Result<PathBuf, CacheError> {
+        std::fs::create_dir_all(self.tmp_dir()).map_err(io_err(&self.tmp_dir()))?;
+        Ok(self.tmp_name(tag))
+    }
+
+    /// Makes a complete file in the tmp dir the object `hex`: fsync,
+    /// read-only, rename into place (replacing a corrupt one), fsync of the
+    /// directory. The caller has checked that its bytes hash to `hex`.
+    pub fn adopt_object(&self, hex: &str, tmp: &Path) -> Result<PathBuf, CacheError> {
+        let obj = self.object_path(hex);
+        let parent = obj.parent().unwrap_or(&self.dir).to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+        std::fs::File::open(tmp).and_then(|f| f.sync_all()).map_err(io_err(tmp))?;
+        set_readonly(tmp).map_err(io_err(tmp))?;
+        std::fs::rename(tmp, &obj).map_err(io_err(&obj))?;
+        fsync_dir(&parent);
+        Ok(obj)
+    }
+
     /// Puts one file into the objects. `consume`: the source may be moved
     /// (rename on the same file system) and is then replaced by a hard link
     /// to the read-only object, so the path still shows the content.
     fn put_file(&self, sc: &mut StatCache, src: &Path, consume: bool) -> Result<String, CacheError> {
         let hex = sc.hash_file(src).map_err(io_err(src))?;
         let obj = self.object_path(&hex);
-        let parent = obj.parent().unwrap_or(&self.dir).to_path_buf();
-        std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
         let healthy = obj.exists() && sc.hash_file(&obj).map(|h| h == hex).unwrap_or(false);
         if !healthy {
-            std::fs::create_dir_all(self.tmp_dir()).map_err(io_err(&self.tmp_dir()))?;
-            let tmp = self.tmp_name("obj");
+            let tmp = self.tmp_path("obj")?;
             let moved = consume && std::fs::rename(src, &tmp).is_ok();
             if !moved {
                 std::fs::copy(src, &tmp).map_err(io_err(src))?;
             }
-            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
-            set_readonly(&tmp).map_err(io_err(&tmp))?;
             // A corrupt old object is replaced (rename over it).
-            std::fs::rename(&tmp, &obj).map_err(io_err(&obj))?;
-            fsync_dir(&parent);
+            self.adopt_object(&hex, &tmp)?;
             sc.record(&obj, &hex);
             if moved {
                 link_or_copy(&obj, src).map_err(io_err(src))?;
@@ -147,26 +162,17 @@ impl Store {
         }
         let bytes = m.bytes();
         let id = m.id();
-        let obj = self.object_path(hash::hex_of(&id));
-        if !obj.exists() {
-            self.write_object_bytes(&obj, &bytes)?;
+        let hex = hash::hex_of(&id);
+        if !self.object_path(hex).exists() {
+            self.write_object_bytes(hex, &bytes)?;
         }
         Ok(id)
     }
 
-    fn write_object_bytes(&self, obj: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-        let parent = obj.parent().unwrap_or(&self.dir).to_path_buf();
-        std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-        std::fs::create_dir_all(self.tmp_dir()).map_err(io_err(&self.tmp_dir()))?;
-        let tmp = self.tmp_name("obj");
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-            f.write_all(bytes).map_err(io_err(&tmp))?;
-            f.sync_all().map_err(io_err(&tmp))?;
-        }
-        set_readonly(&tmp).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, obj).map_err(io_err(obj))?;
-        fsync_dir(&parent);
+    fn write_object_bytes(&self, hex: &str, bytes: &[u8]) -> Result<(), CacheError> {
+        let tmp = self.tmp_path("obj")?;
+        std::fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes)).map_err(io_err(&tmp))?;
+        self.adopt_object(hex, &tmp)?;
         Ok(())
     }
 
