@@ -23,6 +23,10 @@ pub struct Options {
     /// Stage → device recorded in the lock: `device: auto` resolves to it
     /// (`status --check` on a machine other than the one that ran).
     pub recorded_devices: BTreeMap<String, String>,
+    /// Stages run on a cluster's nodes, not here: `device: auto` is `cuda`
+    /// for a stage that asks `resources.gpus`, else `cpu` (this machine's
+    /// GPUs say nothing about the node's).
+    pub on_cluster: bool,
 }
 
 /// One input path source.

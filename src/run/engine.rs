@@ -81,6 +81,11 @@ impl Engine {
         self.sc.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Remembers the cluster job of a stage (shown in the end-of-run table).
+    pub(crate) fn note_job(&self, stage: &str, job: &str) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(stage.to_string(), job.to_string());
+    }
+
     pub(crate) fn job_of(&self, stage: &str) -> Option<String> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(stage).cloned()
     }

@@ -50,6 +50,8 @@ pub struct RunOptions {
 pub enum ExecutorChoice {
     #[default]
     Local,
+    /// One `sbatch` job per stage ([`super::executor::slurm`]).
+    Slurm(Box<super::executor::slurm::Settings>),
 }
 
 /// How one stage ended.
@@ -89,7 +91,7 @@ impl Summary {
         // A job column only when a cluster ran something.
         let jw = self.rows.iter().filter_map(|r| r.job.as_ref().map(|j| j.len())).max().map(|n| n.max(3));
         let job_cell = |j: Option<&str>| jw.map(|jw| format!("  {:<jw$}", j.unwrap_or("-"))).unwrap_or_default();
-        let mut s = format!("{:<w$}  {:<7}  {:>8}{}\n", "stage", "status", "wall", job_cell(Some("job")));
+        let mut s = format!("{:<w$}  {:<7}  {:>8}{}", "stage", "status", "wall", job_cell(Some("job"))).trim_end().to_string() + "\n";
         for r in &self.rows {
             let (st, extra) = match &r.outcome {
                 Outcome::Cached => ("cached", String::new()),
@@ -99,7 +101,9 @@ impl Summary {
                 Outcome::NotSelected => ("-", "  not selected".to_string()),
             };
             let note = r.note.as_ref().map(|n| format!("  {n}")).unwrap_or_default();
-            s.push_str(&format!("{:<w$}  {:<7}  {:>7.2}s{}{extra}{note}\n", r.stage, st, r.wall_s, job_cell(r.job.as_deref())));
+            let line = format!("{:<w$}  {:<7}  {:>7.2}s{}{extra}{note}", r.stage, st, r.wall_s, job_cell(r.job.as_deref()));
+            s.push_str(line.trim_end());
+            s.push('\n');
         }
         s
     }
@@ -192,6 +196,7 @@ pub fn run(p: Pipeline, opts: &RunOptions) -> Result<Summary, RunError> {
     eng.progress_interval = opts.progress_interval;
     let exe: Arc<dyn Executor> = match &opts.executor {
         ExecutorChoice::Local => Arc::new(Local),
+        ExecutorChoice::Slurm(s) => Arc::new(super::executor::slurm::Slurm::new((**s).clone())),
     };
     run_with(Arc::new(eng), exe, opts)
 }

@@ -26,6 +26,7 @@ pub mod plan;
 pub mod preflight;
 pub mod progress;
 pub mod status;
+pub mod step;
 pub mod supervise;
 pub mod verify;
 
@@ -48,6 +49,8 @@ pub enum RunError {
     Key(#[from] crate::cache::key::KeyError),
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -61,6 +64,7 @@ impl RunError {
     pub fn exit_code(&self) -> i32 {
         match self {
             RunError::Pipeline(_) | RunError::BadInput(_) | RunError::Lock(LockError::Parse { .. }) => 2,
+            RunError::Remote(e) if e.is_bad_input() => 2,
             RunError::Cancelled => 130,
             _ => 1,
         }

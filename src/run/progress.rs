@@ -77,12 +77,14 @@ impl StageProgress {
     }
 }
 
-/// `3.21`, `45.2`, `1234` — three significant digits or whole numbers.
+/// `0.012`, `3.21`, `45.2`, `1234` — about three significant digits.
 pub fn fmt_rate(r: f64) -> String {
     if r >= 100.0 {
         format!("{r:.0}")
     } else if r >= 10.0 {
         format!("{r:.1}")
+    } else if r >= 1.0 {
+        format!("{r:.2}").trim_end_matches('0').trim_end_matches('.').to_string()
     } else {
         format!("{r:.3}").trim_end_matches('0').trim_end_matches('.').to_string()
     }
@@ -145,6 +147,8 @@ mod tests {
         assert_eq!(fmt_duration(Duration::from_secs(90000)), "1d01h");
         assert_eq!(fmt_rate(3.2104), "3.21");
         assert_eq!(fmt_rate(2.0), "2");
+        assert_eq!(fmt_rate(1.012), "1.01");
+        assert_eq!(fmt_rate(0.0123), "0.012");
         assert_eq!(fmt_rate(45.27), "45.3");
         assert_eq!(fmt_rate(1234.4), "1234");
         assert!(interval(-1.0).is_err());

@@ -11,11 +11,11 @@
 //!
 //! ## Adding an executor (the Kubernetes Job plan)
 //! A Kubernetes executor fits the same trait without touching the scheduler:
-//! * `run`: the same job bundle as Slurm's remote mode ([`crate::run::step`]:
-//!   spec and inputs pushed to the remote under a bundle key), then create a
+//! * `run`: send the job to the remote as Slurm's remote mode does
+//!   ([`crate::run::step::push_job`]: inputs and spec by content), then create a
 //!   `batch/v1` Job named `recflow-<key[..52]>` (Kubernetes names are ≤ 63
 //!   characters; the full key goes in a label `recflow.key` and an
-//!   annotation) whose one container runs `recflow step --bundle KEY
+//!   annotation) whose one container runs `recflow step --spec-id ID
 //!   --remote URL` in an image holding both binaries and libtorch;
 //!   `resources:` map to container requests/limits (`cpus` → `cpu`, `mem` →
 //!   `memory`, `gpus` → `nvidia.com/gpu`), `time` to
@@ -37,12 +37,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde::Deserialize;
+
 use super::commit::{self, Timing};
 use super::engine::{Done, Engine};
 use super::launch::now_unix;
+use super::RunError;
 use crate::cache::key::StageKeyInputs;
 use crate::cache::locks::FileLock;
-use crate::pipeline::ResolvedStage;
+use crate::pipeline::{Pipeline, ResolvedStage};
+
+pub mod slurm;
 
 
 /// A boxed future, so the trait stays object-safe (`Arc<dyn Executor>`).
@@ -94,7 +99,63 @@ impl ExecutorKind {
         match s.trim() {
             "local" => Ok(ExecutorKind::Local),
             "slurm" => Ok(ExecutorKind::Slurm),
-            other => Err(format!("unknown executor `{other}` (known: {}; a Kubernetes executor is planned, see docs/engine.md)", Self::NAMES)),
+            other => Err(format!("unknown executor `{other}` (known: {}; a Kubernetes executor is planned, see docs/executors.md)", Self::NAMES)),
+        }
+    }
+}
+
+/// `[executor]` in `recflow.toml`, as written.
+///
+/// ```toml
+/// [executor]
+/// kind = "slurm"              # or "local" (the default); `--executor` overrides
+///
+/// [executor.slurm]            # slurm::SlurmConfig (docs/executors.md)
+/// partition = "gpu"
+/// sbatch = ["--account=lab"]
+/// ```
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorConfig {
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub slurm: slurm::SlurmConfig,
+}
+
+/// The executor a project runs with: `--executor` over `[executor] kind`,
+/// else local. Reads `recflow.toml` once; errors are bad input naming the
+/// flag or the field.
+pub fn kind_of(root: &std::path::Path, flag: Option<&str>) -> Result<(ExecutorKind, ExecutorConfig), RunError> {
+    let cfg = crate::config::ProjectConfig::load(root).map_err(|e| RunError::BadInput(e.to_string()))?;
+    let ecfg = cfg.executor.unwrap_or_default();
+    let kind = match (flag, &ecfg.kind) {
+        (Some(f), _) => ExecutorKind::parse(f).map_err(|m| RunError::BadInput(format!("--executor: {m}")))?,
+        (None, Some(k)) => ExecutorKind::parse(k)
+            .map_err(|m| RunError::BadInput(format!("{} [executor] kind: {m}", crate::config::config_path(root).display())))?,
+        (None, None) => ExecutorKind::Local,
+    };
+    Ok((kind, ecfg))
+}
+
+/// The executor of a run, checked against the pipeline before anything
+/// runs (Slurm: a way to move data, its commands, the partitions named).
+pub fn choose(
+    p: &Pipeline,
+    kind: ExecutorKind,
+    cfg: &ExecutorConfig,
+    progress_interval: Option<std::time::Duration>,
+) -> Result<super::exec::ExecutorChoice, RunError> {
+    match kind {
+        ExecutorKind::Local => Ok(super::exec::ExecutorChoice::Local),
+        ExecutorKind::Slurm => {
+            let toml = crate::config::config_path(&p.root);
+            let remote = match crate::remote::RemoteSpec::from_project(&p.root)? {
+                Some(spec) => Some(crate::remote::Remote::open(&spec)?),
+                None => None,
+            };
+            let s = slurm::Settings::resolve(&cfg.slurm, &toml, remote, progress_interval).map_err(RunError::BadInput)?;
+            slurm::preflight(p, &s, &toml)?;
+            Ok(super::exec::ExecutorChoice::Slurm(Box::new(s)))
         }
     }
 }
