@@ -49,6 +49,9 @@ PY
   rm -rf "$tmp"
 fi
 
+# Slurm's daemons and clients for the Slurm executor's tests (Debian packages).
+source "$ROOT/scripts/setup_slurm.sh"
+
 # Every later cargo call must see the venv's python (torch-sys asks it where
 # libtorch is). Scripts source this file; interactive users run
 # `source .venv/bin/activate`.
