@@ -17,30 +17,14 @@ RUNS=${1:-7}
 DVC_VERSION=3.67.1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-PROFILE=${PROFILE:-release}
-if [ -n "${RECFLOW_BIN:-}" ]; then
-  RECFLOW=$(cd "$(dirname "$RECFLOW_BIN")" && pwd)/$(basename "$RECFLOW_BIN")
-  PROFILE="given ($RECFLOW_BIN)"
-elif [ "$PROFILE" = dev ]; then
-  cargo build -q -p recflow --bin recflow
-  RECFLOW="$ROOT/target/debug/recflow"
-else
-  cargo build --release -q -p recflow --bin recflow
-  RECFLOW="$ROOT/target/release/recflow"
-fi
-VENV="$ROOT/.bench/venv"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-if [ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("dvc"))' 2>/dev/null)" != "$DVC_VERSION" ]; then
-  "$VENV/bin/pip" install -q "dvc==$DVC_VERSION"
-fi
+source benches/common.sh
+recflow_bin
+bench_peer dvc "$DVC_VERSION"
 DVC="$VENV/bin/dvc"
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 ns() { date +%s%N; }
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-# `timed OUT CMD...`: appends "wall_s cpu_s" of CMD to OUT.
-timed() { local out=$1; shift; /usr/bin/time -f "%e %U %S" -o "$out.t" "$@" > /dev/null; awk '{print $1, $2 + $3}' "$out.t" >> "$out"; }
 
 head -c 200000000 /dev/urandom > "$WORK/big.bin"
 pipeline() { # the same 10 chained stages for both tools

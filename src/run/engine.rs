@@ -48,6 +48,12 @@ pub(crate) struct Engine {
     /// a compute node pushes the work dir to the remote then (None: nobody
     /// listens, as in a local run).
     pub checkpoints: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// The project's remote store, if one is configured (read-through,
+    /// leases, write-through: [`super::remote`]). None under verify.
+    pub remote: Option<super::remote::RemoteLink>,
+    /// A problem that ends the whole run as bad input (exit 2): an unusable
+    /// remote found by the first stage that needed it.
+    pub fatal: Mutex<Option<String>>,
 }
 
 impl Engine {
@@ -74,6 +80,16 @@ impl Engine {
             numerics: crate::numerics::Request::from_env().unwrap_or(crate::numerics::Request::DEFAULT).resolve(),
             progress_interval: Some(std::time::Duration::from_secs_f64(super::progress::DEFAULT_INTERVAL_S)),
             checkpoints: None,
+            remote: None,
+            fatal: Mutex::new(None),
+        }
+    }
+
+    /// Records the first run-ending problem (see [`Engine::fatal`]).
+    pub(super) fn set_fatal(&self, msg: &str) {
+        let mut f = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(msg.to_string());
         }
     }
 

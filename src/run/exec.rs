@@ -21,6 +21,7 @@ use super::engine::{Done, Engine};
 use super::executor::{Executor, Local, StageJob};
 use super::launch;
 use super::plan::{self, Mode, Selection};
+use super::remote;
 use super::{key_inputs, worker_path, Avail, Available, KeyState, RunError};
 use crate::cache::locks::FileLock;
 use crate::cache::{StatCache, Store};
@@ -160,7 +161,7 @@ async fn stage_task(
             return Ok(d);
         }
     }
-    if mode == Mode::ReuseOnly {
+    if mode == Mode::ReuseOnly && eng.remote.is_none() {
         return Err("not built yet and outside the selection (run it, or drop --only/--from)".into());
     }
     // Per-key lock: a concurrent run building the same key makes us wait, then reuse.
@@ -186,14 +187,51 @@ async fn stage_task(
             return Ok(d);
         }
     }
-    exe.run(&eng, StageJob { stage, key, ki, paths, lock, gpu_ids }).await
+    // Missing here: the remote's turn (read-through, then its lease) — unless
+    // the executor's job takes the lease and pushes itself (Slurm through the
+    // remote), where the runner only reads through.
+    let keeper = match &eng.remote {
+        None => None,
+        Some(link) if exe.job_uses_remote() => match remote::read_through(&eng, link, &stage, &key, mode).await? {
+            Some(d) => return Ok(d),
+            None => None,
+        },
+        Some(link) => match remote::before_run(&eng, link, &stage, &key, mode).await? {
+            remote::Before::Reused(d) => return Ok(d),
+            remote::Before::Run(k) => Some(k),
+        },
+    };
+    let (name, key2) = (stage.name.clone(), key.clone());
+    let run = exe.run(&eng, StageJob { stage: stage.clone(), key, ki, paths, lock, gpu_ids });
+    let done = match &keeper {
+        None => run.await?,
+        Some(k) => {
+            tokio::pin!(run);
+            tokio::select! {
+                r = &mut run => r?,
+                why = k.lost() => {
+                    // A holder that lost its lease stops: another runner may own the key now.
+                    remote::stop_stage(&eng, &name);
+                    let _ = run.await;
+                    return Err(format!("lost the remote lease on key {} ({why}); the stage was stopped, its work dir is kept", &key2[..12]));
+                }
+            }
+        }
+    };
+    if let (Some(link), Some(k)) = (&eng.remote, keeper) {
+        remote::after_commit(&eng, link, &stage, &key2, k).await;
+    }
+    Ok(done)
 }
 
 /// Runs (or reuses) the pipeline's stages as planned.
 pub fn run(p: Pipeline, opts: &RunOptions) -> Result<Summary, RunError> {
     let store = Store::open(&crate::cache::store_dir(&p.root));
+    // Settings only: no request is made until a key is missing locally.
+    let remote = crate::remote::RemoteSpec::from_project(&p.root)?;
     let mut eng = Engine::new(p, store, opts.quiet);
     eng.progress_interval = opts.progress_interval;
+    eng.remote = remote.map(remote::RemoteLink::new);
     let exe: Arc<dyn Executor> = match &opts.executor {
         ExecutorChoice::Local => Arc::new(Local),
         ExecutorChoice::Slurm(s) => Arc::new(super::executor::slurm::Slurm::new((**s).clone())),
@@ -286,6 +324,9 @@ async fn schedule(eng: Arc<Engine>, exe: Arc<dyn Executor>, opts: &RunOptions) -
             }
             continue;
         };
+        if eng.fatal.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            stop_launching = true;
+        }
         let (i, res) = joined.map_err(|e| RunError::Failed(format!("stage task crashed: {e}")))?;
         let s = eng.p.stages[i].clone();
         let (t0, ids) = started.remove(&s.name).unwrap_or((Instant::now(), vec![]));
@@ -308,7 +349,8 @@ async fn schedule(eng: Arc<Engine>, exe: Arc<dyn Executor>, opts: &RunOptions) -
                 done.insert(s.name.clone(), d);
             }
             Err(msg) => {
-                if !eng.cancel.load(Ordering::SeqCst) {
+                let fatal = eng.fatal.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+                if !eng.cancel.load(Ordering::SeqCst) && !fatal {
                     eng.note(&format!("stage `{}` failed: {msg}", s.name));
                 }
                 ended.insert(s.name.clone(), Outcome::Failed(msg));
@@ -321,7 +363,14 @@ async fn schedule(eng: Arc<Engine>, exe: Arc<dyn Executor>, opts: &RunOptions) -
     if eng.cancel.load(Ordering::SeqCst) {
         return Err(RunError::Cancelled);
     }
-    finish(&eng, opts, &ended, &walls, &notes)
+    if let Some(msg) = eng.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        return Err(RunError::BadInput(msg));
+    }
+    let summary = finish(&eng, opts, &ended, &walls, &notes)?;
+    if let Some(link) = &eng.remote {
+        remote::push_lock_root(&eng, link).await;
+    }
+    Ok(summary)
 }
 
 /// The end of a run that was not cancelled: a complete run drops the lock

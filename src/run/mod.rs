@@ -2,8 +2,9 @@
 //! scheduler [`exec`], which runs each stage in two halves — [`launch`] (the
 //! supervised child process, [`supervise`], and its events and log) and
 //! [`commit`] (outputs → store → run record → lock, and reuse of a record) —
-//! [`status`] / explain against the lock, [`verify`] into a scratch store,
-//! [`gc`].
+//! [`remote`] (read-through, leases and write-through of the remote store),
+//! [`sync`] (`recflow push` / `pull`), [`status`] / explain against the lock,
+//! [`verify`] into a scratch store, [`gc`].
 //!
 //! Shared here: how a stage's key inputs are computed from the resolved
 //! stage, the outputs of its upstream stages and the stat cache.
@@ -25,9 +26,11 @@ pub mod launch;
 pub mod plan;
 pub mod preflight;
 pub mod progress;
+pub mod remote;
 pub mod status;
 pub mod step;
 pub mod supervise;
+pub mod sync;
 pub mod verify;
 
 /// Errors of running and checking; [`RunError::exit_code`] is the CLI's code.

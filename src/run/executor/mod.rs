@@ -75,6 +75,11 @@ pub(crate) trait Executor: Send + Sync {
     fn local_gpus(&self) -> bool;
     /// Stages in flight at once when `--jobs` is not given.
     fn default_jobs(&self) -> usize;
+    /// Whether the executor's job itself takes the key's remote lease and
+    /// pushes the result (then the scheduler only reads through the remote).
+    fn job_uses_remote(&self) -> bool {
+        false
+    }
     /// Runs `job` to a committed run record in `eng.store` and returns it
     /// as [`Done`] (`ran`: true), or the line the run reports on failure.
     fn run<'a>(&'a self, eng: &'a Arc<Engine>, job: StageJob) -> BoxFut<'a, Result<Done, String>>;

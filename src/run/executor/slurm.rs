@@ -562,6 +562,11 @@ impl Executor for Slurm {
         64
     }
 
+    fn job_uses_remote(&self) -> bool {
+        // `recflow step` takes the lease on the node and pushes the record.
+        matches!(self.s.transfer, Transfer::Remote(_))
+    }
+
     fn run<'a>(&'a self, eng: &'a Arc<Engine>, job: StageJob) -> BoxFut<'a, Result<Done, String>> {
         Box::pin(async move {
             // Committed meanwhile by another runner's job: reuse it.
