@@ -108,6 +108,9 @@ if [ ! -f "$ML100K_DIR/ml-100k.item" ]; then
   from_wheel "$RECBOLE_PKG" "$ML100K_DIR" ml-100k/ml-100k.inter ml-100k/ml-100k.user ml-100k/ml-100k.item
 fi
 
+# Slurm's daemons and clients for the Slurm executor's tests (Debian packages).
+source "$ROOT/scripts/setup_slurm.sh"
+
 # Every later cargo call must see the venv's python (torch-sys asks it where
 # libtorch is). Scripts source this file; interactive users run
 # `source .venv/bin/activate`.

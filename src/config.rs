@@ -5,6 +5,9 @@
 //! ```toml
 //! [remote]                      # crate::remote::RemoteConfig
 //! url = "s3://lab-bucket/recflow"
+//!
+//! [executor]                    # crate::run::executor::ExecutorConfig
+//! kind = "slurm"
 //! ```
 //!
 //! Unknown tables and keys are errors naming the file, line and key, so a
@@ -21,6 +24,9 @@ pub struct ProjectConfig {
     /// `[remote]`: the remote store ([`crate::remote`]).
     #[serde(default)]
     pub remote: Option<crate::remote::RemoteConfig>,
+    /// `[executor]`: where stages run ([`crate::run::executor`]).
+    #[serde(default)]
+    pub executor: Option<crate::run::executor::ExecutorConfig>,
 }
 
 /// A `recflow.toml` that cannot be read or does not parse.

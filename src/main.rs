@@ -52,9 +52,9 @@ enum Cmd {
     Run {
         #[command(flatten)]
         p: PipelineArgs,
-        /// Stages run at once.
-        #[arg(long, short = 'j', default_value_t = 2)]
-        jobs: usize,
+        /// Stages run at once (default: 2 on this machine).
+        #[arg(long, short = 'j')]
+        jobs: Option<usize>,
         /// Run only these stages (their upstream must be cached).
         #[arg(long)]
         only: Vec<String>,
@@ -79,6 +79,14 @@ enum Cmd {
         /// No progress bars or end-of-run table.
         #[arg(long, short = 'q')]
         quiet: bool,
+        /// Seconds between plain progress lines of each running stage
+        /// (printed without a terminal, always appended to the stage's log); 0: none.
+        #[arg(long, value_name = "SECONDS", default_value_t = recflow::run::progress::DEFAULT_INTERVAL_S)]
+        progress_interval: f64,
+        /// Where stages run: `local` (child processes here) or `slurm` (one
+        /// sbatch job per stage); default: `[executor] kind` in recflow.toml, else local.
+        #[arg(long, value_name = "local|slurm")]
+        executor: Option<String>,
     },
     /// Print the stage graph.
     Dag {
@@ -179,6 +187,29 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// Runs one stage on this machine from a job spec: what a Slurm job
+    /// executes on a compute node (torch-free; it starts recflow-worker).
+    Step {
+        /// The job spec's content id in the remote (with --remote).
+        #[arg(long, requires = "remote", conflicts_with = "spec")]
+        spec_id: Option<String>,
+        /// The remote store's URL (s3://BUCKET/PREFIX or file:///PATH).
+        #[arg(long)]
+        remote: Option<String>,
+        /// S3 endpoint of the remote (S3-compatible services).
+        #[arg(long, requires = "remote")]
+        remote_endpoint: Option<String>,
+        #[arg(long, requires = "remote")]
+        remote_region: Option<String>,
+        /// Lifetime of the key's remote lease, seconds.
+        #[arg(long, requires = "remote")]
+        lease_s: Option<f64>,
+        /// A job spec on a shared file system (instead of --spec-id).
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        #[arg(long, value_name = "SECONDS", default_value_t = recflow::run::progress::DEFAULT_INTERVAL_S)]
+        progress_interval: f64,
+    },
     /// Internal: supervises one stage process (see run::supervise).
     #[command(name = "__supervise", hide = true)]
     Supervise {
@@ -210,7 +241,11 @@ enum CacheCmd {
 }
 
 fn load(p: &PipelineArgs, allow_missing: bool, recorded_devices: bool) -> Result<pipeline::Pipeline, RunError> {
-    let mut opts = Options { sets: p.sets.clone(), params_file: p.params_file.clone(), allow_missing, ..Default::default() };
+    load_with(p, allow_missing, recorded_devices, false)
+}
+
+fn load_with(p: &PipelineArgs, allow_missing: bool, recorded_devices: bool, on_cluster: bool) -> Result<pipeline::Pipeline, RunError> {
+    let mut opts = Options { sets: p.sets.clone(), params_file: p.params_file.clone(), allow_missing, on_cluster, ..Default::default() };
     if recorded_devices {
         // status/explain on another machine: `device: auto` means what the lock recorded.
         if let Ok(l) = recflow::lock::LockFile::read(&recflow::lock::lock_path(&p.pipeline)) {
@@ -258,10 +293,13 @@ fn init_logging(fmt: LogFormat) {
 
 fn real_main(cli: Cli) -> Result<i32, RunError> {
     match cli.cmd {
-        Cmd::Run { p, jobs, only, from, force, keep_going, dry_run, allow_missing, gpus, quiet } => {
+        Cmd::Run { p, jobs, only, from, force, keep_going, dry_run, allow_missing, gpus, quiet, progress_interval, executor } => {
             let sel = Selection { only, from, force };
+            let pdir = std::path::absolute(&p.pipeline).ok().and_then(|f| f.parent().map(PathBuf::from)).unwrap_or_default();
+            let (kind, ecfg) = recflow::run::executor::kind_of(&pipeline::project_root(&pdir), executor.as_deref())?;
+            let on_cluster = kind != recflow::run::executor::ExecutorKind::Local;
             if dry_run {
-                let pl = load(&p, allow_missing, false)?;
+                let pl = load_with(&p, allow_missing, false, on_cluster)?;
                 let (plan, errors) = exec::dry_run(&pl, &sel, allow_missing)?;
                 print!("{plan}");
                 for e in &errors {
@@ -269,12 +307,15 @@ fn real_main(cli: Cli) -> Result<i32, RunError> {
                 }
                 return Ok(if errors.is_empty() { 0 } else { 2 });
             }
-            let pl = load(&p, false, false)?;
+            let pl = load_with(&p, false, false, on_cluster)?;
             for w in &pl.warnings {
                 eprintln!("warning: {w}");
             }
             let quiet = quiet || matches!(cli.log_format, LogFormat::Json);
-            let summary = exec::run(pl, &RunOptions { jobs, sel, keep_going, gpus, quiet })?;
+            let progress_interval = recflow::run::progress::interval(progress_interval).map_err(RunError::BadInput)?;
+            let executor = recflow::run::executor::choose(&pl, kind, &ecfg, progress_interval)?;
+            let opts = RunOptions { jobs, sel, keep_going, gpus, quiet, progress_interval, executor };
+            let summary = exec::run(pl, &opts)?;
             if !quiet {
                 print!("{}", summary.table());
             }
@@ -393,7 +434,7 @@ fn real_main(cli: Cli) -> Result<i32, RunError> {
                 Ok(1)
             }
         }
-        Cmd::Model { .. } | Cmd::Doctor { .. } | Cmd::Supervise { .. } | Cmd::Show { .. } | Cmd::Readme { .. } => {
+        Cmd::Model { .. } | Cmd::Doctor { .. } | Cmd::Supervise { .. } | Cmd::Show { .. } | Cmd::Readme { .. } | Cmd::Step { .. } => {
             unreachable!("dispatched in main")
         }
     }
@@ -456,6 +497,25 @@ fn main() -> ExitCode {
     };
     match &cli.cmd {
         Cmd::Supervise { args } => return ExitCode::from(recflow::run::supervise::main(args).clamp(0, 255) as u8),
+        Cmd::Step { spec_id, remote, remote_endpoint, remote_region, lease_s, spec, progress_interval } => {
+            let progress_interval = match recflow::run::progress::interval(*progress_interval) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let args = recflow::run::step::StepArgs {
+                spec_id: spec_id.clone(),
+                remote: remote.clone(),
+                remote_endpoint: remote_endpoint.clone(),
+                remote_region: remote_region.clone(),
+                lease_s: *lease_s,
+                spec: spec.clone(),
+                progress_interval,
+            };
+            return ExitCode::from(recflow::run::step::main(args).clamp(0, 255) as u8);
+        }
         Cmd::Model { args } => {
             let mut a = vec!["model".to_string()];
             a.extend(args.iter().cloned());

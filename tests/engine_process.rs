@@ -510,3 +510,53 @@ stages:
     assert_eq!(s["stages"][0]["cpu_s"].as_f64(), Some(cpu), "show reads them from the run record");
     assert_eq!(s["stages"][0]["peak_rss_bytes"].as_u64(), Some(rss));
 }
+
+/// The stage logs of a project's store and their text.
+fn stage_logs(p: &Proj) -> Vec<String> {
+    std::fs::read_dir(p.path("cache/logs")).into_iter().flatten().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect()
+}
+
+/// Issue 16, part 6: without a terminal (here: pipes) the bars draw nothing,
+/// so every `--progress-interval` seconds a running stage's progress (done,
+/// rate, ETA) is a plain line on stderr and in its log — there already while
+/// the stage runs, as `tail -f` on a compute node would show it.
+#[test]
+fn progress_without_a_terminal_is_printed_and_logged_while_running() {
+    let pipeline = r#"
+stages:
+  count:
+    cmd: |
+      i=0
+      while [ $i -lt 12 ]; do i=$((i+1)); echo "{\"progress\": {\"done\": $i, \"total\": 12, \"unit\": \"item\"}}"; sleep 0.25; done
+      echo done > out.txt
+    outs: [out.txt]
+"#;
+    let p = Proj::new();
+    p.write("p.yaml", pipeline);
+    let child = p
+        .cmd(&["run", "p.yaml", "--progress-interval", "0.5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start recflow");
+    let mut child = child;
+    let seen_while_running = wait_for(Duration::from_secs(20), || {
+        stage_logs(&p).iter().any(|l| l.contains("== recflow: progress ") && l.contains("/12 item (")) && child.try_wait().ok().flatten().is_none()
+    });
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "the run succeeds: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(seen_while_running, "the stage log shows progress while the stage runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("count: ") && l.contains("/12 item (")).collect();
+    assert!(lines.len() >= 2, "one line per interval on stderr without a terminal:\n{err}");
+    assert!(lines.iter().any(|l| l.contains(" item/s, eta ")), "a line gives rate and ETA once known:\n{err}");
+    // --progress-interval 0 turns the lines off (stderr and log alike).
+    let q = Proj::new();
+    q.write("p.yaml", pipeline);
+    let out = q.run(&["run", "p.yaml", "--progress-interval", "0"]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("/12 item"), "no progress lines with interval 0");
+    assert!(stage_logs(&q).iter().all(|l| !l.contains("== recflow: progress")), "nor in the log");
+    let bad = q.run(&["run", "p.yaml", "--progress-interval", "-1"]);
+    assert_eq!(bad.status.code(), Some(2), "a negative interval is bad input");
+}

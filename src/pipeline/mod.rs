@@ -7,6 +7,7 @@
 //!   `interp` (the `${...}` language), `defaults` (`stages/KIND.yaml`,
 //!   `extends:`) and [`kinds`] (what each stage kind declares).
 //! * [`resolved`] — the resolved model every later step reads.
+//! * [`resources`] — a stage's `resources:` (GPUs, and what Slurm is asked for).
 //! * [`graph`] — the petgraph DAG, cycles, `dag` output formats.
 //!
 //! Every mistake is a [`PipelineError`] carrying `file:line:col`; the CLI maps
@@ -17,6 +18,7 @@ mod interp;
 pub mod kinds;
 pub mod resolve;
 pub mod resolved;
+pub mod resources;
 pub mod schema;
 pub mod spec;
 pub mod yaml;

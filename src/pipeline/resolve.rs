@@ -353,7 +353,7 @@ impl<'a> Resolver<'a> {
             env_values: d.it.env_values,
             seed,
             device,
-            gpus: st.gpus,
+            resources: st.resources.clone(),
             deps,
             model_inputs: d.model_inputs,
             positions: d.positions,
@@ -463,7 +463,7 @@ impl<'a> Resolver<'a> {
         let info = self.kind(uses, uses_pos)?;
         let (k, mut r, key_paths) = self.with_config(d, uses, extends, info, with)?;
         self.builtin_inputs(d, info, uses, ins)?;
-        let device = self.device(d.ename, info, &mut r);
+        let device = self.device(d.ename, info, d.st.resources.gpus, &mut r);
         if let Val::Map(m) = &with.val {
             d.positions.extend(m.iter().map(|(k, p, _)| (format!("with.{k}"), *p)));
         }
@@ -552,13 +552,18 @@ impl<'a> Resolver<'a> {
     /// Device: `auto` resolved here, without libtorch — to the device the
     /// lock recorded for this stage when asked (`status --check`), else this
     /// machine's.
-    fn device(&self, ename: &str, info: &KindInfo, r: &mut Value) -> Option<String> {
+    fn device(&self, ename: &str, info: &KindInfo, gpus: u32, r: &mut Value) -> Option<String> {
         if !info.uses_device {
             return None;
         }
         let d = r.get("device").and_then(|d| d.as_str()).unwrap_or("auto").to_string();
+        let here = || match (self.opts.on_cluster, gpus) {
+            (false, _) => super::resolve_auto_device().to_string(),
+            (true, 0) => "cpu".to_string(),
+            (true, _) => "cuda".to_string(),
+        };
         let d = if d == "auto" {
-            self.opts.recorded_devices.get(ename).cloned().unwrap_or_else(|| super::resolve_auto_device().to_string())
+            self.opts.recorded_devices.get(ename).cloned().unwrap_or_else(here)
         } else {
             d
         };

@@ -23,6 +23,10 @@ pub struct Options {
     /// Stage → device recorded in the lock: `device: auto` resolves to it
     /// (`status --check` on a machine other than the one that ran).
     pub recorded_devices: BTreeMap<String, String>,
+    /// Stages run on a cluster's nodes, not here: `device: auto` is `cuda`
+    /// for a stage that asks `resources.gpus`, else `cpu` (this machine's
+    /// GPUs say nothing about the node's).
+    pub on_cluster: bool,
 }
 
 /// One input path source.
@@ -35,7 +39,7 @@ pub enum InputRef {
 }
 
 /// A piece of a shell command: literal text, an upstream output, an env var.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum CmdPiece {
     Lit(String),
     Output { stage: String, output: String, text: String },
@@ -78,7 +82,8 @@ pub struct ResolvedStage {
     pub env_values: BTreeMap<String, String>,
     pub seed: u64,
     pub device: Option<String>,
-    pub gpus: u32,
+    /// `resources:` (GPUs for the local scheduler; the rest for Slurm).
+    pub resources: super::resources::Resources,
     /// Upstream expanded stages.
     pub deps: Vec<String>,
     /// Inputs (names as in [`Self::inputs`]) that hold models, and their form.

@@ -27,7 +27,7 @@ pub struct StageSpec {
     pub body: Body,
     /// `matrix:` key → (key position, values).
     pub matrix: Vec<(String, Pos, Vec<Node>)>,
-    pub gpus: u32,
+    pub resources: super::resources::Resources,
     pub seed: Option<Node>,
 }
 
@@ -233,17 +233,10 @@ impl StageSpec {
                 matrix.push((k.clone(), *kp, vals));
             }
         }
-        let mut gpus = 0;
-        if let Some(r) = node.get("resources") {
-            check_keys(file, r, &["gpus"], "`resources`")?;
-            expect_map(file, r, "`resources`")?;
-            if let Some(g) = r.get("gpus") {
-                gpus = match g.val {
-                    Val::Int(i) if (0..=64).contains(&i) => i as u32,
-                    _ => return Err(err(file, g.pos, "`resources.gpus` must be an integer between 0 and 64")),
-                };
-            }
-        }
-        Ok(StageSpec { name: name.to_string(), pos, body, matrix, gpus, seed: node.get("seed").cloned() })
+        let resources = match node.get("resources") {
+            Some(r) => super::resources::Resources::from_node(file, r)?,
+            None => Default::default(),
+        };
+        Ok(StageSpec { name: name.to_string(), pos, body, matrix, resources, seed: node.get("seed").cloned() })
     }
 }

@@ -26,6 +26,8 @@ pub(crate) struct Engine {
     pub cancel: AtomicBool,
     /// Stage → supervisor pid of running children.
     pub children: Mutex<BTreeMap<String, u32>>,
+    /// Stage → the cluster job that runs (or ran) it, for the end-of-run table.
+    pub jobs: Mutex<BTreeMap<String, String>>,
     pub mp: MultiProgress,
     pub quiet: bool,
     /// Verify: outputs go to a scratch store, shell outputs are copied, not moved.
@@ -39,6 +41,13 @@ pub(crate) struct Engine {
     /// The numerics profile set in every stage's environment (checked and
     /// reported back by the worker).
     pub numerics: crate::numerics::Resolved,
+    /// How often a running stage's progress becomes a plain line (its log,
+    /// and stderr without a terminal); None: never ([`super::progress`]).
+    pub progress_interval: Option<std::time::Duration>,
+    /// Woken at each `{"checkpoint": …}` event of a stage: the job step on
+    /// a compute node pushes the work dir to the remote then (None: nobody
+    /// listens, as in a local run).
+    pub checkpoints: Option<std::sync::Arc<tokio::sync::Notify>>,
     /// The project's remote store, if one is configured (read-through,
     /// leases, write-through: [`super::remote`]). None under verify.
     pub remote: Option<super::remote::RemoteLink>,
@@ -61,6 +70,7 @@ impl Engine {
             sc: Mutex::new(sc),
             cancel: AtomicBool::new(false),
             children: Mutex::new(BTreeMap::new()),
+            jobs: Mutex::new(BTreeMap::new()),
             mp,
             quiet,
             scratch: false,
@@ -68,6 +78,8 @@ impl Engine {
             home,
             // main validates RECFLOW_NUMERICS before any engine exists.
             numerics: crate::numerics::Request::from_env().unwrap_or(crate::numerics::Request::DEFAULT).resolve(),
+            progress_interval: Some(std::time::Duration::from_secs_f64(super::progress::DEFAULT_INTERVAL_S)),
+            checkpoints: None,
             remote: None,
             fatal: Mutex::new(None),
         }
@@ -81,11 +93,20 @@ impl Engine {
         }
     }
 
-    pub(super) fn sc(&self) -> std::sync::MutexGuard<'_, StatCache> {
+    pub(crate) fn sc(&self) -> std::sync::MutexGuard<'_, StatCache> {
         self.sc.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn note(&self, msg: &str) {
+    /// Remembers the cluster job of a stage (shown in the end-of-run table).
+    pub(crate) fn note_job(&self, stage: &str, job: &str) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(stage.to_string(), job.to_string());
+    }
+
+    pub(crate) fn job_of(&self, stage: &str) -> Option<String> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(stage).cloned()
+    }
+
+    pub(crate) fn note(&self, msg: &str) {
         if !self.quiet {
             // Without a terminal the bars are hidden and so is their
             // `println`: warnings must still reach a CI log.

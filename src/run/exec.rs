@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 
-use super::commit::{self, commit_lock, try_reuse, Executed, Timing};
+use super::commit::{self, commit_lock, try_reuse, Executed};
 use super::engine::{Done, Engine};
-use super::launch::{self, now_unix};
+use super::executor::{Executor, Local, StageJob};
+use super::launch;
 use super::plan::{self, Mode, Selection};
 use super::remote;
 use super::{key_inputs, worker_path, Avail, Available, KeyState, RunError};
@@ -31,13 +32,27 @@ use crate::pipeline::Pipeline;
 /// Flags of `recflow run`.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    pub jobs: usize,
+    /// Stages in flight at once (None: the executor's default).
+    pub jobs: Option<usize>,
     pub sel: Selection,
     pub keep_going: bool,
     /// Total GPUs to schedule (default: `/dev/nvidiaN` count).
     pub gpus: Option<u32>,
     /// No progress bars or table (tests, `--log-format json`).
     pub quiet: bool,
+    /// Seconds between plain progress lines ([`super::progress`]); None: none.
+    pub progress_interval: Option<std::time::Duration>,
+    /// Where stages run (`--executor`, `[executor] kind`).
+    pub executor: ExecutorChoice,
+}
+
+/// The executor a run uses, with its settings.
+#[derive(Debug, Clone, Default)]
+pub enum ExecutorChoice {
+    #[default]
+    Local,
+    /// One `sbatch` job per stage ([`super::executor::slurm`]).
+    Slurm(Box<super::executor::slurm::Settings>),
 }
 
 /// How one stage ended.
@@ -56,6 +71,8 @@ pub struct Row {
     pub stage: String,
     pub outcome: Outcome,
     pub wall_s: f64,
+    /// The cluster job that ran (or was running) the stage.
+    pub job: Option<String>,
     /// A verdict the stage recorded in its metrics that the end of the run
     /// must repeat (GRPO collapse: [`crate::stages::grpo::collapse_note`]);
     /// also for cached stages, whose warnings were printed by an earlier run.
@@ -72,7 +89,10 @@ pub struct Summary {
 impl Summary {
     pub fn table(&self) -> String {
         let w = self.rows.iter().map(|r| r.stage.len()).max().unwrap_or(5).max(5);
-        let mut s = format!("{:<w$}  {:<7}  {:>8}\n", "stage", "status", "wall");
+        // A job column only when a cluster ran something.
+        let jw = self.rows.iter().filter_map(|r| r.job.as_ref().map(|j| j.len())).max().map(|n| n.max(3));
+        let job_cell = |j: Option<&str>| jw.map(|jw| format!("  {:<jw$}", j.unwrap_or("-"))).unwrap_or_default();
+        let mut s = format!("{:<w$}  {:<7}  {:>8}{}", "stage", "status", "wall", job_cell(Some("job"))).trim_end().to_string() + "\n";
         for r in &self.rows {
             let (st, extra) = match &r.outcome {
                 Outcome::Cached => ("cached", String::new()),
@@ -82,7 +102,9 @@ impl Summary {
                 Outcome::NotSelected => ("-", "  not selected".to_string()),
             };
             let note = r.note.as_ref().map(|n| format!("  {n}")).unwrap_or_default();
-            s.push_str(&format!("{:<w$}  {:<7}  {:>7.2}s{extra}{note}\n", r.stage, st, r.wall_s));
+            let line = format!("{:<w$}  {:<7}  {:>7.2}s{}{extra}{note}", r.stage, st, r.wall_s, job_cell(r.job.as_deref()));
+            s.push_str(line.trim_end());
+            s.push('\n');
         }
         s
     }
@@ -111,6 +133,7 @@ pub(crate) async fn execute(
 /// Reuse or run one stage (the body of a scheduler task).
 async fn stage_task(
     eng: Arc<Engine>,
+    exe: Arc<dyn Executor>,
     idx: usize,
     mode: Mode,
     avail: Available,
@@ -164,18 +187,23 @@ async fn stage_task(
             return Ok(d);
         }
     }
-    // Missing here: the remote's turn (read-through, then its lease).
+    // Missing here: the remote's turn (read-through, then its lease) — unless
+    // the executor's job takes the lease and pushes itself (Slurm through the
+    // remote), where the runner only reads through.
     let keeper = match &eng.remote {
         None => None,
+        Some(link) if exe.job_uses_remote() => match remote::read_through(&eng, link, &stage, &key, mode).await? {
+            Some(d) => return Ok(d),
+            None => None,
+        },
         Some(link) => match remote::before_run(&eng, link, &stage, &key, mode).await? {
             remote::Before::Reused(d) => return Ok(d),
             remote::Before::Run(k) => Some(k),
         },
     };
-    let started = now_unix();
-    let t0 = Instant::now();
-    let run = execute(&eng, &stage, &key, &paths, &lock, &gpu_ids);
-    let executed = match &keeper {
+    let (name, key2) = (stage.name.clone(), key.clone());
+    let run = exe.run(&eng, StageJob { stage: stage.clone(), key, ki, paths, lock, gpu_ids });
+    let done = match &keeper {
         None => run.await?,
         Some(k) => {
             tokio::pin!(run);
@@ -183,16 +211,15 @@ async fn stage_task(
                 r = &mut run => r?,
                 why = k.lost() => {
                     // A holder that lost its lease stops: another runner may own the key now.
-                    remote::stop_stage(&eng, &stage.name);
+                    remote::stop_stage(&eng, &name);
                     let _ = run.await;
-                    return Err(format!("lost the remote lease on key {} ({why}); the stage was stopped, its work dir is kept", &key[..12]));
+                    return Err(format!("lost the remote lease on key {} ({why}); the stage was stopped, its work dir is kept", &key2[..12]));
                 }
             }
         }
     };
-    let done = commit::record(&eng, &stage, key.clone(), ki, executed, Timing { started, wall_s: t0.elapsed().as_secs_f64() }, lock)?;
     if let (Some(link), Some(k)) = (&eng.remote, keeper) {
-        remote::after_commit(&eng, link, &stage, &key, k).await;
+        remote::after_commit(&eng, link, &stage, &key2, k).await;
     }
     Ok(done)
 }
@@ -203,17 +230,22 @@ pub fn run(p: Pipeline, opts: &RunOptions) -> Result<Summary, RunError> {
     // Settings only: no request is made until a key is missing locally.
     let remote = crate::remote::RemoteSpec::from_project(&p.root)?;
     let mut eng = Engine::new(p, store, opts.quiet);
+    eng.progress_interval = opts.progress_interval;
     eng.remote = remote.map(remote::RemoteLink::new);
-    run_with(Arc::new(eng), opts)
+    let exe: Arc<dyn Executor> = match &opts.executor {
+        ExecutorChoice::Local => Arc::new(Local),
+        ExecutorChoice::Slurm(s) => Arc::new(super::executor::slurm::Slurm::new((**s).clone())),
+    };
+    run_with(Arc::new(eng), exe, opts)
 }
 
-pub(crate) fn run_with(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunError> {
+pub(crate) fn run_with(eng: Arc<Engine>, exe: Arc<dyn Executor>, opts: &RunOptions) -> Result<Summary, RunError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| RunError::Failed(format!("cannot start the async runtime: {e}")))?;
-    let res = rt.block_on(schedule(eng.clone(), opts));
+    let res = rt.block_on(schedule(eng.clone(), exe, opts));
     eng.sc().save();
     res
 }
@@ -223,11 +255,13 @@ fn nodes(p: &Pipeline) -> Vec<plan::Node> {
     p.stages.iter().map(|s| plan::Node { name: s.name.clone(), base: s.base.clone(), deps: s.deps.clone() }).collect()
 }
 
-async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunError> {
+async fn schedule(eng: Arc<Engine>, exe: Arc<dyn Executor>, opts: &RunOptions) -> Result<Summary, RunError> {
     let plan = plan::plan(&nodes(&eng.p), &opts.sel).map_err(RunError::BadInput)?;
     let modes: BTreeMap<String, Mode> = plan.stages.into_iter().collect();
-    let jobs = opts.jobs.max(1);
-    let total_gpus = opts.gpus.unwrap_or_else(crate::pipeline::gpu_count);
+    let jobs = opts.jobs.unwrap_or_else(|| exe.default_jobs()).max(1);
+    // A cluster scheduler places GPUs itself; locally we count this machine's.
+    let local_gpus = exe.local_gpus();
+    let total_gpus = if local_gpus { opts.gpus.unwrap_or_else(crate::pipeline::gpu_count) } else { 0 };
     let mut free_gpus: BTreeSet<u32> = (0..total_gpus).collect();
     let mut done: BTreeMap<String, Done> = BTreeMap::new();
     let mut ended: BTreeMap<String, Outcome> = BTreeMap::new();
@@ -263,7 +297,7 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
                 if set.len() >= jobs {
                     break;
                 }
-                let want = s.gpus.min(total_gpus);
+                let want = if local_gpus { s.resources.gpus.min(total_gpus) } else { 0 };
                 if (free_gpus.len() as u32) < want {
                     continue;
                 }
@@ -275,8 +309,8 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
                     s.deps.iter().filter_map(|d| done.get(d).map(|x| (d.clone(), x.avail.clone()))).collect();
                 let mode = modes.get(&s.name).copied().unwrap_or(Mode::Consider);
                 started.insert(s.name.clone(), (Instant::now(), ids.clone()));
-                let e2 = eng.clone();
-                set.spawn(async move { (i, stage_task(e2, i, mode, avail, ids).await) });
+                let (e2, x2) = (eng.clone(), exe.clone());
+                set.spawn(async move { (i, stage_task(e2, x2, i, mode, avail, ids).await) });
             }
         }
         if set.is_empty() {
@@ -284,8 +318,8 @@ async fn schedule(eng: Arc<Engine>, opts: &RunOptions) -> Result<Summary, RunErr
         }
         let joined = tokio::select! {
             j = set.join_next() => j,
-            _ = tokio::signal::ctrl_c() => { cancel(&eng); None }
-            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending::<()>().await } } => { cancel(&eng); None }
+            _ = tokio::signal::ctrl_c() => { cancel(&eng, exe.as_ref()); None }
+            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending::<()>().await } } => { cancel(&eng, exe.as_ref()); None }
         };
         let Some(joined) = joined else {
             if eng.cancel.load(Ordering::SeqCst) {
@@ -381,6 +415,7 @@ fn finish(
             stage: s.name.clone(),
             outcome: ended.get(&s.name).cloned().unwrap_or(Outcome::Skipped("not started (an earlier stage failed)".into())),
             wall_s: walls.get(&s.name).copied().unwrap_or(0.0),
+            job: eng.job_of(&s.name),
             note: notes.get(&s.name).cloned(),
         })
         .collect();
@@ -388,16 +423,15 @@ fn finish(
     Ok(Summary { rows, hashed_bytes })
 }
 
-/// Ctrl-C / SIGTERM: stop every running stage; nothing of theirs is recorded.
-fn cancel(eng: &Engine) {
+/// Ctrl-C / SIGTERM: stop every running stage (the executor's way: signal
+/// the local supervisors, cancel the cluster jobs); nothing of theirs is recorded.
+fn cancel(eng: &Engine, exe: &dyn Executor) {
     eng.cancel.store(true, Ordering::SeqCst);
-    eng.note("interrupted: stopping running stages (their work dirs are kept; a second Ctrl-C kills them at once)");
-    for pid in eng.children.lock().unwrap_or_else(|e| e.into_inner()).values() {
-        // SAFETY: signals our own supervisor child; it stops its stage's group.
-        unsafe {
-            libc::kill(*pid as i32, libc::SIGTERM);
-        }
-    }
+    eng.note(&format!(
+        "interrupted: stopping running stages ({} executor; their work dirs are kept; a second Ctrl-C kills them at once)",
+        exe.name()
+    ));
+    exe.cancel(eng);
 }
 
 /// `run --dry-run`: what would run and why, touching nothing but the stat

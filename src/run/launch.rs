@@ -21,6 +21,7 @@ use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 
 use super::engine::Engine;
+use super::progress::StageProgress;
 use super::worker_path;
 use crate::cache::locks::FileLock;
 use crate::cache::store::remove_any;
@@ -117,7 +118,12 @@ pub(crate) async fn launch(
         eng.children.lock().unwrap_or_else(|e| e.into_inner()).insert(stage.name.clone(), pid);
     }
     let bar = progress_bar(eng, stage);
-    let numerics = pump_events(eng, stage, &mut child, &log, &bar).await;
+    let seen = Arc::new(std::sync::Mutex::new(StageProgress::new(t0)));
+    let ticker = eng.progress_interval.map(|every| tokio::spawn(progress_lines(eng.clone(), stage.name.clone(), log.clone(), seen.clone(), every)));
+    let numerics = pump_events(eng, stage, &mut child, &log, &bar, &seen).await;
+    if let Some(t) = ticker {
+        t.abort();
+    }
     let status = child.wait().await;
     bar.finish_and_clear();
     eng.mp.remove(&bar);
@@ -263,7 +269,7 @@ fn supervised(
 }
 
 /// The stage's spinner/progress bar (hidden without a terminal).
-fn progress_bar(eng: &Engine, stage: &ResolvedStage) -> ProgressBar {
+pub(crate) fn progress_bar(eng: &Engine, stage: &ResolvedStage) -> ProgressBar {
     let bar = eng.mp.add(ProgressBar::new_spinner());
     bar.set_style(
         ProgressStyle::with_template("{prefix:.bold} {spinner} [{bar:30}] {pos}/{len} {msg} {per_sec} eta {eta}")
@@ -275,15 +281,34 @@ fn progress_bar(eng: &Engine, stage: &ResolvedStage) -> ProgressBar {
     bar
 }
 
-/// Reads the child's stdout to its end: `progress` events drive the bar,
-/// `numerics` and `log` events (and any other line) go to the stage log,
-/// warnings and errors also to the terminal. Returns the reported profile.
+/// Every `every`: the stage's progress as one plain line appended to its
+/// log and, when no bar is drawn (no terminal), printed too
+/// ([`super::progress`]). Runs until the launcher aborts it.
+async fn progress_lines(eng: Arc<Engine>, name: String, log: PathBuf, prog: Arc<std::sync::Mutex<StageProgress>>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let line = prog.lock().unwrap_or_else(|e| e.into_inner()).line(Instant::now());
+        log_line(&log, &format!("== recflow: progress {line}"));
+        if eng.mp.is_hidden() && !eng.quiet {
+            eprintln!("{name}: {line}");
+        }
+    }
+}
+
+/// Reads the child's stdout to its end: `progress` events drive the bar
+/// and the plain progress lines, `checkpoint` events wake whoever syncs the
+/// work dir ([`Engine::checkpoints`]), `numerics` and `log` events (and any
+/// other line) go to the stage log, warnings and errors also to the
+/// terminal. Returns the reported profile.
 async fn pump_events(
     eng: &Engine,
     stage: &ResolvedStage,
     child: &mut tokio::process::Child,
     log: &Path,
     bar: &ProgressBar,
+    prog: &std::sync::Mutex<StageProgress>,
 ) -> Option<crate::numerics::Profile> {
     let mut numerics: Option<crate::numerics::Profile> = None;
     if let Some(out) = child.stdout.take() {
@@ -292,11 +317,21 @@ async fn pump_events(
             match serde_json::from_str::<Value>(&line) {
                 Ok(v) if v.get("progress").is_some() => {
                     let p = &v["progress"];
-                    if let Some(t) = p.get("total").and_then(|t| t.as_u64()) {
+                    let total = p.get("total").and_then(|t| t.as_u64());
+                    let done = p.get("done").and_then(|d| d.as_u64()).unwrap_or(0);
+                    let unit = p.get("unit").and_then(|u| u.as_str()).unwrap_or("");
+                    if let Some(t) = total {
                         bar.set_length(t);
                     }
-                    bar.set_position(p.get("done").and_then(|d| d.as_u64()).unwrap_or(0));
-                    bar.set_message(p.get("unit").and_then(|u| u.as_str()).unwrap_or("").to_string());
+                    bar.set_position(done);
+                    bar.set_message(unit.to_string());
+                    prog.lock().unwrap_or_else(|e| e.into_inner()).update(Instant::now(), done, total, unit);
+                }
+                Ok(v) if v.get("checkpoint").is_some() => {
+                    log_line(log, &format!("== recflow: checkpoint saved {}", v["checkpoint"]));
+                    if let Some(n) = &eng.checkpoints {
+                        n.notify_one();
+                    }
                 }
                 Ok(v) if v.get("numerics").is_some() => {
                     numerics = serde_json::from_value(v["numerics"].clone()).ok();
@@ -317,16 +352,16 @@ async fn pump_events(
     numerics
 }
 
-/// A failed stage's line: its exit code, its log, and the log's last five
-/// lines of the stage's own (not the runner's `== recflow` lines).
+/// A failed stage's line: its exit code, its log, and the log's last lines.
 fn failure(status: &std::process::ExitStatus, log: &Path) -> String {
+    format!("exit code {}{}", status.code().map(|c| c.to_string()).unwrap_or_else(|| "signal".into()), log_tail(log))
+}
+
+/// `; log PATH` and the log's last five lines of the stage's own (not the
+/// runner's `== recflow` lines), indented under the message.
+pub(crate) fn log_tail(log: &Path) -> String {
     let tail = std::fs::read_to_string(log).unwrap_or_default();
     let last: Vec<&str> = tail.lines().rev().filter(|l| !l.starts_with("== recflow")).take(5).collect();
     let last: Vec<&str> = last.into_iter().rev().collect();
-    format!(
-        "exit code {}; log {}{}",
-        status.code().map(|c| c.to_string()).unwrap_or_else(|| "signal".into()),
-        log.display(),
-        if last.is_empty() { String::new() } else { format!("\n    {}", last.join("\n    ")) }
-    )
+    format!("; log {}{}", log.display(), if last.is_empty() { String::new() } else { format!("\n    {}", last.join("\n    ")) })
 }

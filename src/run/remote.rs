@@ -109,8 +109,9 @@ async fn pull_reuse(eng: &Arc<Engine>, stage: &ResolvedStage, key: &str, remote:
     }
 }
 
-/// Steps 1 and 2 of the module doc. Err: the run must stop (bad remote, or cancelled).
-pub(crate) async fn before_run(eng: &Arc<Engine>, link: &RemoteLink, stage: &ResolvedStage, key: &str, mode: Mode) -> Result<Before, String> {
+/// Step 1 of the module doc: the opened remote and, unless forced, its
+/// verified entry for `key`, reused. Err: the run must stop.
+async fn pull_first<'l>(eng: &Arc<Engine>, link: &'l RemoteLink, stage: &ResolvedStage, key: &str, mode: Mode) -> Result<(&'l Remote, Option<Done>), String> {
     let remote = match link.get().await {
         Ok(r) => r,
         Err(msg) => {
@@ -120,11 +121,20 @@ pub(crate) async fn before_run(eng: &Arc<Engine>, link: &RemoteLink, stage: &Res
     };
     if mode != Mode::Force {
         if let Some(d) = pull_reuse(eng, stage, key, remote).await {
-            return Ok(Before::Reused(d));
+            return Ok((remote, Some(d)));
         }
         if mode == Mode::ReuseOnly {
             return Err("not built yet (neither here nor in the remote) and outside the selection (run it, or drop --only/--from)".into());
         }
+    }
+    Ok((remote, None))
+}
+
+/// Steps 1 and 2 of the module doc. Err: the run must stop (bad remote, or cancelled).
+pub(crate) async fn before_run(eng: &Arc<Engine>, link: &RemoteLink, stage: &ResolvedStage, key: &str, mode: Mode) -> Result<Before, String> {
+    let (remote, reused) = pull_first(eng, link, stage, key, mode).await?;
+    if let Some(d) = reused {
+        return Ok(Before::Reused(d));
     }
     let ttl = remote.spec().lease;
     let poll = (ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(2));
@@ -171,6 +181,18 @@ pub(crate) async fn before_run(eng: &Arc<Engine>, link: &RemoteLink, stage: &Res
             }
         }
     }
+}
+
+/// Step 1 only, for an executor whose job takes the lease and pushes the
+/// result itself (Slurm through the remote: [`super::executor::slurm`]).
+/// None: the stage must run. Err: the run must stop.
+pub(crate) async fn read_through(eng: &Arc<Engine>, link: &RemoteLink, stage: &ResolvedStage, key: &str, mode: Mode) -> Result<Option<Done>, String> {
+    let (_, reused) = pull_first(eng, link, stage, key, mode).await?;
+    if reused.is_none() {
+        // The job pushes its result: the lock file becomes a root of the remote.
+        link.pushed.store(true, Ordering::SeqCst);
+    }
+    Ok(reused)
 }
 
 /// Stops a stage whose lease was lost: its supervisor gets SIGTERM (and

@@ -344,6 +344,13 @@ impl StageCtx {
         self.events.emit(serde_json::json!({"progress": {"done": done, "total": total, "unit": unit}}));
     }
 
+    /// Says a checkpoint of `step` is complete in the work dir
+    /// (`{"checkpoint": {"step": N}}`): a runner that keeps work dirs
+    /// elsewhere (a Slurm job syncing to the remote) copies it now.
+    pub fn checkpoint_saved(&mut self, step: u64) {
+        self.events.emit(serde_json::json!({"checkpoint": {"step": step}}));
+    }
+
     /// A human-readable log line (also the channel for loud warnings).
     pub fn log(&mut self, level: &str, msg: impl Into<String>) {
         self.events.emit(serde_json::json!({"log": {"level": level, "msg": msg.into()}}));

@@ -541,7 +541,7 @@ impl<'a> Grpo<'a> {
     /// weighted by w_i (`loss_type`'s normalisation, [`sequence_weights`]).
     /// Gradients accumulate in the trainable tensors; the update is the
     /// caller's.
-    fn train_step(&self, t: &mut Trainer, r: &Rollouts, step: usize, ctx: &StageCtx) -> anyhow::Result<StepStats> {
+    fn train_step(&self, t: &mut Trainer, r: &Rollouts, step: usize, ctx: &mut StageCtx) -> anyhow::Result<StepStats> {
         let cfg = self.cfg;
         let device = t.device;
         t.trainee.model.set_training(true);

@@ -326,7 +326,7 @@ impl Trainer {
     /// follow. Which boundaries get a checkpoint thus depends on the clock,
     /// but what a checkpoint holds does not (resume is exact), so the
     /// outputs do not.
-    pub fn checkpoint_if_due(&mut self, ctx: &StageCtx, done: usize) -> anyhow::Result<()> {
+    pub fn checkpoint_if_due(&mut self, ctx: &mut StageCtx, done: usize) -> anyhow::Result<()> {
         let (b, every) = (self.boundary, self.save_steps);
         let at_boundary = done as u64 > self.resumed_from && done < self.total && done.is_multiple_of(b);
         let by_steps = done / every != done.saturating_sub(b) / every;
@@ -338,9 +338,10 @@ impl Trainer {
     }
 
     /// Rank 0 writes the checkpoint; the other ranks hold the same state.
-    fn save(&mut self, ctx: &StageCtx) -> anyhow::Result<()> {
+    fn save(&mut self, ctx: &mut StageCtx) -> anyhow::Result<()> {
         if self.dist.writes() {
             checkpoint::save(&ctx.work_dir, &self.state, &self.trainee.trainable, &self.opt, self.best.as_deref(), &self.log)?;
+            ctx.checkpoint_saved(self.state.step);
         }
         self.last_saved = self.state.step;
         self.saved_at = Instant::now();
@@ -357,7 +358,7 @@ impl Trainer {
     /// skipped: ranks run different numbers of micro-batches, so no
     /// collective can happen there): a stop signal seen by any rank stops
     /// all of them at the same step, and rank 0 saves.
-    pub fn stop_if_cancelled(&mut self, ctx: &StageCtx, step: usize, during: bool) -> anyhow::Result<()> {
+    pub fn stop_if_cancelled(&mut self, ctx: &mut StageCtx, step: usize, during: bool) -> anyhow::Result<()> {
         if !step.is_multiple_of(self.boundary) {
             return Ok(());
         }
