@@ -390,7 +390,7 @@ impl Trainer {
     /// The result of a stage's [`Dist::backward_shares`] for step `step`:
     /// a [`MidStep`] cancellation becomes [`Trainer::stop_if_cancelled`]'s
     /// checkpoint and error.
-    pub fn shares_done<T>(&mut self, ctx: &StageCtx, step: usize, r: anyhow::Result<Vec<T>>) -> anyhow::Result<Vec<T>> {
+    pub fn shares_done<T>(&mut self, ctx: &mut StageCtx, step: usize, r: anyhow::Result<Vec<T>>) -> anyhow::Result<Vec<T>> {
         match r {
             Err(e) if e.is::<MidStep>() => {
                 self.stop_if_cancelled(ctx, step, true)?;
