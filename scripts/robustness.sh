@@ -20,7 +20,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source scripts/setup.sh
-cargo build -q --bin recflow --bin recflow-worker
+cargo build -q --workspace --bins   # the feature set of the test build: no dependency rebuilt
 SEEDS=${1:-"42 43 44"}
 PROFILES=${2:-"aten=avx2,mkl=compatible aten=native,mkl=off"}
 R="$ROOT/target/debug/recflow"
