@@ -185,6 +185,20 @@ fn matrix_and_torch_stage_through_slurm_equal_a_local_run() {
     assert!(again.status.success(), "{}", text(&again));
     assert_eq!(c.jobs().len(), 7, "a no-op rerun submits no job");
     assert!(!String::from_utf8_lossy(&again.stdout).contains(" ran "), "all cached:\n{}", text(&again));
+
+    // `--force` computes the stage again on a node although the remote holds
+    // its record (the node neither skips it nor the runner reuses the record).
+    let forced = run_cmd(&p, &c, &["run", "p.yaml", "--force", "total"]).output().unwrap();
+    assert!(forced.status.success(), "{}", text(&forced));
+    let jobs = c.jobs();
+    assert_eq!(jobs.len(), 8, "one new job, the forced stage's: {jobs:?}");
+    let id = jobs.iter().map(|j| j.0.parse::<u64>().unwrap()).max().unwrap().to_string();
+    let table = String::from_utf8_lossy(&forced.stdout);
+    let row = table.lines().find(|l| l.starts_with("total ")).unwrap_or_default();
+    assert!(row.contains(" ran ") && row.split_whitespace().any(|w| w == id), "the forced stage ran as job {id}: {row}");
+    let records = std::fs::read_dir(c.path(&format!("node-{id}")).join("records")).map(|r| r.count()).unwrap_or(0);
+    assert_eq!(records, 1, "the forced job computed and committed the key in its node store");
+    assert_eq!(lock_outputs(&p), lock_outputs(&local), "the same bytes again");
 }
 
 /// Counts to 30 in its work dir, reporting a checkpoint after each step; its
@@ -299,19 +313,27 @@ fn shared_file_system_mode_and_an_unknown_partition() {
     p.write("in.txt", "a\n");
     p.write(
         "p.yaml",
-        "stages:\n  one:\n    cmd: \"tr a b < in.txt > one.txt\"\n    deps: [in.txt]\n    outs: [one.txt]\n  two:\n    cmd: \"cat one.txt one.txt > two.txt\"\n    deps: [one.txt]\n    outs: [two.txt]\n",
+        &format!(
+            "stages:\n  one:\n    cmd: \"tr a b < in.txt > one.txt; echo ran >> {ran}\"\n    deps: [in.txt]\n    outs: [one.txt]\n  two:\n    cmd: \"cat one.txt one.txt > two.txt\"\n    deps: [one.txt]\n    outs: [two.txt]\n",
+            ran = c.path("ran.log").display()
+        ),
     );
     let out = run_cmd(&p, &c, &["run", "p.yaml"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(p.read("two.txt"), "b\nb\n");
     assert_eq!(c.jobs().len(), 2, "one job per stage");
+    // `--force` runs the command again on the node although the shared store has the key.
+    let out = run_cmd(&p, &c, &["run", "p.yaml", "--force", "one"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(c.jobs().len(), 3, "one new job, the forced stage's");
+    assert_eq!(std::fs::read_to_string(c.path("ran.log")).unwrap(), "ran\nran\n", "the forced job ran the command");
     // A partition the cluster does not have: bad input before anything runs.
     p.write("p.yaml", "stages:\n  one:\n    cmd: \"echo > x.txt\"\n    outs: [x.txt]\n    resources:\n      partition: nosuch\n");
     let out = run_cmd(&p, &c, &["run", "p.yaml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("p.yaml:2:3") && err.contains("resources.partition") && err.contains("nosuch") && err.contains("sinfo"), "{err}");
-    assert_eq!(c.jobs().len(), 2, "nothing was submitted");
+    assert_eq!(c.jobs().len(), 3, "nothing was submitted");
 }
 
 /// Bad input needs no cluster: each gets exit 2 and a message naming the

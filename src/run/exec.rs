@@ -202,7 +202,7 @@ async fn stage_task(
         },
     };
     let (name, key2) = (stage.name.clone(), key.clone());
-    let run = exe.run(&eng, StageJob { stage: stage.clone(), key, ki, paths, lock, gpu_ids });
+    let run = exe.run(&eng, StageJob { stage: stage.clone(), key, ki, paths, lock, force: mode == Mode::Force, gpu_ids });
     let done = match &keeper {
         None => run.await?,
         Some(k) => {

@@ -74,6 +74,11 @@ pub struct JobSpec {
     pub env: BTreeMap<String, String>,
     /// Shared file system mode: where the runner's project and store are.
     pub shared: Option<SharedPaths>,
+    /// The runner forced the stage (`--force`, `--from`): the node computes
+    /// it even when the key is already committed (in the remote, or in the
+    /// shared store), and the push then says whether the bytes agree.
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -156,6 +161,7 @@ impl JobSpec {
             worker: eng.p.worker.clone(),
             env: stage.env_hashes.clone(),
             shared: shared.then(|| SharedPaths { root: root.clone(), store: eng.store.dir.clone() }),
+            force: job.force,
         })
     }
 }
@@ -470,7 +476,7 @@ fn node_engine(spec: &JobSpec, stage: ResolvedStage, root: PathBuf, dir: PathBuf
 /// engine's store; SIGTERM/SIGINT (scancel, a time limit) and a lost lease
 /// stop it (the work dir stays for the next attempt).
 async fn run_here(eng: &Arc<Engine>, spec: &JobSpec, paths: BTreeMap<String, Vec<PathBuf>>, lock: FileLock, lost: Option<&crate::remote::LeaseKeeper>) -> Result<(), StepError> {
-    let job = StageJob { stage: eng.p.stages[0].clone(), key: spec.key.clone(), ki: spec.key_inputs.clone(), paths, lock, gpu_ids: vec![] };
+    let job = StageJob { stage: eng.p.stages[0].clone(), key: spec.key.clone(), ki: spec.key_inputs.clone(), paths, lock, force: spec.force, gpu_ids: vec![] };
     let e2 = eng.clone();
     let mut task = tokio::spawn(async move { Local.run(&e2, job).await });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| StepError::Failed(e.to_string()))?;
@@ -515,7 +521,7 @@ async fn remote_step(args: &StepArgs, spec_id: &str) -> Result<String, StepError
     let env = node_env(&spec)?;
     let key = spec.key.clone();
     // 2. The key's lease: one job per key across machines.
-    if remote.has_record(&key).await.map_err(|e| StepError::Failed(e.to_string()))? {
+    if !spec.force && remote.has_record(&key).await.map_err(|e| StepError::Failed(e.to_string()))? {
         return Ok(format!("key {key} is already committed in the remote; nothing to do"));
     }
     let holder = crate::remote::lease::holder_id();
@@ -530,7 +536,7 @@ async fn remote_step(args: &StepArgs, spec_id: &str) -> Result<String, StepError
                     said = true;
                 }
                 tokio::time::sleep(rspec.lease / 3).await;
-                if remote.has_record(&key).await.map_err(|e| StepError::Failed(e.to_string()))? {
+                if !spec.force && remote.has_record(&key).await.map_err(|e| StepError::Failed(e.to_string()))? {
                     return Ok(format!("key {key} was committed by {holder} meanwhile; nothing to do"));
                 }
             }
@@ -644,7 +650,7 @@ async fn shared_step(args: &StepArgs, path: &Path) -> Result<String, StepError> 
         .await
         .map_err(|e| StepError::Failed(e.to_string()))?
         .map_err(|e| StepError::Failed(format!("key lock: {e}")))?;
-    if store.read_record(&key).is_some() {
+    if !spec.force && store.read_record(&key).is_some() {
         return Ok(format!("key {key} is already committed; nothing to do"));
     }
     let paths: BTreeMap<String, Vec<PathBuf>> = spec.inputs.iter().map(|(n, v)| (n.clone(), v.iter().map(|i| i.path.clone()).collect())).collect();

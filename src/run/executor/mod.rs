@@ -62,6 +62,9 @@ pub(crate) struct StageJob {
     /// Input name → the paths its content ids were read from.
     pub paths: BTreeMap<String, Vec<PathBuf>>,
     pub lock: FileLock,
+    /// `--force` or `--from` chose it: computed again even where a record
+    /// exists (here, in the remote, or in a node's store).
+    pub force: bool,
     /// GPUs of this machine given to the stage (local scheduling only).
     pub gpu_ids: Vec<u32>,
 }

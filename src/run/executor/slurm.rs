@@ -569,15 +569,9 @@ impl Executor for Slurm {
 
     fn run<'a>(&'a self, eng: &'a Arc<Engine>, job: StageJob) -> BoxFut<'a, Result<Done, String>> {
         Box::pin(async move {
-            // Committed meanwhile by another runner's job: reuse it.
-            if let Transfer::Remote(r) = &self.s.transfer {
-                if fetch_remote(r, eng, &job.key).await? {
-                    let (e2, st2, k2) = (eng.clone(), job.stage.clone(), job.key.clone());
-                    if let Some(d) = tokio::task::spawn_blocking(move || try_reuse(&e2, &st2, &k2)).await.map_err(|e| e.to_string())? {
-                        return Ok(d);
-                    }
-                }
-            }
+            // No look at the remote here: the scheduler has just read
+            // through it under the key lock (and not at all for a forced
+            // stage, which must be computed again on the node).
             let id = match self.queued_job(&job.key).await? {
                 Some(id) => {
                     eng.note(&format!("{}: adopting job {id} (queued by an earlier run for key {})", job.stage.name, &job.key[..12]));
