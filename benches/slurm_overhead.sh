@@ -27,10 +27,12 @@ else
 fi
 
 WORK=$(mktemp -d)
+chmod 0755 "$WORK" # mktemp's 0700 would keep the munge user out of the cluster dir below
 CLUSTER="$WORK/cluster"
 cleanup() { bash "$ROOT/scripts/slurm_cluster.sh" stop "$CLUSTER" >/dev/null 2>&1 || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-eval "$(bash "$ROOT/scripts/slurm_cluster.sh" start "$CLUSTER")"
+START=$(bash "$ROOT/scripts/slurm_cluster.sh" start "$CLUSTER") || { echo "error: the test cluster did not start" >&2; exit 1; }
+eval "$START"
 JOBS=$(nproc)
 
 # One project per executor; the pipeline: 20 expansions of one shell stage.
