@@ -96,6 +96,45 @@ fn issue18_wall_time_checkpoints_resume_exactly() {
     assert!(!plain.join("work/checkpoint").exists(), "no step or time interval was reached: no checkpoint");
 }
 
+/// A checkpoint records the CPU numerics profile it was written under; a
+/// rerun under another profile is refused, naming the difference and the
+/// profile to rerun with (issue 13: one output, one profile), and under
+/// the same profile it resumes.
+#[test]
+fn a_checkpoint_of_another_numerics_profile_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = small_toy_model(dir.path(), 3);
+    let (data, valid) = sft_data(dir.path(), 16, 4);
+    let inputs: [(&str, &Path); 3] = [("model", &base), ("data", &data), ("valid", &valid)];
+    let cfg = serde_json::json!({"learning_rate": 1e-3, "max_steps": 4, "per_device_train_batch_size": 2,
+        "eval_steps": 0, "eval_max_samples": 2, "eval_max_new_tokens": 8, "save_steps": 2});
+    let a = dir.path().join("a");
+    run_stage::<Sft>(&a, &inputs, cfg.clone(), recflow_ml::train::sft::run);
+    let state_path = a.join("work/checkpoint/state.json");
+    let mut state: serde_json::Value = serde_json::from_slice(&bytes(state_path.clone())).unwrap();
+    let here = state["numerics"].clone();
+    assert!(here["aten"].is_string() && here["threads"].as_u64().unwrap() >= 1, "the checkpoint records the profile: {state}");
+
+    // The same checkpoint as if written under ATen's `default` capability.
+    let other = dir.path().join("other");
+    copy_dir(&a.join("work"), &other.join("work"));
+    state["numerics"]["aten"] = "default".into();
+    state["numerics"]["requested"] = "aten=default,mkl=compatible,threads=1".into();
+    std::fs::write(other.join("work/checkpoint/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    let e = try_run_stage::<Sft>(&other, &inputs, cfg.clone(), recflow_ml::train::sft::run)
+        .expect_err("a checkpoint of another profile must not be resumed");
+    let msg = format!("{e:#}");
+    assert!(msg.contains("numerics profile") && msg.contains("aten default →"), "{msg}");
+    assert!(msg.contains("--numerics aten=default,mkl=compatible,threads=1"), "names the profile to rerun with: {msg}");
+    assert!(!other.join("out/model/model.safetensors").exists(), "nothing written: {msg}");
+
+    // Under the profile it was written with, the same checkpoint resumes.
+    let same = dir.path().join("same");
+    copy_dir(&a.join("work"), &same.join("work"));
+    let m = run_stage::<Sft>(&same, &inputs, cfg, recflow_ml::train::sft::run);
+    assert_eq!(m["resumed_from_step"], serde_json::json!(2));
+}
+
 #[test]
 fn grpo_resume_is_bit_identical_and_deterministic() {
     let dir = tempfile::tempdir().unwrap();

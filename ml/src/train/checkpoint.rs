@@ -38,6 +38,12 @@ pub struct State {
     /// Ranks of the data-parallel run that wrote it (absent: one process).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub world_size: Option<u64>,
+    /// The CPU numerics profile in force when it was written (absent on
+    /// CUDA and in older checkpoints): resuming under another one would put
+    /// two profiles' bytes into one output while the run record names only
+    /// the last (docs/engine.md "Numerics profile").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numerics: Option<recflow::numerics::Profile>,
 }
 
 impl State {
@@ -205,7 +211,7 @@ mod tests {
         let opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 });
         let mut log = Log::new(&["loss"]);
         log.push(1, &[("loss", Some(0.25))]).unwrap();
-        let st = State { step: 1, seed: 7, fingerprint: "f".into(), best_metric_bits: Some(0.1f64.to_bits()), best_step: Some(1), world_size: None };
+        let st = State { step: 1, seed: 7, fingerprint: "f".into(), best_metric_bits: Some(0.1f64.to_bits()), best_step: Some(1), world_size: None, numerics: None };
         save(dir.path(), &st, &w, &opt, Some(&w), &log).unwrap();
         // A second save replaces the first atomically and leaves no temp dirs.
         save(dir.path(), &st, &w, &opt, Some(&w), &log).unwrap();

@@ -88,6 +88,19 @@ pub trait TrainConfig: Serialize + Default {
 /// default config leaves out of its serialized form (an option added later
 /// and skipped while unset, e.g. `ddp_timeout`, `save_minutes`) is removed
 /// instead, so setting it moves nothing either.
+/// The CPU numerics profile of this process for a checkpoint (None on CUDA,
+/// where ATen's CPU capability and MKL's branch do not decide the bytes).
+fn cpu_profile(device: Device, world: usize) -> Option<recflow::numerics::Profile> {
+    if device != Device::Cpu {
+        return None;
+    }
+    // The request as the worker got it (none for a worker started by hand).
+    let req = std::env::var_os(recflow::numerics::ENV).and_then(|_| recflow::numerics::Request::from_env().ok()).map(|r| r.resolve());
+    let mut p = crate::numerics::observe(req.as_ref());
+    p.world_size = (world > 1).then_some(world as u32);
+    Some(p)
+}
+
 pub fn fingerprint<C: TrainConfig + Default>(cfg: &C, seed: u64, device: &str) -> anyhow::Result<String> {
     use serde_json::Value;
     let mut v = serde_json::to_value(cfg)?;
@@ -232,6 +245,7 @@ impl Trainer {
                 best_metric_bits: None,
                 best_step: None,
                 world_size: (world > 1).then_some(world as u64),
+                numerics: cpu_profile(s.device, world),
             },
             log: Log::new(columns),
             kind,
@@ -262,10 +276,30 @@ impl Trainer {
         };
         if let Some(l) = checkpoint::load(&ctx.work_dir, &fp, t.device, world)? {
             checkpoint::copy_into(&t.trainee.trainable, &l.trainable)?;
+            if let (Some(was), Some(here)) = (&l.state.numerics, &t.state.numerics) {
+                let d = was.differences(here);
+                if !d.is_empty() {
+                    let how = if was.requested.is_empty() {
+                        "rerun under that profile".to_string()
+                    } else {
+                        format!("rerun with `--numerics {}` (or RECFLOW_NUMERICS)", was.requested)
+                    };
+                    anyhow::bail!(
+                        "{kind}: the checkpoint in {} was written under the numerics profile {}, this run has {} ({}): resuming would mix the two profiles' bytes in one output; {how} to continue it, or remove that work dir to start over",
+                        ctx.work_dir.display(),
+                        was.summary(),
+                        here.summary(),
+                        d.join(", ")
+                    );
+                }
+            }
             l.restore_optimizer(&mut t.opt, t.device)?;
             t.log = l.log;
             t.best = l.best;
+            // Later checkpoints record the profile in force (an older one had none).
+            let here = t.state.numerics.take();
             t.state = l.state;
+            t.state.numerics = here;
             t.resumed_from = t.state.step;
             t.last_saved = t.state.step;
             ctx.log("info", format!("{kind}: resumed from the checkpoint at step {}", t.state.step));

@@ -68,13 +68,23 @@ pub fn run_stage<D: StageDef>(
     cfg: serde_json::Value,
     run: fn(&D::Config, &mut StageCtx) -> anyhow::Result<recflow::stages::Metrics>,
 ) -> recflow::stages::Metrics {
+    try_run_stage::<D>(root, inputs, cfg, run).expect("stage run must succeed")
+}
+
+/// [`run_stage`] for a run that may fail.
+pub fn try_run_stage<D: StageDef>(
+    root: &Path,
+    inputs: &[(&str, &Path)],
+    cfg: serde_json::Value,
+    run: fn(&D::Config, &mut StageCtx) -> anyhow::Result<recflow::stages::Metrics>,
+) -> anyhow::Result<recflow::stages::Metrics> {
     let cfg: D::Config = serde_json::from_value(cfg).expect("test config must parse");
     D::validate(&cfg).expect("test config must validate");
     let inputs: BTreeMap<String, Vec<PathBuf>> =
         inputs.iter().map(|(k, p)| (k.to_string(), vec![p.to_path_buf()])).collect();
     let mut ctx = StageCtx::for_test(D::KIND, root, inputs, D::outputs(&cfg));
     ctx.seed = 7;
-    run(&cfg, &mut ctx).expect("stage run must succeed")
+    run(&cfg, &mut ctx)
 }
 
 /// Fraction of greedy answers that parse under the answer grammar.
