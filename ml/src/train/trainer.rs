@@ -79,15 +79,6 @@ pub trait TrainConfig: Serialize + Default {
     fn dist(&self) -> Settings;
 }
 
-/// sha256 of (config minus `C::Stage::OPERATIONAL`, seed, device): a
-/// checkpoint written under another fingerprint is refused.
-///
-/// An operational field is set to the zero of its JSON type rather than
-/// removed: that is what the stages wrote by hand before this function
-/// existed, so a checkpoint of an interrupted run stays usable. A field the
-/// default config leaves out of its serialized form (an option added later
-/// and skipped while unset, e.g. `ddp_timeout`, `save_minutes`) is removed
-/// instead, so setting it moves nothing either.
 /// The CPU numerics profile of this process for a checkpoint (None on CUDA,
 /// where ATen's CPU capability and MKL's branch do not decide the bytes).
 fn cpu_profile(device: Device, world: usize) -> Option<recflow::numerics::Profile> {
@@ -101,6 +92,15 @@ fn cpu_profile(device: Device, world: usize) -> Option<recflow::numerics::Profil
     Some(p)
 }
 
+/// sha256 of (config minus `C::Stage::OPERATIONAL`, seed, device): a
+/// checkpoint written under another fingerprint is refused.
+///
+/// An operational field is set to the zero of its JSON type rather than
+/// removed: that is what the stages wrote by hand before this function
+/// existed, so a checkpoint of an interrupted run stays usable. A field the
+/// default config leaves out of its serialized form (an option added later
+/// and skipped while unset, e.g. `ddp_timeout`, `save_minutes`) is removed
+/// instead, so setting it moves nothing either.
 pub fn fingerprint<C: TrainConfig + Default>(cfg: &C, seed: u64, device: &str) -> anyhow::Result<String> {
     use serde_json::Value;
     let mut v = serde_json::to_value(cfg)?;
