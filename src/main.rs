@@ -52,7 +52,8 @@ enum Cmd {
     Run {
         #[command(flatten)]
         p: PipelineArgs,
-        /// Stages run at once (default: 2 on this machine).
+        /// Stages run at once (default: 2 on this machine); model stages on
+        /// the CPU still take turns for the cores (`resources.cpus`).
         #[arg(long, short = 'j')]
         jobs: Option<usize>,
         /// Run only these stages (their upstream must be cached).

@@ -560,3 +560,42 @@ stages:
     let bad = q.run(&["run", "p.yaml", "--progress-interval", "-1"]);
     assert_eq!(bad.status.code(), Some(2), "a negative interval is bad input");
 }
+
+/// Start and end times (ns) each stage of `cores_pipeline` wrote.
+fn spans(p: &Proj) -> Vec<(u128, u128)> {
+    ["a", "b"]
+        .iter()
+        .map(|s| {
+            let t: Vec<u128> = p.read(&format!("{s}.txt")).split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            assert_eq!(t.len(), 2, "stage {s} wrote its start and end");
+            (t[0], t[1])
+        })
+        .collect()
+}
+
+/// Two independent stages that each sleep a second; `cpus` (when given)
+/// asks for more cores than any machine has, so each needs all of them.
+fn cores_pipeline(cpus: &str) -> String {
+    let mut y = String::from("stages:\n");
+    for s in ["a", "b"] {
+        y.push_str(&format!("  {s}:\n    cmd: \"t0=$(date +%s%N); sleep 1; echo $t0 $(date +%s%N) > {s}.txt\"\n    outs: [{s}.txt]\n{cpus}"));
+    }
+    y
+}
+
+#[test]
+fn stages_that_need_every_core_take_turns_under_jobs_2() {
+    // Without a claim the two stages run side by side (the control) …
+    let p = Proj::new();
+    p.write("p.yaml", &cores_pipeline(""));
+    p.ok(&["run", "p.yaml", "-q", "--jobs", "2"]);
+    let s = spans(&p);
+    assert!(s[0].0 < s[1].1 && s[1].0 < s[0].1, "without `cpus` both stages ran at once: {s:?}");
+    // … with `resources.cpus` above the machine's cores each holds every
+    // core, so the second starts only once the first has ended.
+    let p = Proj::new();
+    p.write("p.yaml", &cores_pipeline("    resources: {cpus: 4096}\n"));
+    p.ok(&["run", "p.yaml", "-q", "--jobs", "2"]);
+    let s = spans(&p);
+    assert!(s[0].1 <= s[1].0 || s[1].1 <= s[0].0, "stages that need every core never overlap: {s:?}");
+}

@@ -5,7 +5,7 @@
 //! ```yaml
 //! resources:
 //!   gpus: 1            # the local scheduler and Slurm (`--gres=gpu:1`)
-//!   cpus: 8            # Slurm only (`--cpus-per-task=8`)
+//!   cpus: 8            # Slurm (`--cpus-per-task=8`); locally, cores held while it runs
 //!   mem: 32G           # Slurm only (`--mem=32G`); a bare number is megabytes
 //!   time: "4:00:00"    # Slurm only (`--time=4:00:00`); a bare number is minutes
 //!   partition: gpu     # Slurm only (`--partition=gpu`)
@@ -27,7 +27,8 @@ use super::PipelineError;
 pub struct Resources {
     /// GPUs the stage needs (0: none).
     pub gpus: u32,
-    /// CPU cores (Slurm `--cpus-per-task`).
+    /// CPU cores (Slurm `--cpus-per-task`; the local scheduler holds that
+    /// many of this machine's cores while the stage runs).
     pub cpus: Option<u32>,
     /// Memory per node, in Slurm's form (`32G`, `512M`).
     pub mem: Option<String>,

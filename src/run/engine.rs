@@ -54,6 +54,12 @@ pub(crate) struct Engine {
     /// A problem that ends the whole run as bad input (exit 2): an unusable
     /// remote found by the first stage that needed it.
     pub fatal: Mutex<Option<String>>,
+    /// This machine's cores as permits ([`Engine::cores_total`] of them): a
+    /// stage holds [`super::exec::cpu_claim`] of them while its process runs,
+    /// so two stages that each use every core never share them (`--jobs`
+    /// counts stages, not cores). Closed by Ctrl-C, which ends the waits.
+    pub cores: tokio::sync::Semaphore,
+    pub cores_total: u32,
 }
 
 impl Engine {
@@ -64,6 +70,7 @@ impl Engine {
         if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             mp.set_draw_target(ProgressDrawTarget::hidden());
         }
+        let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
         Engine {
             p,
             store,
@@ -82,6 +89,8 @@ impl Engine {
             checkpoints: None,
             remote: None,
             fatal: Mutex::new(None),
+            cores: tokio::sync::Semaphore::new(cores as usize),
+            cores_total: cores,
         }
     }
 

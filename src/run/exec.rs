@@ -126,8 +126,32 @@ pub(crate) async fn execute(
     lock: &FileLock,
     gpu_ids: &[u32],
 ) -> Result<Executed, String> {
+    let want = cpu_claim(stage, eng.numerics.threads).min(eng.cores_total);
+    let _cores = if want > 0 {
+        Some(eng.cores.acquire_many(want).await.map_err(|_| "cancelled while waiting for this machine's cores".to_string())?)
+    } else {
+        None
+    };
     let launched = launch::launch(eng, stage, key, paths, lock, gpu_ids).await?;
     commit::ingest(eng, stage, key, launched)
+}
+
+/// The cores of this machine a stage's process holds while it runs:
+/// `resources.cpus` when given; else, for a model stage on the CPU, the
+/// numerics profile's `threads` (torch runs that many intra-op threads,
+/// every core by default); else none (data stages, shell commands and
+/// teachers behind an API are light, or say `cpus` themselves). Two model
+/// stages sharing 2 cores under `--jobs 2` ran about 5× slower each, not
+/// 2×: OpenMP threads that spin at barriers lose most of their time slices
+/// to each other (issue 18's ML-100K run, eval beside GRPO).
+pub(crate) fn cpu_claim(stage: &ResolvedStage, threads: u32) -> u32 {
+    if let Some(c) = stage.resources.cpus {
+        return c;
+    }
+    match (&stage.action, stage.device.as_deref()) {
+        (Action::Builtin { uses_device: true, .. }, Some("cpu")) => threads,
+        _ => 0,
+    }
 }
 
 /// Reuse or run one stage (the body of a scheduler task).
@@ -529,4 +553,29 @@ pub fn dry_run(p: &Pipeline, sel: &Selection, allow_missing: bool) -> Result<(St
     }
     sc.save();
     Ok((out, errors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{load, Options};
+
+    #[test]
+    fn model_stages_on_the_cpu_claim_the_profiles_threads_and_others_what_they_ask() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("recflow.toml"), "").unwrap();
+        let eval = |dev: &str| format!("{{uses: eval, inputs: {{model: m, samples: test.parquet, train: train.parquet}}, with: {{device: {dev}}}}}");
+        let yaml = format!(
+            "stages:\n  data: {{uses: ingest, with: {{format: synthetic}}}}\n  on_cpu: {}\n  on_gpu: {}\n  shell: {{cmd: \"true\"}}\n  asks: {{cmd: \"true\", resources: {{cpus: 3}}}}\n",
+            eval("cpu"),
+            eval("cuda")
+        );
+        std::fs::write(d.path().join("p.yaml"), yaml).unwrap();
+        let p = load(&d.path().join("p.yaml"), &Options { allow_missing: true, ..Options::default() }).expect("resolves");
+        let claim = |name: &str| cpu_claim(p.stages.iter().find(|s| s.name == name).expect("stage"), 2);
+        assert_eq!(claim("on_cpu"), 2, "a model stage on the CPU holds the profile's threads");
+        assert_eq!(claim("on_gpu"), 0, "on a GPU it holds no cores");
+        assert_eq!((claim("data"), claim("shell")), (0, 0), "data stages and shell commands are light");
+        assert_eq!(claim("asks"), 3, "`resources.cpus` is what a stage holds");
+    }
 }

@@ -194,6 +194,8 @@ impl Executor for Local {
     }
 
     fn cancel(&self, eng: &Engine) {
+        // Stages still waiting for cores give up rather than start.
+        eng.cores.close();
         for pid in eng.children.lock().unwrap_or_else(|e| e.into_inner()).values() {
             // SAFETY: signals our own supervisor child; it stops its stage's group.
             unsafe {
