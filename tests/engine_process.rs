@@ -599,3 +599,32 @@ fn stages_that_need_every_core_take_turns_under_jobs_2() {
     let s = spans(&p);
     assert!(s[0].1 <= s[1].0 || s[1].1 <= s[0].0, "stages that need every core never overlap: {s:?}");
 }
+
+#[test]
+fn a_run_waiting_on_another_runs_key_stops_at_sigterm() {
+    let p = Proj::new();
+    let marker = "93.4567";
+    p.write("p.yaml", &format!("stages:\n  long:\n    cmd: \"sleep {marker}; echo > long.txt\"\n    outs: [long.txt]\n"));
+    let mut holder = p.cmd(&["run", "p.yaml", "-q"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    assert!(wait_for(Duration::from_secs(20), || !pids_with(marker).is_empty()), "the first run starts its stage");
+    let err = std::fs::File::create(p.path("waiter.err")).unwrap();
+    let mut waiter = p.cmd(&["run", "p.yaml"]).stderr(err).spawn().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || p.read("waiter.err").contains("waiting")),
+        "the second run waits on the key: {}",
+        p.read("waiter.err")
+    );
+    // SAFETY: signals the runner we started (what `kill` or a scheduler delivers).
+    unsafe { libc::kill(waiter.id() as i32, libc::SIGTERM) };
+    let stopped = wait_for(Duration::from_secs(10), || waiter.try_wait().ok().flatten().is_some());
+    // SAFETY: the first run and (if it hangs) the second are ours.
+    unsafe {
+        libc::kill(holder.id() as i32, libc::SIGKILL);
+        libc::kill(waiter.id() as i32, libc::SIGKILL);
+    }
+    let _ = holder.wait();
+    let st = waiter.wait().unwrap();
+    assert!(stopped, "a run waiting on another run's key lock ends at SIGTERM, not when the other run finishes");
+    assert_eq!(st.code(), Some(130), "a stopped run exits 130: {}", p.read("waiter.err"));
+    assert!(wait_for(Duration::from_secs(10), || pids_with(marker).is_empty()), "no stage process survives");
+}

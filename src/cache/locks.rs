@@ -46,6 +46,22 @@ impl FileLock {
         Ok(FileLock { file, path: path.to_path_buf() })
     }
 
+    /// Waits until the lock is ours, or `Ok(None)` once `stop()` says so:
+    /// a blocking `flock` cannot be interrupted, and a run told to stop
+    /// (Ctrl-C, SIGTERM) while another run holds the lock must still end.
+    /// Polls every 100 ms.
+    pub fn exclusive_unless(path: &Path, stop: impl Fn() -> bool) -> std::io::Result<Option<Self>> {
+        loop {
+            if let Some(l) = Self::try_exclusive(path)? {
+                return Ok(Some(l));
+            }
+            if stop() {
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// `Ok(None)` when a live process holds it.
     pub fn try_exclusive(path: &Path) -> std::io::Result<Option<Self>> {
         let file = open(path)?;

@@ -191,20 +191,23 @@ async fn stage_task(
     // Per-key lock: a concurrent run building the same key makes us wait, then reuse.
     let lp = eng.store.lock_path(&key);
     let (e2, st2, k2) = (eng.clone(), stage.name.clone(), key.clone());
-    let lock = tokio::task::spawn_blocking(move || -> std::io::Result<FileLock> {
+    let lock = tokio::task::spawn_blocking(move || -> std::io::Result<Option<FileLock>> {
         if let Some(mut l) = FileLock::try_exclusive(&lp)? {
             l.note_holder();
-            return Ok(l);
+            return Ok(Some(l));
         }
         let holder = FileLock::holder_of(&lp).map(|p| format!(" (pid {p})")).unwrap_or_default();
         e2.note(&format!("{st2}: another run{holder} is building key {}; waiting", &k2[..12]));
-        let mut l = FileLock::exclusive(&lp)?;
-        l.note_holder();
+        let mut l = FileLock::exclusive_unless(&lp, || e2.cancel.load(Ordering::SeqCst))?;
+        if let Some(l) = l.as_mut() {
+            l.note_holder();
+        }
         Ok(l)
     })
     .await
     .map_err(|e| e.to_string())?
-    .map_err(|e| format!("cannot take the key lock: {e}"))?;
+    .map_err(|e| format!("cannot take the key lock: {e}"))?
+    .ok_or_else(|| "cancelled while another run held the key".to_string())?;
     if mode != Mode::Force {
         let (e2, st2, k2) = (eng.clone(), stage.clone(), key.clone());
         if let Some(d) = tokio::task::spawn_blocking(move || try_reuse(&e2, &st2, &k2)).await.map_err(|e| e.to_string())? {
