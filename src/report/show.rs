@@ -464,6 +464,13 @@ fn lock_of(path: &Path) -> PathBuf {
 
 /// What [`show`] prints.
 pub fn render(pipeline_path: &Path, format: Format, diff: Option<&str>) -> anyhow::Result<String> {
+    render_in(pipeline_path, format, diff, None)
+}
+
+/// [`render`] reading metrics from `store` (None: the pipeline project's
+/// store, which `RECFLOW_CACHE` overrides; tests name theirs, so a
+/// developer's `RECFLOW_CACHE` does not send them to another store).
+fn render_in(pipeline_path: &Path, format: Format, diff: Option<&str>, store: Option<&Path>) -> anyhow::Result<String> {
     let lp = lock_of(pipeline_path);
     if !lp.is_file() {
         anyhow::bail!("{} has no lock file ({}): run the pipeline first (`recflow run {}`)", pipeline_path.display(), lp.display(), pipeline_path.display());
@@ -474,7 +481,7 @@ pub fn render(pipeline_path: &Path, format: Format, diff: Option<&str>) -> anyho
     }
     let dir = pipeline_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let store = Store::open(&crate::cache::store_dir(&crate::pipeline::project_root(&dir)));
+    let store = Store::open(&store.map(Path::to_path_buf).unwrap_or_else(|| crate::cache::store_dir(&crate::pipeline::project_root(&dir))));
     let name = if lock.pipeline.is_empty() {
         pipeline_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
     } else {
@@ -545,7 +552,7 @@ mod tests {
         let pipe = dir.path().join("quick.yaml");
         std::fs::write(&pipe, "name: quick\n").unwrap();
         lock.write(&lock_path(&pipe)).unwrap();
-        let v: Value = serde_json::from_str(&render(&pipe, Format::Json, None).unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&render_in(&pipe, Format::Json, None, Some(&store.dir)).unwrap()).unwrap();
         assert_eq!(v["pipeline"], "quick", "pinned: pipeline name");
         let m = v["methods"].as_array().expect("pinned: methods array");
         assert_eq!(m.len(), 2, "one baseline row + one grouped eval row");
@@ -565,11 +572,11 @@ mod tests {
         );
         let old_path = dir.path().join("old.lock");
         old.write(&old_path).unwrap();
-        let v: Value = serde_json::from_str(&render(&pipe, Format::Json, Some(old_path.to_str().unwrap())).unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&render_in(&pipe, Format::Json, Some(old_path.to_str().unwrap()), Some(&store.dir)).unwrap()).unwrap();
         let d = v["diff"].as_array().unwrap();
         assert_eq!(d.len(), 1, "only the changed metric is listed: {d:?}");
         assert!((d[0]["change"].as_f64().unwrap() + 0.2).abs() < 1e-12, "1.2 → 1.0 is −0.2");
-        let text = render(&pipe, Format::Text, None).unwrap();
+        let text = render_in(&pipe, Format::Text, None, Some(&store.dir)).unwrap();
         assert!(text.contains("eval@*") && text.contains("bias"), "terminal table lists the methods");
         assert!(render(&dir.path().join("nope.yaml"), Format::Text, None).unwrap_err().to_string().contains("run the pipeline first"));
     }
@@ -594,12 +601,12 @@ mod tests {
         let pipe = dir.path().join("ml.yaml");
         std::fs::write(&pipe, "name: ml\n").unwrap();
         lock.write(&lock_path(&pipe)).unwrap();
-        let md = render(&pipe, Format::Markdown, None).unwrap();
+        let md = render_in(&pipe, Format::Markdown, None, Some(&store.dir)).unwrap();
         assert!(md.contains("| paired on the same samples | n | RMSE difference [95% CI] |"), "{md}");
         assert!(md.contains("| grpo − global mean | 4 | -0.100 [-0.200, -0.050] (lower) |"), "baseline ids spelled out, verdict when 0 is excluded: {md}");
         assert!(md.contains("| grpo − sft | 4 | -0.010 [-0.030, +0.020] |"), "no verdict when the interval holds 0: {md}");
-        let v: Value = serde_json::from_str(&render(&pipe, Format::Json, None).unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&render_in(&pipe, Format::Json, None, Some(&store.dir)).unwrap()).unwrap();
         assert_eq!(v["paired"][0]["rmse_diff_ci95"], json!([-0.2, -0.05]), "--json carries them");
-        assert!(render(&pipe, Format::Text, None).unwrap().contains("paired RMSE differences"), "and the terminal table");
+        assert!(render_in(&pipe, Format::Text, None, Some(&store.dir)).unwrap().contains("paired RMSE differences"), "and the terminal table");
     }
 }
