@@ -140,10 +140,10 @@ pub(crate) async fn execute(
 /// `resources.cpus` when given; else, for a model stage on the CPU, the
 /// numerics profile's `threads` (torch runs that many intra-op threads,
 /// every core by default); else none (data stages, shell commands and
-/// teachers behind an API are light, or say `cpus` themselves). Two model
-/// stages sharing 2 cores under `--jobs 2` ran about 5× slower each, not
+/// teachers behind an API are light, or say `cpus` themselves). An eval
+/// beside GRPO on 2 cores under `--jobs 2` ran 5–10× slower than alone, not
 /// 2×: OpenMP threads that spin at barriers lose most of their time slices
-/// to each other (issue 18's ML-100K run, eval beside GRPO).
+/// to each other (issue 18's ML-100K run; the quickstart's `eval_sft`).
 pub(crate) fn cpu_claim(stage: &ResolvedStage, threads: u32) -> u32 {
     if let Some(c) = stage.resources.cpus {
         return c;
