@@ -598,6 +598,13 @@ fn stages_that_need_every_core_take_turns_under_jobs_2() {
     p.ok(&["run", "p.yaml", "-q", "--jobs", "2"]);
     let s = spans(&p);
     assert!(s[0].1 <= s[1].0 || s[1].1 <= s[0].0, "stages that need every core never overlap: {s:?}");
+    // The second stage waited about a second for the cores; its run record's
+    // wall time is its own second, not the wait as well.
+    let v: serde_json::Value = serde_json::from_str(&p.ok(&["show", "p.yaml", "--json"])).unwrap();
+    for st in v["stages"].as_array().unwrap() {
+        let wall = st["wall_s"].as_f64().unwrap();
+        assert!(wall < 1.9, "a stage's recorded wall time leaves out its wait for cores: {st}");
+    }
 }
 
 #[test]

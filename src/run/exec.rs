@@ -126,14 +126,19 @@ pub(crate) async fn execute(
     lock: &FileLock,
     gpu_ids: &[u32],
 ) -> Result<Executed, String> {
-    let want = cpu_claim(stage, eng.numerics.threads).min(eng.cores_total);
-    let _cores = if want > 0 {
-        Some(eng.cores.acquire_many(want).await.map_err(|_| "cancelled while waiting for this machine's cores".to_string())?)
-    } else {
-        None
-    };
     let launched = launch::launch(eng, stage, key, paths, lock, gpu_ids).await?;
     commit::ingest(eng, stage, key, launched)
+}
+
+/// Waits for the cores `stage` holds while it runs ([`cpu_claim`]); they
+/// return when the permit drops. Taken before a stage's clock starts, so a
+/// run record's wall time is the stage's own, not its wait.
+pub(crate) async fn hold_cores<'a>(eng: &'a Engine, stage: &ResolvedStage) -> Result<Option<tokio::sync::SemaphorePermit<'a>>, String> {
+    let want = cpu_claim(stage, eng.numerics.threads).min(eng.cores_total);
+    if want == 0 {
+        return Ok(None);
+    }
+    eng.cores.acquire_many(want).await.map(Some).map_err(|_| "cancelled while waiting for this machine's cores".to_string())
 }
 
 /// The cores of this machine a stage's process holds while it runs:

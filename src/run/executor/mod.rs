@@ -186,6 +186,7 @@ impl Executor for Local {
 
     fn run<'a>(&'a self, eng: &'a Arc<Engine>, job: StageJob) -> BoxFut<'a, Result<Done, String>> {
         Box::pin(async move {
+            let _cores = super::exec::hold_cores(eng, &job.stage).await?;
             let started = now_unix();
             let t0 = Instant::now();
             let executed = super::exec::execute(eng, &job.stage, &job.key, &job.paths, &job.lock, &job.gpu_ids).await?;
