@@ -6,6 +6,14 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# A fresh clone needs ~14 GB: the venv (torch with its CUDA libraries, 5 GB),
+# the build (~7 GB) and the stores of the tests. A full disk fails the build
+# minutes in with "No space left on device"; say so up front instead.
+FREE_KB=$(df -Pk "$ROOT" | awk 'NR==2 {print $4}')
+if [ "${FREE_KB:-0}" -lt $((16 * 1024 * 1024)) ]; then
+  echo "warning: $((FREE_KB / 1024 / 1024)) GB free on the disk of $ROOT; the tests need ~14 GB (venv, build, stores). Free space (old clones' target/ and .venv/) if the build fails with 'No space left on device'." >&2
+fi
+
 source scripts/setup.sh
 
 step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
