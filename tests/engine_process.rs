@@ -183,12 +183,14 @@ fn ctrl_c_records_nothing_and_keeps_the_work_dir() {
     let p = Proj::new();
     let marker = "92.5432";
     p.write("p.yaml", &slow_pipeline(marker));
-    let mut child = p.cmd(&["run", "p.yaml", "-q"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let err = std::fs::File::create(p.path("run.err")).unwrap();
+    let mut child = p.cmd(&["run", "p.yaml", "-q"]).stderr(err).spawn().unwrap();
     assert!(wait_for(Duration::from_secs(20), || step_of(&p) >= 1), "the slow stage starts");
     // SAFETY: signals the runner we started (what Ctrl-C delivers).
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(130), "an interrupted run exits 130");
+    assert!(p.read("run.err").contains("cancelled by SIGINT (Ctrl-C)"), "the error names the signal: {}", p.read("run.err"));
     assert!(wait_for(Duration::from_secs(10), || pids_with(marker).is_empty()), "Ctrl-C stops the stage's processes");
     assert!(!p.path("slow.txt").exists(), "the interrupted stage recorded no output");
     let lock = p.read("p.lock");
@@ -633,5 +635,6 @@ fn a_run_waiting_on_another_runs_key_stops_at_sigterm() {
     let st = waiter.wait().unwrap();
     assert!(stopped, "a run waiting on another run's key lock ends at SIGTERM, not when the other run finishes");
     assert_eq!(st.code(), Some(130), "a stopped run exits 130: {}", p.read("waiter.err"));
+    assert!(p.read("waiter.err").contains("cancelled by SIGTERM"), "the error names the signal: {}", p.read("waiter.err"));
     assert!(wait_for(Duration::from_secs(10), || pids_with(marker).is_empty()), "no stage process survives");
 }

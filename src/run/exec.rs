@@ -306,6 +306,8 @@ async fn schedule(eng: Arc<Engine>, exe: Arc<dyn Executor>, opts: &RunOptions) -
     // nothing downstream of that teacher starts; the run ends as bad input.
     let mut refused: Vec<String> = Vec::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    // The first signal that stopped the run, named in its error.
+    let mut stopped_by: Option<&'static str> = None;
     let n = eng.p.stages.len();
     loop {
         // Launch every ready stage that fits.
@@ -350,8 +352,8 @@ async fn schedule(eng: Arc<Engine>, exe: Arc<dyn Executor>, opts: &RunOptions) -
         }
         let joined = tokio::select! {
             j = set.join_next() => j,
-            _ = tokio::signal::ctrl_c() => { cancel(&eng, exe.as_ref()); None }
-            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending::<()>().await } } => { cancel(&eng, exe.as_ref()); None }
+            _ = tokio::signal::ctrl_c() => { stopped_by.get_or_insert("SIGINT (Ctrl-C)"); cancel(&eng, exe.as_ref()); None }
+            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending::<()>().await } } => { stopped_by.get_or_insert("SIGTERM"); cancel(&eng, exe.as_ref()); None }
         };
         let Some(joined) = joined else {
             if eng.cancel.load(Ordering::SeqCst) {
@@ -406,7 +408,7 @@ async fn schedule(eng: Arc<Engine>, exe: Arc<dyn Executor>, opts: &RunOptions) -
         }
     }
     if eng.cancel.load(Ordering::SeqCst) {
-        return Err(RunError::Cancelled);
+        return Err(RunError::Cancelled(stopped_by.unwrap_or("a signal")));
     }
     if let Some(msg) = eng.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
         return Err(RunError::BadInput(msg));

@@ -46,8 +46,9 @@ pub enum RunError {
     /// A stage failed, or a check found a difference.
     #[error("{0}")]
     Failed(String),
-    #[error("cancelled (Ctrl-C): nothing was recorded for the interrupted stages; their work dirs are kept for resume")]
-    Cancelled,
+    /// Stopped by a signal, named (`SIGINT (Ctrl-C)`, `SIGTERM`).
+    #[error("cancelled by {0}: nothing was recorded for the interrupted stages; their work dirs are kept for resume")]
+    Cancelled(&'static str),
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error(transparent)]
@@ -70,7 +71,7 @@ impl RunError {
         match self {
             RunError::Pipeline(_) | RunError::BadInput(_) | RunError::Lock(LockError::Parse { .. }) => 2,
             RunError::Remote(e) if e.is_bad_input() => 2,
-            RunError::Cancelled => 130,
+            RunError::Cancelled(_) => 130,
             _ => 1,
         }
     }
