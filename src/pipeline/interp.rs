@@ -236,7 +236,7 @@ pub(super) fn refs_in(s: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::resolve::load;
+    use crate::pipeline::load_in_tempdir;
     use crate::pipeline::yaml;
     use crate::pipeline::resolved::InputRef;
     use crate::pipeline::Options;
@@ -423,12 +423,10 @@ mod tests {
     /// `${STAGE.OUTPUT}` is resolved by the resolver (it knows the stages):
     /// checked through a whole pipeline in a temporary project.
     fn resolve_in_tempdir(stages: &str) -> Result<crate::pipeline::Pipeline, String> {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("recflow.toml"), "").unwrap();
         let yaml = format!("stages:\n  ingest: {{uses: ingest, with: {{format: synthetic}}}}\n{stages}");
-        std::fs::write(d.path().join("p.yaml"), yaml).unwrap();
+        let (d, p) = load_in_tempdir(&yaml, &[], &Options::default());
         let file = d.path().join("p.yaml");
-        load(&file, &Options::default()).map_err(|e| {
+        p.map_err(|e| {
             let shown = e.to_string();
             shown.strip_prefix(&format!("{}:", std::path::absolute(&file).unwrap().display())).map(str::to_string).unwrap_or(shown)
         })

@@ -100,6 +100,25 @@ pub fn gpu_count() -> u32 {
         .count() as u32
 }
 
+/// Unit tests' temporary project: an empty `recflow.toml`, `p.yaml` and any
+/// other `files`, loaded. The directory is returned with the result: the
+/// paths the pipeline resolved point into it.
+#[cfg(test)]
+pub(crate) fn load_in_tempdir(
+    yaml: &str,
+    files: &[(&str, &str)],
+    opts: &Options,
+) -> (tempfile::TempDir, Result<Pipeline, PipelineError>) {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("recflow.toml"), "").unwrap();
+    for (name, text) in files {
+        std::fs::write(d.path().join(name), text).unwrap();
+    }
+    std::fs::write(d.path().join("p.yaml"), yaml).unwrap();
+    let p = load(&d.path().join("p.yaml"), opts);
+    (d, p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -864,12 +864,9 @@ mod tests {
     /// once shadowed `params.seed` and failed "`seed` must be a non-negative integer".
     #[test]
     fn issue14_split_and_prompts_default_to_the_pipeline_seed() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("recflow.toml"), "").unwrap();
-        std::fs::write(d.path().join("t.md"), "{history}").unwrap();
         let yaml = "params: {seed: 7}\nstages:\n  ingest: {uses: ingest, with: {format: synthetic}}\n  split:\n    uses: split\n    inputs: {interactions: \"${ingest.interactions}\"}\n  prompts:\n    uses: prompts\n    inputs: {train: \"${split.train}\", valid: \"${split.valid}\", test: \"${split.test}\", items: \"${ingest.items}\"}\n    with: {template: t.md}\n  split2:\n    uses: split\n    inputs: {interactions: \"${ingest.interactions}\"}\n    with: {strategy: random, seed: 3}\n";
-        std::fs::write(d.path().join("p.yaml"), yaml).unwrap();
-        let p = load(&d.path().join("p.yaml"), &Options::default()).unwrap_or_else(|e| panic!("resolves: {e}"));
+        let (_d, p) = crate::pipeline::load_in_tempdir(yaml, &[("t.md", "{history}")], &Options::default());
+        let p = p.unwrap_or_else(|e| panic!("resolves: {e}"));
         let seed = |n: &str| p.stages.iter().find(|s| s.name == n).map(|s| s.seed);
         assert_eq!(seed("split"), Some(7), "split without `seed:` takes params.seed");
         assert_eq!(seed("prompts"), Some(7), "prompts without `seed:` takes params.seed");

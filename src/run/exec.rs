@@ -568,20 +568,18 @@ pub fn dry_run(p: &Pipeline, sel: &Selection, allow_missing: bool) -> Result<(St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::{load, Options};
+    use crate::pipeline::{load_in_tempdir, Options};
 
     #[test]
     fn model_stages_on_the_cpu_claim_the_profiles_threads_and_others_what_they_ask() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("recflow.toml"), "").unwrap();
         let eval = |dev: &str| format!("{{uses: eval, inputs: {{model: m, samples: test.parquet, train: train.parquet}}, with: {{device: {dev}}}}}");
         let yaml = format!(
             "stages:\n  data: {{uses: ingest, with: {{format: synthetic}}}}\n  on_cpu: {}\n  on_gpu: {}\n  shell: {{cmd: \"true\"}}\n  asks: {{cmd: \"true\", resources: {{cpus: 3}}}}\n",
             eval("cpu"),
             eval("cuda")
         );
-        std::fs::write(d.path().join("p.yaml"), yaml).unwrap();
-        let p = load(&d.path().join("p.yaml"), &Options { allow_missing: true, ..Options::default() }).expect("resolves");
+        let (_d, p) = load_in_tempdir(&yaml, &[], &Options { allow_missing: true, ..Options::default() });
+        let p = p.expect("resolves");
         let claim = |name: &str| cpu_claim(p.stages.iter().find(|s| s.name == name).expect("stage"), 2);
         assert_eq!(claim("on_cpu"), 2, "a model stage on the CPU holds the profile's threads");
         assert_eq!(claim("on_gpu"), 0, "on a GPU it holds no cores");
